@@ -1,0 +1,87 @@
+"""Shape and dtype checks of the ops' arguments, for the fake kernels and the
+reference path; the compiled kernels run the same checks in
+``csrc/checks.h``. Value checks (label and group ranges) need the data and
+live in the kernels and the reference path."""
+import torch
+
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def accumulate_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """float64 logits accumulate in float64, every other dtype in float32."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def _check_table(t, name, groups, classes, acc, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"autobalance: `{name}` must be a Tensor, got {type(t).__name__}")
+    if t.dtype != acc:
+        raise TypeError(f"autobalance: `{name}` must have dtype {acc} for logits of this dtype, got {t.dtype}")
+    if t.dim() != 2 or tuple(t.shape) != (groups, classes):
+        raise ValueError(f"autobalance: `{name}` must have shape [G, K] = [{groups}, {classes}], got {list(t.shape)}")
+    _check_device(t, name, device)
+
+
+def _check_index(t, name, rows, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"autobalance: `{name}` must be a Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"autobalance: `{name}` must have dtype torch.int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != rows:
+        raise ValueError(f"autobalance: `{name}` must have shape [N] = [{rows}] to match logits, got {list(t.shape)}")
+    _check_device(t, name, device)
+
+
+def _check_device(t, name, device):
+    if t.device != device:
+        raise ValueError(f"autobalance: `{name}` is on {t.device} but `logits` is on {device}; "
+                         "move both to the same device")
+
+
+def check_per_row(t, name, rows, acc):
+    if t.dtype != acc:
+        raise TypeError(f"autobalance: `{name}` must have dtype {acc}, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != rows:
+        raise ValueError(f"autobalance: `{name}` must have shape [N] = [{rows}], got {list(t.shape)}")
+
+
+def check_inputs(logits, target, group, weight, scale, shift):
+    """Checks every argument's type, dtype, shape and device; returns (N, K, G)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"autobalance: `logits` must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"autobalance: `logits` must have shape [N, K], got {list(logits.shape)}")
+    rows, classes = logits.shape
+    if classes < 1:
+        raise ValueError(f"autobalance: `logits` needs K >= 1 classes, got shape {list(logits.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"autobalance: `weight` must have shape [G, K], got {shape}")
+    groups = weight.shape[0]
+    if groups < 1:
+        raise ValueError(f"autobalance: tables need G >= 1 rows, got `weight` of shape {list(weight.shape)}")
+    acc = accumulate_dtype(logits.dtype)
+    _check_index(target, "target", rows, logits.device)
+    if group is not None:
+        _check_index(group, "group", rows, logits.device)
+    elif groups != 1:
+        raise ValueError(f"autobalance: `group` is required when the tables have G = {groups} > 1 rows")
+    for name, t in (("weight", weight), ("scale", scale), ("shift", shift)):
+        _check_table(t, name, groups, classes, acc, logits.device)
+    return rows, classes, groups
+
+
+def check_cotangents(logits, groups, u_logits, u_weight, u_scale, u_shift):
+    acc = accumulate_dtype(logits.dtype)
+    if u_logits is not None:
+        if u_logits.dtype != logits.dtype:
+            raise TypeError(f"autobalance: `u_logits` must have the dtype of logits ({logits.dtype}), got {u_logits.dtype}")
+        if u_logits.shape != logits.shape:
+            raise ValueError(f"autobalance: `u_logits` must have the shape of logits {list(logits.shape)}, "
+                             f"got {list(u_logits.shape)}")
+        _check_device(u_logits, "u_logits", logits.device)
+    for name, t in (("u_weight", u_weight), ("u_scale", u_scale), ("u_shift", u_shift)):
+        if t is not None:
+            _check_table(t, name, groups, logits.shape[1], acc, logits.device)

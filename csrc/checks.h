@@ -1,0 +1,125 @@
+// Argument checks shared by every backend. Each message names the argument,
+// what it got and what was expected; the TORCH_CHECK_* flavour picks the
+// Python exception (TypeError, ValueError, IndexError).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace autobalance {
+
+struct Sizes {
+  int64_t rows;     // N
+  int64_t classes;  // K
+  int64_t groups;   // G
+};
+
+// float64 logits accumulate in float64; everything else in float32.
+inline at::ScalarType accumulate_type(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name,
+                              const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(t.device() == logits.device(), "autobalance: `", name,
+                    "` is on ", t.device(), " but `logits` is on ",
+                    logits.device(), "; move both to the same device");
+}
+
+inline void check_table(const at::Tensor& t, const char* name,
+                        const Sizes& s, at::ScalarType acc) {
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "autobalance: `", name,
+                   "` must have dtype ", acc, " for logits of this dtype, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.groups &&
+                        t.size(1) == s.classes,
+                    "autobalance: `", name, "` must have shape [G, K] = [",
+                    s.groups, ", ", s.classes, "], got ", t.sizes());
+}
+
+inline void check_index(const at::Tensor& t, const char* name,
+                        const Sizes& s) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "autobalance: `", name,
+                   "` must have dtype torch.int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
+                    name, "` must have shape [N] = [", s.rows,
+                    "] to match logits, got ", t.sizes());
+}
+
+inline void check_per_row(const at::Tensor& t, const char* name,
+                          const Sizes& s, at::ScalarType acc) {
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "autobalance: `", name,
+                   "` must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
+                    name, "` must have shape [N] = [", s.rows, "], got ",
+                    t.sizes());
+}
+
+// Checks logits, target, group and the three tables; returns N, K, G.
+inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
+                          const std::optional<at::Tensor>& group,
+                          const at::Tensor& weight, const at::Tensor& scale,
+                          const at::Tensor& shift) {
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble ||
+                       dt == at::kBFloat16 || dt == at::kHalf,
+                   "autobalance: `logits` must be float32, float64, bfloat16 "
+                   "or float16, got ",
+                   dt);
+  TORCH_CHECK_VALUE(logits.dim() == 2,
+                    "autobalance: `logits` must have shape [N, K], got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1,
+                    "autobalance: `logits` needs K >= 1 classes, got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "autobalance: `weight` must have shape "
+                    "[G, K], got ", weight.sizes());
+  Sizes s{logits.size(0), logits.size(1), weight.size(0)};
+  TORCH_CHECK_VALUE(s.groups >= 1, "autobalance: tables need G >= 1 rows, got "
+                    "`weight` of shape ", weight.sizes());
+  const auto acc = accumulate_type(dt);
+  check_index(target, "target", s);
+  check_same_device(target, "target", logits);
+  if (group.has_value()) {
+    check_index(*group, "group", s);
+    check_same_device(*group, "group", logits);
+  } else {
+    TORCH_CHECK_VALUE(s.groups == 1, "autobalance: `group` is required when "
+                      "the tables have G = ", s.groups, " > 1 rows");
+  }
+  check_table(weight, "weight", s, acc);
+  check_table(scale, "scale", s, acc);
+  check_table(shift, "shift", s, acc);
+  check_same_device(weight, "weight", logits);
+  check_same_device(scale, "scale", logits);
+  check_same_device(shift, "shift", logits);
+  return s;
+}
+
+// Checks the optional cotangents of the double backward.
+inline void check_cotangents(const at::Tensor& logits, const Sizes& s,
+                             const std::optional<at::Tensor>& u_logits,
+                             const std::optional<at::Tensor>& u_weight,
+                             const std::optional<at::Tensor>& u_scale,
+                             const std::optional<at::Tensor>& u_shift) {
+  const auto acc = accumulate_type(logits.scalar_type());
+  if (u_logits.has_value()) {
+    TORCH_CHECK_TYPE(u_logits->scalar_type() == logits.scalar_type(),
+                     "autobalance: `u_logits` must have the dtype of logits (",
+                     logits.scalar_type(), "), got ", u_logits->scalar_type());
+    TORCH_CHECK_VALUE(u_logits->sizes() == logits.sizes(),
+                      "autobalance: `u_logits` must have the shape of logits ",
+                      logits.sizes(), ", got ", u_logits->sizes());
+    check_same_device(*u_logits, "u_logits", logits);
+  }
+  const std::optional<at::Tensor>* tables[] = {&u_weight, &u_scale, &u_shift};
+  const char* names[] = {"u_weight", "u_scale", "u_shift"};
+  for (int i = 0; i < 3; ++i) {
+    if (tables[i]->has_value()) {
+      check_table(**tables[i], names[i], s, acc);
+      check_same_device(**tables[i], names[i], logits);
+    }
+  }
+}
+
+}  // namespace autobalance

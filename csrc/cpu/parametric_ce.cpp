@@ -1,0 +1,470 @@
+// CPU kernels of the parametric cross-entropy: forward, backward and double
+// backward (MATH.md sections 1, 3, 4). Rows are spread over threads with
+// at::parallel_for; the inner loops over classes use at::vec::Vectorized.
+// Reduced-precision logits (bfloat16, float16) are widened row by row and
+// everything accumulates in float32 (float64 for float64 logits).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "../checks.h"
+
+namespace autobalance {
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Calls f(k, n) over [0, K) in chunks of n = Vec<T>::size() lanes, the last
+// chunk shorter; masked loads and stores keep the tail on the vector path.
+template <typename T, typename F>
+inline void for_chunks(int64_t K, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) f(k, W);
+  if (k < K) f(k, K - k);
+}
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t k, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p + k) : Vec<T>::loadu(p + k, n);
+}
+
+// Lanes past n of a short chunk hold padding; this replaces them by `fill`.
+template <typename T>
+inline Vec<T> keep(const Vec<T>& v, int64_t n, T fill) {
+  return n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(fill), v, n);
+}
+
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& x) {
+  return x.exp_u20();
+}
+
+template <typename T>
+inline T reduce_sum(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; },
+                                    v);
+}
+
+// One sample after its index lookups. `ignored` rows are skipped entirely.
+struct RowIndex {
+  int64_t y;
+  int64_t g;
+  bool ignored;
+};
+
+inline RowIndex read_row(int64_t i, const int64_t* target, const int64_t* group,
+                         int64_t K, int64_t G, int64_t ignore_index) {
+  const int64_t y = target[i];
+  if (y == ignore_index) return {y, 0, true};
+  TORCH_CHECK_INDEX(y >= 0 && y < K, "autobalance: `target[", i, "]` = ", y,
+                    " is out of range: expected a class in [0, ", K,
+                    ") or ignore_index = ", ignore_index);
+  const int64_t g = group ? group[i] : 0;
+  TORCH_CHECK_INDEX(g >= 0 && g < G, "autobalance: `group[", i, "]` = ", g,
+                    " is out of range: expected a group in [0, ", G,
+                    ") (the tables have G = ", G, " rows)");
+  return {y, g, false};
+}
+
+// Widens one row to the accumulation type (a no-op pointer for float/double).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* widen(const scalar_t* src, acc_t* buf, int64_t K) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, K);
+    return buf;
+  }
+}
+
+// Where a row's gradient is computed: straight into the output when the
+// types agree, else into `buf`, narrowed by `narrow` afterwards.
+template <typename scalar_t, typename acc_t>
+inline acc_t* grad_row(scalar_t* out, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return out;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void narrow(const acc_t* buf, scalar_t* out, int64_t K) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buf, out, K);
+}
+
+inline int64_t row_grain(int64_t K) {
+  return std::max<int64_t>(1, 32768 / K);
+}
+
+// Runs row_fn(i, partial, scratch) for every row. With table gradients, rows
+// go to fixed blocks whose number depends only on N; each block sums into its
+// own partial [3, G, K] tables (W, S, L) and the partials are then added in
+// block order, so results are bit-identical from run to run whatever the
+// thread count, with no atomics. Without them `partial` is null.
+template <typename acc_t, typename RowFn>
+void for_rows(int64_t N, int64_t G, int64_t K, int64_t scratch_size,
+              bool table_grads, std::array<acc_t*, 3> table_out,
+              const RowFn& row_fn) {
+  if (!table_grads) {
+    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+      std::unique_ptr<acc_t[]> scratch(new acc_t[scratch_size]);
+      for (int64_t i = begin; i < end; ++i) row_fn(i, nullptr, scratch.get());
+    });
+    return;
+  }
+  constexpr int64_t kMaxBlocks = 64;
+  const int64_t table = G * K;
+  const int64_t rows_per_block =
+      std::max<int64_t>((N + kMaxBlocks - 1) / kMaxBlocks, 16);
+  const int64_t blocks = std::max<int64_t>((N + rows_per_block - 1) / rows_per_block, 1);
+  std::unique_ptr<acc_t[]> partials(new acc_t[blocks * 3 * table]);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::unique_ptr<acc_t[]> scratch(new acc_t[scratch_size]);
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* partial = partials.get() + b * 3 * table;
+      std::fill(partial, partial + 3 * table, acc_t(0));
+      const int64_t end = std::min(N, (b + 1) * rows_per_block);
+      for (int64_t i = b * rows_per_block; i < end; ++i)
+        row_fn(i, partial, scratch.get());
+    }
+  });
+  at::parallel_for(0, 3 * table, 4096, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) table_out[c / table][c % table] = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const acc_t* partial = partials.get() + b * 3 * table;
+      for (int64_t c = c0; c < c1; ++c)
+        table_out[c / table][c % table] += partial[c];
+    }
+  });
+}
+
+// Contiguous inputs and raw pointers shared by the three kernels.
+template <typename scalar_t, typename acc_t>
+struct Inputs {
+  Tensor logits_c, target_c, group_c, weight_c, scale_c, shift_c;
+  const scalar_t* z;
+  const int64_t* target;
+  const int64_t* group;
+  const acc_t *W, *S, *L;
+  int64_t N, K, G, ignore_index;
+
+  Inputs(const Tensor& logits, const Tensor& target_,
+         const std::optional<Tensor>& group_, const Tensor& weight,
+         const Tensor& scale, const Tensor& shift, const Sizes& s,
+         int64_t ignore)
+      : logits_c(logits.contiguous()),
+        target_c(target_.contiguous()),
+        group_c(group_.has_value() ? group_->contiguous() : Tensor()),
+        weight_c(weight.contiguous()),
+        scale_c(scale.contiguous()),
+        shift_c(shift.contiguous()),
+        z(logits_c.const_data_ptr<scalar_t>()),
+        target(target_c.const_data_ptr<int64_t>()),
+        group(group_c.defined() ? group_c.const_data_ptr<int64_t>() : nullptr),
+        W(weight_c.const_data_ptr<acc_t>()),
+        S(scale_c.const_data_ptr<acc_t>()),
+        L(shift_c.const_data_ptr<acc_t>()),
+        N(s.rows),
+        K(s.classes),
+        G(s.groups),
+        ignore_index(ignore) {}
+
+  RowIndex row(int64_t i) const {
+    return read_row(i, target, group, K, G, ignore_index);
+  }
+};
+
+// ---------------------------------------------------------------- forward
+
+// lse = log sum_k exp(S_k z_k + L_k), two passes (max, then sum of exp).
+template <typename acc_t>
+acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K) {
+  using V = Vec<acc_t>;
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  V vmax(lowest);
+  for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+    const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
+    vmax = at::vec::maximum(vmax, keep(a, n, lowest));
+  });
+  const acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  V vsum(acc_t(0));
+  const V vm(m);
+  for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+    const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
+    vsum = vsum + keep(fast_exp(a - vm), n, acc_t(0));
+  });
+  return m + std::log(reduce_sum(vsum));
+}
+
+std::tuple<Tensor, Tensor> parametric_ce_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  Tensor loss = at::empty({s.rows}, acc_opts);
+  Tensor lse = at::empty({s.rows}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
+                                         shift, s, ignore_index);
+        acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
+        acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+        const int64_t K = in.K;
+        at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
+          std::unique_ptr<acc_t[]> buf(new acc_t[K]);
+          for (int64_t i = begin; i < end; ++i) {
+            const RowIndex r = in.row(i);
+            if (r.ignored) {
+              loss_p[i] = lse_p[i] = 0;
+              continue;
+            }
+            const acc_t* z = widen(in.z + i * K, buf.get(), K);
+            const acc_t* S = in.S + r.g * K;
+            const acc_t* L = in.L + r.g * K;
+            const acc_t l = row_lse(z, S, L, K);
+            lse_p[i] = l;
+            loss_p[i] = in.W[r.g * K + r.y] * (l - (S[r.y] * z[r.y] + L[r.y]));
+          }
+        });
+      });
+  return {loss, lse};
+}
+
+// --------------------------------------------------------------- backward
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, const Tensor& lse,
+    int64_t ignore_index, bool table_grads) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  const auto acc = accumulate_type(logits.scalar_type());
+  check_per_row(grad_loss, "grad_loss", s, acc);
+  check_per_row(lse, "lse", s, acc);
+  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
+  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        using V = Vec<acc_t>;
+        const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
+                                         shift, s, ignore_index);
+        const Tensor gamma_c = grad_loss.contiguous(), lse_c = lse.contiguous();
+        const acc_t* gamma = gamma_c.const_data_ptr<acc_t>();
+        const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+        scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
+        const int64_t K = in.K, table = in.G * K;
+        for_rows<acc_t>(
+            in.N, in.G, K, 2 * K, table_grads,
+            {grad_weight.mutable_data_ptr<acc_t>(), grad_scale.mutable_data_ptr<acc_t>(),
+             grad_shift.mutable_data_ptr<acc_t>()},
+            [&](int64_t i, acc_t* partial, acc_t* scratch) {
+              const RowIndex r = in.row(i);
+              if (r.ignored) {
+                std::fill(dz_out + i * K, dz_out + (i + 1) * K, scalar_t(0));
+                return;
+              }
+              const acc_t* z = widen(in.z + i * K, scratch, K);
+              acc_t* dz = grad_row(dz_out + i * K, scratch + K);
+              const acc_t* S = in.S + r.g * K;
+              const acc_t* L = in.L + r.g * K;
+              const acc_t c = gamma[i] * in.W[r.g * K + r.y];
+              const V vl(lse_p[i]), vc(c);
+              // r_k = c p_k everywhere first; the -c at k = y is added below.
+              acc_t* dW = partial ? partial + r.g * K : nullptr;
+              acc_t* dS = partial ? partial + table + r.g * K : nullptr;
+              acc_t* dL = partial ? partial + 2 * table + r.g * K : nullptr;
+              for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+                const V Sk = load(S, k, n), zk = load(z, k, n);
+                const V rk = vc * fast_exp(at::vec::fmadd(Sk, zk, load(L, k, n)) - vl);
+                (Sk * rk).store(dz + k, n);
+                if (partial) {
+                  (load(dL, k, n) + rk).store(dL + k, n);
+                  at::vec::fmadd(rk, zk, load(dS, k, n)).store(dS + k, n);
+                }
+              });
+              const int64_t y = r.y;
+              dz[y] -= S[y] * c;
+              if (partial) {
+                dL[y] -= c;
+                dS[y] -= c * z[y];
+                dW[y] += gamma[i] * (lse_p[i] - (S[y] * z[y] + L[y]));
+              }
+              narrow(dz, dz_out + i * K, K);
+            });
+      });
+  return {grad_logits, grad_weight, grad_scale, grad_shift};
+}
+
+// -------------------------------------------------------- double backward
+
+template <typename scalar_t, typename acc_t, bool HasUz, bool HasUTables>
+void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* gamma,
+                          const acc_t* lse_p, const scalar_t* uz_in,
+                          const acc_t* UW, const acc_t* US, const acc_t* UL,
+                          bool table_grads, acc_t* dgamma_out,
+                          scalar_t* dz_out, std::array<acc_t*, 3> table_out) {
+  using V = Vec<acc_t>;
+  const int64_t K = in.K, table = in.G * K;
+  // scratch: p, v, widened z, widened Uz, narrow-able dz
+  for_rows<acc_t>(in.N, in.G, K, 5 * K, table_grads, table_out,
+                  [&](int64_t i, acc_t* partial, acc_t* scratch) {
+    const RowIndex r = in.row(i);
+    if (r.ignored) {
+      std::fill(dz_out + i * K, dz_out + (i + 1) * K, scalar_t(0));
+      dgamma_out[i] = 0;
+      return;
+    }
+    acc_t* p = scratch;
+    acc_t* v = scratch + K;
+    const acc_t* z = widen(in.z + i * K, scratch + 2 * K, K);
+    const acc_t* Uz = HasUz ? widen(uz_in + i * K, scratch + 3 * K, K) : nullptr;
+    acc_t* dz = grad_row(dz_out + i * K, scratch + 4 * K);
+    const int64_t off = r.g * K, y = r.y;
+    const acc_t *S = in.S + off, *L = in.L + off;
+    const acc_t* USg = HasUTables ? US + off : nullptr;
+    const acc_t* ULg = HasUTables ? UL + off : nullptr;
+    const V vl(lse_p[i]);
+    // Pass 1: p_k, v_k = S_k Uz_k + UL_k + US_k z_k, and v̄ = Σ p_k v_k.
+    V vbar_acc(acc_t(0));
+    for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+      const V Sk = load(S, k, n), zk = load(z, k, n);
+      const V pk = fast_exp(at::vec::fmadd(Sk, zk, load(L, k, n)) - vl);
+      V vk(acc_t(0));
+      if constexpr (HasUz) vk = Sk * load(Uz, k, n);
+      if constexpr (HasUTables)
+        vk = at::vec::fmadd(load(USg, k, n), zk, vk + load(ULg, k, n));
+      pk.store(p + k, n);
+      vk.store(v + k, n);
+      vbar_acc = vbar_acc + keep(pk * vk, n, acc_t(0));
+    });
+    const acc_t vbar = reduce_sum(vbar_acc);
+    const acc_t Wy = in.W[off + y];
+    const acc_t UWy = UW ? UW[off + y] : acc_t(0);
+    const acc_t c = gamma[i] * Wy;    // r_k = c (p_k - [k = y])
+    const acc_t cu = gamma[i] * UWy;  // t_k = p_k (c (v_k - v̄) + cu) - cu [k = y]
+    const acc_t ce = lse_p[i] - (S[y] * z[y] + L[y]);
+    const acc_t dv = vbar - v[y];
+    dgamma_out[i] = Wy * dv + UWy * ce;
+    // Pass 2: the k = y corrections of r and t are added after the loop.
+    acc_t* dW = partial ? partial + off : nullptr;
+    acc_t* dS = partial ? partial + table + off : nullptr;
+    acc_t* dL = partial ? partial + 2 * table + off : nullptr;
+    const V vc(c), vcu(cu), vvbar(vbar);
+    for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+      const V pk = load(p, k, n);
+      const V tk = pk * at::vec::fmadd(vc, load(v, k, n) - vvbar, vcu);
+      V dzk = load(S, k, n) * tk;
+      if constexpr (HasUTables) dzk = at::vec::fmadd(load(USg, k, n), vc * pk, dzk);
+      dzk.store(dz + k, n);
+      if (partial) {
+        V dSk = at::vec::fmadd(load(z, k, n), tk, load(dS, k, n));
+        if constexpr (HasUz) dSk = at::vec::fmadd(load(Uz, k, n), vc * pk, dSk);
+        dSk.store(dS + k, n);
+        (load(dL, k, n) + tk).store(dL + k, n);
+      }
+    });
+    dz[y] -= S[y] * cu;
+    if constexpr (HasUTables) dz[y] -= USg[y] * c;
+    if (partial) {
+      dS[y] -= z[y] * cu;
+      if constexpr (HasUz) dS[y] -= Uz[y] * c;
+      dL[y] -= cu;
+      dW[y] += gamma[i] * dv;
+    }
+    narrow(dz, dz_out + i * K, K);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>
+parametric_ce_double_backward_cpu(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, const Tensor& lse,
+    const std::optional<Tensor>& u_logits,
+    const std::optional<Tensor>& u_weight,
+    const std::optional<Tensor>& u_scale,
+    const std::optional<Tensor>& u_shift, int64_t ignore_index,
+    bool table_grads) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  const auto acc = accumulate_type(logits.scalar_type());
+  check_per_row(grad_loss, "grad_loss", s, acc);
+  check_per_row(lse, "lse", s, acc);
+  check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
+  Tensor grad_grad_loss = at::empty({s.rows}, grad_loss.options());
+  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
+  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  const bool has_uz = u_logits.has_value();
+  const bool has_ut = u_scale.has_value() || u_shift.has_value();
+  // A missing one of US/UL is zero; the pair shares one kernel path.
+  const auto table_or_zeros = [&](const std::optional<Tensor>& t) {
+    return t.has_value() ? t->contiguous() : at::zeros_like(weight);
+  };
+  const Tensor US = has_ut ? table_or_zeros(u_scale) : Tensor();
+  const Tensor UL = has_ut ? table_or_zeros(u_shift) : Tensor();
+  const Tensor UW = u_weight.has_value() ? u_weight->contiguous() : Tensor();
+  const Tensor Uz = has_uz ? u_logits->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(),
+      "parametric_ce_double_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
+                                         shift, s, ignore_index);
+        const Tensor gamma_c = grad_loss.contiguous(), lse_c = lse.contiguous();
+        const auto ptr = [](const Tensor& t) {
+          return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+        };
+        const scalar_t* uz = has_uz ? Uz.const_data_ptr<scalar_t>() : nullptr;
+        const std::array<acc_t*, 3> out = {grad_weight.mutable_data_ptr<acc_t>(),
+                                           grad_scale.mutable_data_ptr<acc_t>(),
+                                           grad_shift.mutable_data_ptr<acc_t>()};
+        auto run = [&](auto has_uz_c, auto has_ut_c) {
+          double_backward_rows<scalar_t, acc_t, decltype(has_uz_c)::value,
+                               decltype(has_ut_c)::value>(
+              in, gamma_c.const_data_ptr<acc_t>(), lse_c.const_data_ptr<acc_t>(),
+              uz, ptr(UW), ptr(US), ptr(UL), table_grads,
+              grad_grad_loss.mutable_data_ptr<acc_t>(),
+              grad_logits.mutable_data_ptr<scalar_t>(), out);
+        };
+        using T = std::true_type;
+        using F = std::false_type;
+        if (has_uz && has_ut) run(T{}, T{});
+        else if (has_uz) run(T{}, F{});
+        else if (has_ut) run(F{}, T{});
+        else run(F{}, F{});
+      });
+  return {grad_grad_loss, grad_logits, grad_weight, grad_scale, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
+  m.impl("parametric_ce", &parametric_ce_cpu);
+  m.impl("parametric_ce_backward", &parametric_ce_backward_cpu);
+  m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_cpu);
+}
+
+}  // namespace autobalance

@@ -1,0 +1,44 @@
+// Every op schema of the package, declared once. Backends add their kernels
+// with TORCH_LIBRARY_IMPL(autobalance, CPU|CUDA, m) in their own files.
+//
+// The math is MATH.md sections 1, 3 and 4. Tables `weight`, `scale`, `shift`
+// are the [G, K] tables W, S, L; `group` is an optional [N] group index
+// (absent means G == 1). Rows whose target equals `ignore_index` contribute
+// nothing (zero loss, zero gradients).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Lets `import autobalance_ext._C` load this library (and so the registrations
+// below) without pybind11.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(autobalance, m) {
+  // -> (loss [N], lse [N]); MATH.md section 1.
+  m.def(
+      "parametric_ce(Tensor logits, Tensor target, Tensor? group, "
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
+      "-> (Tensor, Tensor)");
+  // -> (grad_logits [N,K], grad_weight, grad_scale, grad_shift [G,K]);
+  // MATH.md section 3. With table_grads=False the three table gradients are
+  // returned as zeros and not computed.
+  m.def(
+      "parametric_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, "
+      "Tensor? group, Tensor weight, Tensor scale, Tensor shift, Tensor lse, "
+      "int ignore_index, bool table_grads) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of Q = <(Uz, UW, US, UL), backward(...)>; MATH.md section 4.
+  // -> (grad_grad_loss [N], grad_logits [N,K], grad_weight, grad_scale,
+  //     grad_shift [G,K]). Absent cotangents are zero.
+  m.def(
+      "parametric_ce_double_backward(Tensor grad_loss, Tensor logits, "
+      "Tensor target, Tensor? group, Tensor weight, Tensor scale, "
+      "Tensor shift, Tensor lse, Tensor? u_logits, Tensor? u_weight, "
+      "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,66 @@
+"""The parametric cross-entropy as a function (MATH.md section 1), on either
+backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
+``"reference"`` (plain PyTorch, ``autobalance.reference``)."""
+import functools
+
+import torch
+
+import autobalance_ext
+from autobalance import reference
+
+BACKENDS = ("fused", "reference")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_has_cuda():
+    return autobalance_ext.has_cuda_kernels()
+
+
+def _op(backend, device):
+    if backend == "reference":
+        return reference.parametric_ce
+    if backend != "fused":
+        raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "cuda" and not _fused_has_cuda():
+        raise RuntimeError("autobalance: this build has no CUDA kernels; rebuild with FORCE_CUDA=1 "
+                           "(see README) or pass backend='reference'")
+    return torch.ops.autobalance.parametric_ce
+
+
+def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *,
+                             reduction="mean", ignore_index=-100, backend="fused"):
+    """Weighted CE of affine-adjusted logits, ``W[g,y] (lse(S[g] z + L[g]) - S[g,y] z_y - L[g,y])``.
+
+    Args:
+        logits: ``[N, K]`` float32/float64/bfloat16/float16, any strides.
+        target: ``[N]`` int64 class indices; rows equal to ``ignore_index`` contribute nothing.
+        weight, scale, shift: the ``[G, K]`` tables W, S, L; cast to the accumulation
+            dtype (float64 for float64 logits, else float32).
+        group: optional ``[N]`` int64 group index in ``[0, G)``; required when ``G > 1``.
+        reduction: ``"none"`` (per-sample loss, 0 on ignored rows), ``"sum"``, or
+            ``"mean"`` = ``sum_i loss_i / sum_i W[g_i, y_i]`` over non-ignored rows
+            (PyTorch's weighted mean; NaN when every row is ignored, as in
+            ``F.cross_entropy``).
+        backend: ``"fused"`` or ``"reference"``.
+
+    NaN or infinite logits give a NaN loss (and gradients) on their own rows only.
+    The loss is returned in the accumulation dtype.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
+    op = _op(backend, logits.device)
+    acc = autobalance_ext.accumulate_dtype(logits.dtype)
+    weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                            for t in (weight, scale, shift))
+    loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    valid = target != ignore_index
+    y = target.masked_fill(~valid, 0)
+    sample_weight = weight[0, y] if group is None else weight[group.masked_fill(~valid, 0), y]
+    return loss.sum() / torch.where(valid, sample_weight, 0).sum()

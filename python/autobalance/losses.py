@@ -1,0 +1,260 @@
+"""``ParametricCE``: the learnable parametric cross-entropy of the paper
+(eq. 2.1/2.2, and 4.2 for groups), its initialisations (MATH.md section 1)
+and its frequency-aware parameterisation (MATH.md section 2)."""
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from autobalance.functional import BACKENDS, REDUCTIONS, parametric_cross_entropy
+
+INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la")
+LEARNABLE = ("weight", "scale", "shift")
+
+
+class LossTables(NamedTuple):
+    """The effective ``[G, K]`` tables W, S, L of MATH.md section 1."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def _as_counts(counts, name="class_counts"):
+    counts = torch.as_tensor(counts)
+    if counts.dim() not in (1, 2) or counts.numel() == 0:
+        raise ValueError(f"autobalance: `{name}` must be a non-empty [K] or [G, K] tensor of counts, "
+                         f"got shape {list(counts.shape)}")
+    if counts.is_floating_point() and not torch.isfinite(counts).all():
+        raise ValueError(f"autobalance: `{name}` must be finite")
+    if (counts < 0).any():
+        raise ValueError(f"autobalance: `{name}` must be non-negative, got min {counts.min().item()}")
+    return counts.to(torch.float64)
+
+
+def frequency_clusters(class_counts, cluster_size: int) -> torch.Tensor:
+    """The frequency-aware dictionary of MATH.md section 2 as a cluster map.
+
+    Sorts classes by training count, descending (ties by class index), and
+    cuts them into contiguous chunks of ``cluster_size``: returns
+    ``cluster[k] in [0, ceil(K / cluster_size))``. ``class_counts`` may be
+    ``[K]`` or ``[G, K]`` (summed over groups).
+    """
+    counts = _as_counts(class_counts)
+    if counts.dim() == 2:
+        counts = counts.sum(0)
+    if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or cluster_size < 1:
+        raise ValueError(f"autobalance: `cluster_size` must be an int >= 1, got {cluster_size!r}")
+    order = torch.sort(-counts, stable=True).indices
+    clusters = torch.empty(counts.numel(), dtype=torch.long)
+    clusters[order] = torch.arange(counts.numel()) // cluster_size
+    return clusters
+
+
+def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.2) -> LossTables:
+    """The tables of a standard loss, from training counts (MATH.md section 1).
+
+    ``counts`` is ``[K]`` (class counts, ``G = 1``) or ``[G, K]`` (counts per
+    (group, class) cell). ``init``:
+
+    - ``"ce"``: W = 1, S = 1, L = 0.
+    - ``"balanced"``: W_k = 1 / (K pi_k), so the mean weight over training
+      samples is 1 and the weighted loss is the class-balanced CE.
+    - ``"la"``: L_k = tau log pi_k (logit adjustment, Menon et al.).
+    - ``"cdt"``: S_k = (n_k / n_max)^gamma (Ye et al.).
+    - ``"vs"``: S_k = (n_k / n_max)^gamma and L_k = tau log pi_k (Kini et al.).
+    - ``"group_la"``: W[g, k] = 1 / (G pi_g), L[g, k] = log pi(k | g); needs
+      ``[G, K]`` counts.
+
+    Class priors ``pi_k`` are the class marginals (summed over groups). Inits
+    that take a log or a reciprocal need positive counts.
+    """
+    counts = _as_counts(counts, "counts")
+    if init not in INITS:
+        raise ValueError(f"autobalance: `init` must be one of {INITS}, got {init!r}")
+    groups = counts.shape[0] if counts.dim() == 2 else 1
+    cells = counts if counts.dim() == 2 else counts[None]
+    classes = cells.shape[1]
+    per_class = cells.sum(0)
+    needs_positive = {"balanced": per_class, "la": per_class, "cdt": per_class, "vs": per_class,
+                      "group_la": cells}
+    if init in needs_positive and (needs_positive[init] <= 0).any():
+        raise ValueError(f"autobalance: init={init!r} needs every count to be positive, got "
+                         f"{needs_positive[init].tolist()}")
+    prior = per_class / per_class.sum()
+    ones = torch.ones(groups, classes, dtype=torch.float64)
+    weight, scale, shift = ones.clone(), ones.clone(), torch.zeros_like(ones)
+    if init == "balanced":
+        weight = ones / (classes * prior)
+    if init in ("la", "vs"):
+        shift = ones * tau * prior.log()
+    if init in ("cdt", "vs"):
+        scale = ones * (per_class / per_class.max()) ** gamma
+    if init == "group_la":
+        if counts.dim() != 2:
+            raise ValueError("autobalance: init='group_la' needs [G, K] counts per (group, class) cell, "
+                             f"got shape {list(counts.shape)}")
+        group_size = cells.sum(1, keepdim=True)
+        weight = ones / (groups * group_size / group_size.sum())
+        shift = (cells / group_size).log()
+    return LossTables(weight.float(), scale.float(), shift.float())
+
+
+def _table(value, name, groups, classes, default):
+    """An initial table from None, a scalar, [K] or [G, K]."""
+    if value is None:
+        return torch.full((groups, classes), float(default))
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if t.dim() == 0:
+        return t.expand(groups, classes).clone()
+    if t.dim() == 1 and t.shape[0] == classes:
+        return t.expand(groups, classes).clone()
+    if t.dim() == 2 and tuple(t.shape) == (groups, classes):
+        return t
+    raise ValueError(f"autobalance: initial `{name}` must be a scalar, [K] = [{classes}] or "
+                     f"[G, K] = [{groups}, {classes}], got shape {list(t.shape)}")
+
+
+class ParametricCE(nn.Module):
+    """Parametric cross-entropy with learnable per-cluster (and per-group) parameters.
+
+    The effective ``[G, K]`` tables (MATH.md sections 1 and 2) are::
+
+        S[g, k] = scale_max * sigmoid(logit(S0[g, k] / scale_max) + d[g', c(k)])
+        L[g, k] = L0[g, k] + l[g', c(k)]
+        W[g, k] = W0[g, k] + w[g', c(k)]           (w only when learned)
+
+    where ``W0, S0, L0`` are the initial tables (see ``from_counts``), ``c`` is
+    the cluster map, ``g' = g`` with per-group parameters and 0 otherwise, and
+    ``d, l, w`` start at 0, so the module starts exactly at its initial loss.
+    The learnable directions are the paper's ``D_pi`` dictionary; the sigmoid
+    keeps every scale in the open interval ``(0, scale_max)`` (the paper's
+    clamp is ``scale_max = 1``; the default 2 puts the common ``S = 1`` at the
+    sigmoid's centre, where it learns fastest). Initial scales must lie
+    strictly inside that interval.
+
+    Args:
+        num_classes: K.
+        clusters: ``None`` (one cluster per class), a cluster size ``C``
+            (frequency-aware clusters of ``C`` classes; needs ``class_counts``),
+            or an explicit ``LongTensor[K]`` map to ``[0, K')``.
+        num_groups: G, the number of groups (rows of the tables).
+        group_params: learn separate parameters per group (default: ``num_groups > 1``).
+        class_counts: ``[K]`` or ``[G, K]`` training counts, for ``clusters=C``.
+        weight, scale, shift: initial tables W0, S0, L0: scalar, ``[K]`` or ``[G, K]``.
+        learn: which tables are learnable, a subset of ``("weight", "scale", "shift")``.
+        scale_max: upper bound of the scales.
+        reduction, ignore_index, backend: as in
+            :func:`autobalance.functional.parametric_cross_entropy`.
+    """
+
+    def __init__(self, num_classes: int, clusters: Union[None, int, torch.Tensor] = None, *,
+                 num_groups: int = 1, group_params: Optional[bool] = None, class_counts=None,
+                 weight=None, scale=None, shift=None, learn: Sequence[str] = ("scale", "shift"),
+                 scale_max: float = 2.0, reduction: str = "mean", ignore_index: int = -100,
+                 backend: str = "fused"):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("num_groups", num_groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"autobalance: `{name}` must be an int >= 1, got {value!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(learn, str):
+            learn = (learn,)
+        unknown = [x for x in learn if x not in LEARNABLE]
+        if unknown:
+            raise ValueError(f"autobalance: `learn` must be a subset of {LEARNABLE}, got {tuple(learn)}")
+        if not (isinstance(scale_max, (int, float)) and math.isfinite(scale_max) and scale_max > 0):
+            raise ValueError(f"autobalance: `scale_max` must be a positive float, got {scale_max!r}")
+        self.num_classes, self.num_groups = num_classes, num_groups
+        self.group_params = num_groups > 1 if group_params is None else bool(group_params)
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.scale_max = float(scale_max)
+        self.learn = tuple(x for x in LEARNABLE if x in learn)
+
+        self.register_buffer("clusters", self._cluster_map(clusters, class_counts))
+        self.num_clusters = int(self.clusters.max()) + 1
+        groups, classes = num_groups, num_classes
+        base_scale = _table(scale, "scale", groups, classes, 1.0)
+        if not ((base_scale > 0) & (base_scale < self.scale_max)).all():
+            raise ValueError(f"autobalance: initial `scale` must lie in the open interval (0, scale_max = "
+                             f"{self.scale_max}), got values in [{base_scale.min().item()}, "
+                             f"{base_scale.max().item()}]; raise scale_max")
+        self.register_buffer("base_weight", _table(weight, "weight", groups, classes, 1.0))
+        self.register_buffer("base_scale_logit", torch.logit(base_scale / self.scale_max).float())
+        self.register_buffer("base_shift", _table(shift, "shift", groups, classes, 0.0))
+        param_rows = groups if self.group_params else 1
+        for name in self.learn:
+            self.register_parameter(f"{name}_param", nn.Parameter(torch.zeros(param_rows, self.num_clusters)))
+
+    def _cluster_map(self, clusters, class_counts):
+        classes = self.num_classes
+        if clusters is None:
+            return torch.arange(classes)
+        if isinstance(clusters, int) and not isinstance(clusters, bool):
+            if class_counts is None:
+                raise ValueError("autobalance: `clusters` given as a cluster size needs `class_counts` "
+                                 "to sort classes by frequency")
+            counts = _as_counts(class_counts)
+            if counts.shape[-1] != classes:
+                raise ValueError(f"autobalance: `class_counts` must have K = {classes} classes in its last "
+                                 f"dimension, got shape {list(counts.shape)}")
+            return frequency_clusters(counts, clusters)
+        if not isinstance(clusters, torch.Tensor):
+            raise TypeError("autobalance: `clusters` must be None, an int cluster size or a LongTensor[K] map, "
+                            f"got {type(clusters).__name__}")
+        if clusters.dtype != torch.int64 or tuple(clusters.shape) != (classes,):
+            raise ValueError(f"autobalance: `clusters` map must be an int64 tensor of shape [K] = [{classes}], "
+                             f"got {clusters.dtype} of shape {list(clusters.shape)}")
+        if (clusters < 0).any():
+            raise ValueError(f"autobalance: `clusters` map must be non-negative, got min {clusters.min().item()}")
+        return clusters.detach().clone()
+
+    @classmethod
+    def from_counts(cls, counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.2,
+                    clusters=None, **kwargs) -> "ParametricCE":
+        """A module starting at a standard loss (see :func:`loss_tables`).
+
+        ``counts`` is ``[K]`` or ``[G, K]``; with ``[G, K]`` the module has G
+        groups. ``clusters`` may be a cluster size (frequency clusters from
+        ``counts``) or a map. Other keyword arguments go to the constructor.
+        """
+        tables = loss_tables(counts, init, tau=tau, gamma=gamma)
+        groups, classes = tables.weight.shape
+        counts = torch.as_tensor(counts)
+        return cls(classes, clusters, num_groups=groups, class_counts=counts, weight=tables.weight,
+                   scale=tables.scale, shift=tables.shift, **kwargs)
+
+    def _in_class_space(self, name):
+        param = getattr(self, f"{name}_param", None)
+        if param is None:
+            return None
+        return param[:, self.clusters]  # [1 or G, K], broadcasts over groups
+
+    def tables(self) -> LossTables:
+        """The effective ``[G, K]`` tables (differentiable w.r.t. the parameters)."""
+        weight, scale_logit, shift = self.base_weight, self.base_scale_logit, self.base_shift
+        d, l, w = (self._in_class_space(n) for n in ("scale", "shift", "weight"))
+        if d is not None:
+            scale_logit = scale_logit + d
+        if l is not None:
+            shift = shift + l
+        if w is not None:
+            weight = weight + w
+        scale = self.scale_max * torch.sigmoid(scale_logit)
+        groups = self.num_groups
+        return LossTables(*(t.expand(groups, -1) for t in (weight, scale, shift)))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                group: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight, scale, shift = self.tables()
+        return parametric_cross_entropy(logits, target, weight, scale, shift, group,
+                                        reduction=self.reduction, ignore_index=self.ignore_index,
+                                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, "
+                f"num_groups={self.num_groups}, group_params={self.group_params}, learn={self.learn}, "
+                f"scale_max={self.scale_max}, reduction={self.reduction!r}, backend={self.backend!r}")
