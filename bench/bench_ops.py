@@ -1,0 +1,137 @@
+"""CPU benchmark of the fused parametric cross-entropy (issue: fused CPU op).
+
+Times, side by side in one run on 2 threads, float32:
+  - forward+backward (loss, grad of logits and of the three tables): fused op,
+    reference path eager, torch.compile of the reference, and F.cross_entropy
+    forward+backward (which does less work);
+  - the double backward with only Uz (the mixed derivative): fused op vs the
+    reference's autograd;
+  - one torch.exp pass over N x K, the compute floor.
+Prints medians and ratios and writes them to JSON.
+
+    python bench/bench_ops.py [--threads 2] [--out bench/results_ops.json] [--quick]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import autobalance  # noqa: F401  (loads the ops)
+from autobalance import parametric_cross_entropy, reference
+
+SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (2048, 8142)]
+
+
+def median_ms(fn, min_time=0.4, max_reps=200):
+    for _ in range(3):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 7 or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def problem(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g) * 3
+    y = torch.randint(0, k, (n,), generator=g)
+    tables = [torch.rand(1, k, generator=g) + 0.5, torch.rand(1, k, generator=g) + 0.5,
+              torch.randn(1, k, generator=g)]
+    return z, y, tables
+
+
+def fwd_bwd(backend):
+    def run(z, y, tables):
+        z = z.detach().requires_grad_()
+        ts = [t.detach().requires_grad_() for t in tables]
+        loss = parametric_cross_entropy(z, y, *ts, backend=backend)
+        loss.backward()
+    return run
+
+
+def bench_shape(n, k, quick):
+    z, y, tables = problem(n, k)
+    compiled_loss = torch.compile(lambda z, y, w, s, l: reference.parametric_ce(z, y, None, w, s, l, -100)[0].sum()
+                                  / w[0, y].sum(), fullgraph=True)
+
+    def compiled(z, y, tables):
+        z = z.detach().requires_grad_()
+        ts = [t.detach().requires_grad_() for t in tables]
+        compiled_loss(z, y, *ts).backward()
+
+    def cross_entropy(z, y, tables):
+        z = z.detach().requires_grad_()
+        F.cross_entropy(z, y, weight=tables[0][0]).backward()
+
+    _, lse = torch.ops.autobalance.parametric_ce(z, y, None, *tables, -100)
+    gamma = torch.full((n,), 1.0 / n)
+    uz = torch.randn_like(z)
+
+    def dbl_fused():
+        torch.ops.autobalance.parametric_ce_double_backward(gamma, z, y, None, *tables, lse, uz, None, None, None,
+                                                            -100, True)
+
+    def dbl_reference():
+        reference.parametric_ce_double_backward(gamma, z, y, None, *tables, lse, uz, None, None, None, -100, True)
+
+    min_time = 0.1 if quick else 0.4
+    t = {
+        "fused": median_ms(lambda: fwd_bwd("fused")(z, y, tables), min_time),
+        "reference": median_ms(lambda: fwd_bwd("reference")(z, y, tables), min_time),
+        "reference_compiled": median_ms(lambda: compiled(z, y, tables), min_time),
+        "cross_entropy": median_ms(lambda: cross_entropy(z, y, tables), min_time),
+        "exp": median_ms(lambda: torch.exp(z), min_time),
+        "double_fused": median_ms(dbl_fused, min_time),
+        "double_reference": median_ms(dbl_reference, min_time),
+    }
+    ratios = {
+        "cross_entropy/fused": t["cross_entropy"] / t["fused"],
+        "compiled/fused": t["reference_compiled"] / t["fused"],
+        "fused/exp": t["fused"] / t["exp"],
+        "double_reference/double_fused": t["double_reference"] / t["double_fused"],
+    }
+    targets = {
+        "fused no slower than F.cross_entropy (K >= 100)": None if k < 100 else ratios["cross_entropy/fused"] >= 1.0,
+        "fused >= 2x faster than compiled reference": ratios["compiled/fused"] >= 2.0,
+        "fused within 2x of exp floor (K >= 1000)": None if k < 1000 else ratios["fused/exp"] <= 2.0,
+        "double backward >= 5x faster than reference": ratios["double_reference/double_fused"] >= 5.0,
+    }
+    return {"N": n, "K": k, "median_ms": t, "ratios": ratios, "targets": targets}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results_ops.json")
+    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [bench_shape(n, k, args.quick) for n, k in SHAPES]
+    cols = ["fused", "reference", "reference_compiled", "cross_entropy", "exp", "double_fused", "double_reference"]
+    print(f"float32, {args.threads} threads, median ms")
+    print(f"{'N x K':>12} " + " ".join(f"{c:>18}" for c in cols))
+    for r in rows:
+        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['median_ms'][c]:>18.3f}" for c in cols))
+    print("\nratios (same run)")
+    names = list(rows[0]["ratios"])
+    print(f"{'N x K':>12} " + " ".join(f"{c:>30}" for c in names))
+    for r in rows:
+        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['ratios'][c]:>30.2f}" for c in names))
+    print("\ntargets")
+    for r in rows:
+        for name, ok in r["targets"].items():
+            if ok is not None:
+                print(f"  {r['N']} x {r['K']}: {name}: {'met' if ok else 'MISSED'}")
+    with open(args.out, "w") as f:
+        json.dump({"threads": args.threads, "dtype": "float32", "torch": torch.__version__, "rows": rows}, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
