@@ -1,0 +1,602 @@
+// CUDA kernels of the parametric cross-entropy (MATH.md sections 1, 3, 4).
+//
+// Two kernel shapes serve the three ops:
+//
+// - row_kernel: one team of TEAM threads per row (4 or 32 lanes of a warp for
+//   small K, the whole block for large K) streams the row once, with 16-byte
+//   loads, and reduces it to per-row numbers: the forward's (loss, lse), and
+//   for large K the double backward's v̄ and grad_grad_loss.
+// - tile_kernel: the backward and double backward. Block (c, t) handles the
+//   rows of row chunk c and the columns of column tile t. Each team of TX
+//   lanes takes one row at a time and each lane owns the same E = CH * VEC
+//   columns of every row, so it can sum its table-gradient contributions in
+//   registers. When one tile holds the whole row (small K) the team reduces
+//   the row too: that is the fused double backward, one read of the row, kept
+//   in registers between its two passes.
+//
+// Table gradients are deterministic, with no atomics: a block sums its teams
+// in a fixed tree order into its own slab of a [chunks, 3, G, K] workspace
+// (rows of group g are summed in pass g, so a slab needs no zero fill), then
+// sum_partials_kernel adds the slabs in chunk order. The number of chunks is
+// a function of the shape only, so results are bit-identical run to run.
+//
+// Everything accumulates in at::opmath_type (float32 for bfloat16/float16).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace autobalance {
+namespace cuda {
+
+constexpr int kThreads = 256;  // every kernel's block size
+
+// Elements of one 16-byte access.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Kernel arguments; pointers the op does not use are null. Tables [G, K],
+// per-row vectors [N] and rows [N, K] are contiguous.
+template <typename scalar_t>
+struct Args {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;  // logits
+  const int64_t* target;
+  const int64_t* group;  // null when G == 1
+  const acc_t *W, *S, *L;
+  const acc_t* gamma;  // grad_loss
+  const acc_t* lse;
+  const scalar_t* uz;  // double backward cotangents; null = absent (zero)
+  const acc_t *UW, *US, *UL;
+  const acc_t* vbar;  // double backward, large K: v̄ from row_kernel
+  acc_t* loss;
+  acc_t* lse_out;
+  acc_t* vbar_out;
+  acc_t* dgamma;  // grad_grad_loss
+  scalar_t* dz;   // grad_logits
+  acc_t* partial;  // [chunks, 3, G, K]; null when table_grads is false
+  int64_t N, K, G, ignore_index;
+  int64_t rows_per_chunk;  // tile_kernel
+  bool vec;  // K % VEC == 0 and every row starts 16-byte aligned
+};
+
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
+
+// max that propagates NaN (fmax would drop it).
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// ------------------------------------------------------------------ rows
+
+struct Row {
+  int64_t y, g;
+  bool skip;  // ignore_index (or, with asserts compiled out, a bad index)
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
+  const int64_t y = a.target[i];
+  if (y == a.ignore_index) return {0, 0, true};
+  const int64_t g = a.group ? a.group[i] : 0;
+  // The CPU kernels raise IndexError for an out-of-range label or group. A
+  // kernel cannot raise without a host synchronisation, so on CUDA it is a
+  // device-side assert: the next synchronising CUDA call fails with "device-
+  // side assert triggered" (set CUDA_LAUNCH_BLOCKING=1 to see where). Where
+  // asserts are compiled out the row is skipped, so nothing is read or
+  // written out of bounds.
+  CUDA_KERNEL_ASSERT(y >= 0 && y < a.K);
+  CUDA_KERNEL_ASSERT(g >= 0 && g < a.G);
+  const bool ok = y >= 0 && y < a.K && g >= 0 && g < a.G;
+  return {ok ? y : 0, ok ? g : 0, !ok};
+}
+
+// The VEC columns first + v * step that a lane handles in one chunk of
+// LANES * VEC columns starting at `base`: contiguous (one vector access) when
+// rows are aligned, else strided by LANES so that the scalar accesses of
+// neighbouring lanes are coalesced. Either way the chunk is covered once.
+struct Cols {
+  int64_t first, step;
+  __device__ __forceinline__ int64_t operator[](int v) const {
+    return first + v * step;
+  }
+};
+
+template <int LANES, int VEC>
+__device__ __forceinline__ Cols chunk_cols(int64_t base, int lane, bool vec) {
+  return vec ? Cols{base + lane * VEC, 1} : Cols{base + lane, LANES};
+}
+
+// Loads row[c[v]] for v < VEC, zero past K. step == 1 only on the aligned
+// path, where K % VEC == 0 makes a chunk either full or entirely past K.
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load(const T* row, Cols c, int64_t K) {
+  Pack<T, VEC> out;
+  if (c.step == 1 && c.first + VEC <= K) {
+    out = *reinterpret_cast<const Pack<T, VEC>*>(row + c.first);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out.v[v] = c[v] < K ? row[c[v]] : T(0);
+  }
+  return out;
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store(T* row, Cols c, int64_t K,
+                                      const Pack<T, VEC>& x) {
+  if (c.step == 1 && c.first + VEC <= K) {
+    *reinterpret_cast<Pack<T, VEC>*>(row + c.first) = x;
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      if (c[v] < K) row[c[v]] = x.v[v];
+  }
+}
+
+// ------------------------------------------------------------ reductions
+
+// Lanes of this thread's team within its warp (LANES a power of two <= 32).
+template <int LANES>
+__device__ __forceinline__ unsigned team_mask() {
+  if constexpr (LANES == 32) {
+    return 0xffffffffu;
+  } else {
+    return ((1u << LANES) - 1u) << ((threadIdx.x & 31) & ~(LANES - 1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T shfl_xor(unsigned mask, T v, int offset) {
+  return __shfl_xor_sync(mask, v, offset);
+}
+
+// Online log-sum-exp: running max m and sum s of exp(a - m).
+template <typename T>
+struct Lse {
+  T m, s;
+};
+
+template <typename T>
+__device__ __forceinline__ Lse<T> shfl_xor(unsigned mask, Lse<T> v,
+                                           int offset) {
+  return {__shfl_xor_sync(mask, v.m, offset), __shfl_xor_sync(mask, v.s, offset)};
+}
+
+template <typename T>
+__device__ __forceinline__ Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
+  const T m = nan_max(a.m, b.m);
+  if (m == neg_inf<T>()) return a;  // both empty
+  return {m, a.s * exp_(a.m - m) + b.s * exp_(b.m - m)};
+}
+
+// Adds one chunk of adjusted logits; masked entries are -inf.
+template <int VEC, typename T>
+__device__ __forceinline__ void lse_add(Lse<T>& acc, const T (&a)[VEC]) {
+  T chunk_max = a[0];
+#pragma unroll
+  for (int v = 1; v < VEC; ++v) chunk_max = nan_max(chunk_max, a[v]);
+  if (chunk_max == neg_inf<T>()) return;
+  const T m = nan_max(acc.m, chunk_max);
+  T s = 0;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) s += exp_(a[v] - m);
+  acc.s = acc.s * exp_(acc.m - m) + s;
+  acc.m = m;
+}
+
+struct Plus {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+struct LseMerge {
+  template <typename T>
+  __device__ __forceinline__ Lse<T> operator()(Lse<T> a, Lse<T> b) const {
+    return lse_merge(a, b);
+  }
+};
+
+// Reduces v over a team of TEAM threads: TEAM <= 32 lanes of one warp (all
+// of them must call), or the whole block (TEAM == kThreads; every thread must
+// call). Every thread gets the result.
+template <int TEAM, typename T, typename Op>
+__device__ __forceinline__ T team_reduce(T v, Op op) {
+  constexpr int kLanes = TEAM < 32 ? TEAM : 32;
+  const unsigned mask = team_mask<kLanes>();
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)
+    v = op(v, shfl_xor(mask, v, offset));
+  if constexpr (TEAM > 32) {
+    static_assert(TEAM == kThreads, "a team wider than a warp is the block");
+    __shared__ T warp_result[kThreads / 32];
+    if ((threadIdx.x & 31) == 0) warp_result[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = warp_result[0];
+#pragma unroll
+    for (int w = 1; w < kThreads / 32; ++w) v = op(v, warp_result[w]);
+    __syncthreads();  // warp_result is reused by the next row
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------ math
+
+// p_k = exp(S_k z_k + L_k - lse) (MATH.md section 1).
+template <typename T>
+__device__ __forceinline__ T prob(T S, T z, T L, T lse) {
+  return exp_(S * z + L - lse);
+}
+
+// v_k = S_k Uz_k + UL_k + US_k z_k (MATH.md section 4); absent terms are
+// left out, not multiplied by zero (0 * inf would be NaN).
+template <typename T>
+__device__ __forceinline__ T cotangent(bool has_uz, bool has_us, bool has_ul,
+                                       T S, T z, T uz, T US, T UL) {
+  T v = has_uz ? S * uz : T(0);
+  if (has_ul) v += UL;
+  if (has_us) v += US * z;
+  return v;
+}
+
+// The per-row numbers of the double backward (MATH.md section 4).
+template <typename T>
+struct DoubleRow {
+  T c;    // γ W[g,y]: r_k = c (p_k - [k = y])
+  T cu;   // γ UW[g,y]
+  T ce;   // lse - a_y
+  T v_y;  // v at the label
+  T Wy, UWy;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> double_row(
+    const Args<scalar_t>& a, int64_t i, const Row& r) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t at_y = r.g * a.K + r.y;
+  const acc_t z_y = static_cast<acc_t>(a.z[i * a.K + r.y]);
+  const acc_t uz_y = a.uz ? static_cast<acc_t>(a.uz[i * a.K + r.y]) : acc_t(0);
+  const acc_t S_y = a.S[at_y];
+  const acc_t gamma = a.gamma[i];
+  DoubleRow<acc_t> d;
+  d.Wy = a.W[at_y];
+  d.UWy = a.UW ? a.UW[at_y] : acc_t(0);
+  d.c = gamma * d.Wy;
+  d.cu = gamma * d.UWy;
+  d.ce = a.lse[i] - (S_y * z_y + a.L[at_y]);
+  d.v_y = cotangent(a.uz != nullptr, a.US != nullptr, a.UL != nullptr, S_y, z_y,
+                    uz_y, a.US ? a.US[at_y] : acc_t(0),
+                    a.UL ? a.UL[at_y] : acc_t(0));
+  return d;
+}
+
+// ------------------------------------------------------------- row_kernel
+
+// kPrep = false: forward, writes loss and lse.
+// kPrep = true: double backward for large K, writes v̄ = Σ_k p_k v_k and
+// grad_grad_loss = W[g,y] (v̄ - v_y) + UW[g,y] ce.
+template <bool kPrep, typename scalar_t, int TEAM>
+__global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = kVec<scalar_t>;
+  constexpr int kTeams = kThreads / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  const int64_t K = a.K;
+  const bool has_uz = a.uz != nullptr, has_us = a.US != nullptr,
+             has_ul = a.UL != nullptr;
+  // Team-uniform loop: a team's lanes always take the same branches.
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM;
+       i < a.N; i += static_cast<int64_t>(gridDim.x) * kTeams) {
+    const Row r = read_row(a, i);
+    if (r.skip) {
+      if (lane == 0) {
+        if constexpr (kPrep) {
+          a.vbar_out[i] = 0;
+          a.dgamma[i] = 0;
+        } else {
+          a.loss[i] = 0;
+          a.lse_out[i] = 0;
+        }
+      }
+      continue;
+    }
+    const int64_t off = r.g * K;
+    const scalar_t* z = a.z + i * K;
+    if constexpr (!kPrep) {
+      Lse<acc_t> acc{neg_inf<acc_t>(), acc_t(0)};
+      for (int64_t base = 0; base < K; base += TEAM * VEC) {
+        const Cols c = chunk_cols<TEAM, VEC>(base, lane, a.vec);
+        const auto zc = load<VEC>(z, c, K);
+        const auto Sc = load<VEC>(a.S + off, c, K);
+        const auto Lc = load<VEC>(a.L + off, c, K);
+        acc_t logit[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          logit[v] = c[v] < K ? Sc.v[v] * static_cast<acc_t>(zc.v[v]) + Lc.v[v]
+                              : neg_inf<acc_t>();
+        lse_add(acc, logit);
+      }
+      acc = team_reduce<TEAM>(acc, LseMerge{});
+      if (lane == 0) {
+        const acc_t lse = acc.m + log_(acc.s);
+        const acc_t a_y = a.S[off + r.y] * static_cast<acc_t>(z[r.y]) + a.L[off + r.y];
+        a.lse_out[i] = lse;
+        a.loss[i] = a.W[off + r.y] * (lse - a_y);
+      }
+    } else {
+      const acc_t lse = a.lse[i];
+      const scalar_t* uz = has_uz ? a.uz + i * K : nullptr;
+      acc_t sum = 0;
+      for (int64_t base = 0; base < K; base += TEAM * VEC) {
+        const Cols c = chunk_cols<TEAM, VEC>(base, lane, a.vec);
+        const auto zc = load<VEC>(z, c, K);
+        const auto Sc = load<VEC>(a.S + off, c, K);
+        const auto Lc = load<VEC>(a.L + off, c, K);
+        Pack<scalar_t, VEC> uc{};
+        Pack<acc_t, VEC> USc{}, ULc{};
+        if (has_uz) uc = load<VEC>(uz, c, K);
+        if (has_us) USc = load<VEC>(a.US + off, c, K);
+        if (has_ul) ULc = load<VEC>(a.UL + off, c, K);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          if (c[v] >= K) continue;
+          const acc_t zk = static_cast<acc_t>(zc.v[v]);
+          sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
+                 cotangent(has_uz, has_us, has_ul, Sc.v[v], zk,
+                           static_cast<acc_t>(uc.v[v]), USc.v[v], ULc.v[v]);
+        }
+      }
+      const acc_t vbar = team_reduce<TEAM>(sum, Plus{});
+      if (lane == 0) {
+        const auto d = double_row(a, i, r);
+        a.vbar_out[i] = vbar;
+        a.dgamma[i] = d.Wy * (vbar - d.v_y) + d.UWy * d.ce;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ tile_kernel
+
+// kDouble = false: backward (MATH.md section 3). kDouble = true: double
+// backward (section 4); with a.vbar null the tile must hold the whole row and
+// the team computes v̄ and grad_grad_loss itself, else they come from
+// row_kernel<true>.
+template <bool kDouble, typename scalar_t, int TX, int CH>
+__global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = kVec<scalar_t>;
+  constexpr int TY = kThreads / TX;  // teams per block
+  constexpr int E = CH * VEC;        // columns per lane
+  constexpr int TILE = TX * E;
+  __shared__ acc_t tree[kThreads * E];
+
+  const int lane = threadIdx.x % TX, team = threadIdx.x / TX;
+  const int64_t K = a.K, G = a.G;
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  const int64_t chunk = blockIdx.x;
+  const int64_t row_begin = chunk * a.rows_per_chunk;
+  const int64_t row_end =
+      row_begin + a.rows_per_chunk < a.N ? row_begin + a.rows_per_chunk : a.N;
+  const bool table_grads = a.partial != nullptr;
+  const bool fused = kDouble && a.vbar == nullptr;
+  const bool has_uz = a.uz != nullptr, has_us = a.US != nullptr,
+             has_ul = a.UL != nullptr;
+  // Chunk ch of this lane: columns cols(ch)[v], slot ch * VEC + v.
+  const auto cols = [&](int ch) {
+    return chunk_cols<TX, VEC>(tile0 + ch * TX * VEC, lane, a.vec);
+  };
+  const auto in_row = [&](int ch) { return tile0 + ch * TX * VEC < K; };
+
+  acc_t acc[3][E];  // this lane's sums of grad W, S, L at its columns
+  // With table grads, pass g takes the rows of group g (ignored rows in pass
+  // 0), so each pass fills the slab of one group.
+  const int64_t passes = table_grads ? G : 1;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+#pragma unroll
+    for (int t = 0; t < 3; ++t)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[t][e] = 0;
+
+    for (int64_t i = row_begin + team; i < row_end; i += TY) {
+      const Row r = read_row(a, i);
+      if (table_grads && r.g != pass) continue;
+      scalar_t* dz = a.dz + i * K;
+      if (r.skip) {
+        Pack<scalar_t, VEC> zero;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) zero.v[v] = scalar_t(0);
+#pragma unroll
+        for (int ch = 0; ch < CH; ++ch)
+          if (in_row(ch)) store<VEC>(dz, cols(ch), K, zero);
+        if (fused && lane == 0) a.dgamma[i] = 0;
+        continue;
+      }
+      const int64_t off = r.g * K, y = r.y;
+      const acc_t gamma = a.gamma[i], lse = a.lse[i];
+      const scalar_t* z = a.z + i * K;
+      const scalar_t* uz = has_uz ? a.uz + i * K : nullptr;
+      // One read of the row, kept in registers for both passes.
+      Pack<scalar_t, VEC> zc[CH], uc[CH];
+#pragma unroll
+      for (int ch = 0; ch < CH; ++ch) {
+        if (!in_row(ch)) continue;
+        zc[ch] = load<VEC>(z, cols(ch), K);
+        if (kDouble && has_uz) uc[ch] = load<VEC>(uz, cols(ch), K);
+      }
+
+      if constexpr (!kDouble) {
+        // r_k = c (p_k - [k = y]); grad z_k = S_k r_k; grad L += r;
+        // grad S += r z; grad W[g,y] += γ ce.
+        const acc_t c = gamma * a.W[off + y];
+        const acc_t dW_y =
+            gamma * (lse - (a.S[off + y] * static_cast<acc_t>(z[y]) + a.L[off + y]));
+#pragma unroll
+        for (int ch = 0; ch < CH; ++ch) {
+          if (!in_row(ch)) continue;
+          const Cols cc = cols(ch);
+          const auto Sc = load<VEC>(a.S + off, cc, K);
+          const auto Lc = load<VEC>(a.L + off, cc, K);
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const bool at_y = cc[v] == y;
+            const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
+            const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
+            const acc_t rk = c * (at_y ? p - acc_t(1) : p);
+            out.v[v] = static_cast<scalar_t>(Sc.v[v] * rk);
+            acc[0][ch * VEC + v] += at_y ? dW_y : acc_t(0);
+            acc[1][ch * VEC + v] += rk * zk;
+            acc[2][ch * VEC + v] += rk;
+          }
+          store<VEC>(dz, cc, K, out);
+        }
+      } else {
+        const auto d = double_row(a, i, r);
+        acc_t vbar;
+        if (fused) {
+          // Pass 1: v̄ = Σ_k p_k v_k over the row, all of it in this tile.
+          acc_t sum = 0;
+#pragma unroll
+          for (int ch = 0; ch < CH; ++ch) {
+            if (!in_row(ch)) continue;
+            const Cols cc = cols(ch);
+            const auto Sc = load<VEC>(a.S + off, cc, K);
+            const auto Lc = load<VEC>(a.L + off, cc, K);
+            Pack<acc_t, VEC> USc{}, ULc{};
+            if (has_us) USc = load<VEC>(a.US + off, cc, K);
+            if (has_ul) ULc = load<VEC>(a.UL + off, cc, K);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              if (cc[v] >= K) continue;
+              const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
+              const acc_t uk = has_uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+              sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
+                     cotangent(has_uz, has_us, has_ul, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+            }
+          }
+          vbar = team_reduce<TX>(sum, Plus{});
+          if (lane == 0) a.dgamma[i] = d.Wy * (vbar - d.v_y) + d.UWy * d.ce;
+        } else {
+          vbar = a.vbar[i];
+        }
+        // Pass 2: t_j = c p_j (v_j - v̄) + cu (p_j - [j = y]);
+        // grad z_j = S_j t_j + US_j r_j; grad S += z t + Uz r; grad L += t;
+        // grad W[g,y] += γ (v̄ - v_y).
+        const acc_t dW_y = gamma * (vbar - d.v_y);
+#pragma unroll
+        for (int ch = 0; ch < CH; ++ch) {
+          if (!in_row(ch)) continue;
+          const Cols cc = cols(ch);
+          const auto Sc = load<VEC>(a.S + off, cc, K);
+          const auto Lc = load<VEC>(a.L + off, cc, K);
+          Pack<acc_t, VEC> USc{}, ULc{};
+          if (has_us) USc = load<VEC>(a.US + off, cc, K);
+          if (has_ul) ULc = load<VEC>(a.UL + off, cc, K);
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const bool at_y = cc[v] == y;
+            const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
+            const acc_t uk = has_uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+            const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
+            const acc_t vk =
+                cotangent(has_uz, has_us, has_ul, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+            const acc_t rk = d.c * (at_y ? p - acc_t(1) : p);
+            const acc_t tk = p * (d.c * (vk - vbar) + d.cu) - (at_y ? d.cu : acc_t(0));
+            acc_t dzk = Sc.v[v] * tk;
+            if (has_us) dzk += USc.v[v] * rk;
+            acc_t dSk = zk * tk;
+            if (has_uz) dSk += uk * rk;
+            out.v[v] = static_cast<scalar_t>(dzk);
+            acc[0][ch * VEC + v] += at_y ? dW_y : acc_t(0);
+            acc[1][ch * VEC + v] += dSk;
+            acc[2][ch * VEC + v] += tk;
+          }
+          store<VEC>(dz, cc, K, out);
+        }
+      }
+    }
+
+    if (!table_grads) continue;  // uniform over the block
+    // Sum the TY teams' accumulators in a fixed tree order and write this
+    // block's slab of group `pass`. Slot ch * VEC + v of team j is at
+    // tree[j * TILE + (ch * VEC + v) * TX + lane] (lane fastest: no bank
+    // conflicts); every team owns the same columns.
+#pragma unroll
+    for (int t = 0; t < 3; ++t) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) tree[team * TILE + e * TX + lane] = acc[t][e];
+      __syncthreads();
+#pragma unroll
+      for (int half = TY / 2; half > 0; half /= 2) {
+        if (team < half) {
+#pragma unroll
+          for (int e = 0; e < E; ++e)
+            tree[team * TILE + e * TX + lane] += tree[(team + half) * TILE + e * TX + lane];
+        }
+        __syncthreads();
+      }
+      if (team == 0) {
+        acc_t* slab = a.partial + ((chunk * 3 + t) * G + pass) * K;
+#pragma unroll
+        for (int ch = 0; ch < CH; ++ch) {
+          const Cols cc = cols(ch);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            if (cc[v] < K) slab[cc[v]] = tree[(ch * VEC + v) * TX + lane];
+        }
+      }
+      __syncthreads();  // tree is refilled next
+    }
+  }
+}
+
+// grad table[t][g, k] = Σ_chunk partial[chunk, t, g, k], chunks in a fixed
+// order: kStripes threads per element take every kStripes-th chunk, then one
+// adds the stripes in order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(
+    const acc_t* partial, int64_t chunks, int64_t table, acc_t* grad_weight,
+    acc_t* grad_scale, acc_t* grad_shift) {
+  constexpr int kCols = 32, kStripes = kThreads / kCols;
+  __shared__ acc_t stripe_sum[kStripes][kCols];
+  const int col = threadIdx.x % kCols, stripe = threadIdx.x / kCols;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kCols + col;  // in [3, G, K]
+  const bool valid = e < 3 * table;
+  acc_t s = 0;
+  if (valid)
+    for (int64_t c = stripe; c < chunks; c += kStripes) s += partial[c * 3 * table + e];
+  stripe_sum[stripe][col] = s;
+  __syncthreads();
+  if (stripe == 0 && valid) {
+    acc_t total = stripe_sum[0][col];
+#pragma unroll
+    for (int j = 1; j < kStripes; ++j) total += stripe_sum[j][col];
+    acc_t* out = e < table ? grad_weight : (e < 2 * table ? grad_scale : grad_shift);
+    out[e % table] = total;
+  }
+}
+
+}  // namespace cuda
+}  // namespace autobalance

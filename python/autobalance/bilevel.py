@@ -1,0 +1,739 @@
+"""``BilevelOptimizer``: the paper's Algorithm 1 with hypergradients by
+approximate implicit differentiation (MATH.md section 5; paper sections 2.1,
+2.2 and the implementation paragraphs of section 3), and ``check_hypergrad``,
+which compares those hypergradients with the exact ones of a problem solved
+to optimality.
+
+Notation as in MATH.md: ``theta`` the network weights (or a chosen subset),
+``alpha`` the loss hyperparameters (the learnable ``nn.Parameter``s of the
+criterion, e.g. ``ParametricCE.scale_param`` / ``shift_param`` in cluster
+space, MATH.md section 2), ``L_T`` the training loss, ``L_V`` the validation
+objective (MATH.md section 6), ``H = d^2 L_T / d theta^2``.
+"""
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from autobalance.losses import ParametricCE
+
+SOLVERS = ("neumann", "cg", "first_order")
+
+
+class HyperStepResult(NamedTuple):
+    """What one hyper-step did. ``hypergrad_norm`` is the norm after gauge
+    fixing and before clipping (NaN or inf when the step was skipped);
+    ``step_size`` is the Neumann / first-order ``eta`` (None for CG)."""
+    applied: bool
+    hypergrad_norm: float
+    train_loss: float
+    val_loss: float
+    step_size: Optional[float]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split(flat, like):
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _grad(outputs, inputs, grad_outputs=None, **kwargs):
+    """``torch.autograd.grad`` as a flat vector; outputs that do not require grad
+    and inputs they do not reach contribute zeros."""
+    if grad_outputs is None:
+        grad_outputs = [None] * len(outputs)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+    if not pairs:
+        return _flat([torch.zeros_like(x) for x in inputs])
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kwargs)
+    return _flat([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)])
+
+
+def _int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"autobalance: `{name}` must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive(value, name, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"autobalance: `{name}` must be a positive finite float, got {value!r}")
+    return float(value)
+
+
+# ---- distributed: the hyper-step treats the union of all ranks' batches as its batches
+
+def _process_group(model):
+    if isinstance(model, DistributedDataParallel) and dist.is_available() and dist.is_initialized():
+        group = model.process_group
+        if dist.get_world_size(group) > 1:
+            return group
+    return None
+
+
+def _mean_over_ranks(t, group):
+    """All-reduce mean of a theta-sized vector (inside the solver)."""
+    if group is None:
+        return t
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
+
+
+def _ordered_mean_over_ranks(t, group):
+    """Mean over ranks summed in rank order on every rank, so every rank gets
+    bit-identical values whatever the all-reduce algorithm."""
+    if group is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total / len(parts)
+
+
+@contextlib.contextmanager
+def _hyper_passes(model):
+    """Runs the hyper-step's forward passes with every module of the model in
+    eval mode (each module's own mode is restored afterwards), for three reasons:
+
+    - BatchNorm uses its running statistics and does not update them, so the
+      hyper-step leaves the model's buffers as they were;
+    - stochastic layers (dropout) are off, so every pass computes the same
+      function and the solver's Hessian-vector products share one Hessian;
+    - PyTorch's double backward of train-mode BatchNorm costs several times that
+      of eval mode, where BatchNorm is a per-channel affine map.
+
+    Under DDP the passes also run in ``no_sync()``: DDP's gradient hooks do not
+    fire for ``torch.autograd.grad``, and the hyper-step reduces explicitly.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    try:
+        with no_sync, torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class _TrainGradients:
+    """``grad_theta L_T`` of each training batch with its graph (``create_graph``),
+    giving the two second-order products of MATH.md section 5, averaged over the
+    batches (and over ranks under DDP):
+
+    - ``hvp(v) = H v + weight_decay * v`` (the wrapped optimizer's L2 term is part
+      of the inner problem), and
+    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``.
+
+    Both are linear in the batches, so at most one batch's second-order graph is
+    alive at a time: with several batches each product rebuilds each batch's
+    graph in turn; a single batch's graph is kept for the whole hyper-step.
+    With a ``ParametricCE`` criterion on the fused backend, both products go
+    through the fused ``parametric_ce_double_backward`` kernel.
+    """
+
+    def __init__(self, owner, model, batches, weight_decay, group):
+        self.owner, self.model, self.batches = owner, model, batches
+        self.weight_decay, self.group = weight_decay, group
+        self.losses = []
+        self._kept = None
+
+    def _graphs(self):
+        if self._kept is not None:
+            yield self._kept
+            return
+        for inputs, target, grp in self.batches:
+            logits = self.model(inputs)
+            loss = self.owner.criterion(logits, target) if grp is None else self.owner.criterion(logits, target, grp)
+            _check_scalar(loss, "criterion")
+            grads = torch.autograd.grad(loss, self.owner._theta, create_graph=True, allow_unused=True)
+            if len(self.losses) < len(self.batches):
+                self.losses.append(float(loss.detach()))
+            if len(self.batches) == 1:
+                self._kept = grads
+            yield grads
+
+    def _average(self, inputs, vector):
+        parts = _split(vector, self.owner._theta)
+        total = None
+        for grads in self._graphs():
+            term = _grad(grads, inputs, parts, retain_graph=True)
+            total = term if total is None else total + term
+        return total / len(self.batches)
+
+    def hvp(self, v):
+        hv = _mean_over_ranks(self._average(self.owner._theta, v), self.group)
+        return hv if self.weight_decay is None else hv + self.weight_decay * v
+
+    def mixed(self, p):
+        return self._average(self.owner._hyper, p)
+
+
+def _check_scalar(loss, name):
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"autobalance: the `{name}` must return a scalar loss (reduction 'mean' or 'sum'), "
+                         f"got {got}")
+
+
+class BilevelOptimizer(torch.optim.Optimizer):
+    """Wraps a ``torch.optim`` optimizer of the network weights ``theta`` and tunes
+    the learnable parameters ``alpha`` of the training loss on validation data
+    (the paper's Algorithm 1, MATH.md section 5).
+
+    It behaves like the optimizer it wraps (``step``, ``zero_grad``,
+    ``param_groups``, ``state_dict`` / ``load_state_dict``; LR schedulers accept
+    it) and adds ``hyper_step``::
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        criterion = ParametricCE.from_counts(counts, "la", clusters=10)
+        bopt = BilevelOptimizer(opt, criterion, BalancedCE(num_classes), warmup_steps=..., hyper_every=20)
+        for x, y in train_loader:                      # search phase
+            loss = criterion(model(x), y)
+            bopt.zero_grad(); loss.backward(); bopt.step()
+            if bopt.hyper_step_due:
+                bopt.hyper_step(model, train_batches=[(x, y)], val_batches=[next(val_iter)])
+        bopt.freeze()                                  # retrain phase: the learned loss is fixed
+
+    Batches are ``(inputs, target)`` or ``(inputs, target, group)``; ``model(inputs)``
+    must return ``[N, K]`` logits.
+
+    **The hypergradient** (MATH.md section 5)::
+
+        dL_V/dalpha = - d/dalpha <grad_theta L_T(theta, alpha), p>,   H p = grad_theta L_V
+
+    where ``grad_theta L_V`` is averaged over ``val_batches``, ``H`` is the Hessian of
+    ``L_T`` averaged over ``train_batches`` plus the L2 term ``weight_decay * I`` of the
+    wrapped optimizer's param groups, and the mixed term is averaged over
+    ``train_batches``. Solvers for ``p``:
+
+    - ``"neumann"`` (default): ``J = neumann_terms`` terms of the Neumann series with
+      step ``eta = step_size``; ``"auto"`` (default) sets ``eta = 1 / lambda_max(H)``,
+      estimated by power iteration: ``power_iterations`` steps at the first hyper-step,
+      then one step per hyper-step warm-started from the previous eigenvector (the
+      "solver state"). The published configuration is ``step_size=1.0, neumann_terms=5``.
+    - ``"cg"``: conjugate gradient on ``H p = grad_theta L_V``, at most ``cg_iterations``
+      iterations, stopping at relative residual ``cg_tol`` or at non-positive curvature.
+    - ``"first_order"``: ``p = eta grad_theta L_V`` (``H^-1 ~ eta I``, DARTS-style).
+
+    Each Hessian-vector product and the mixed term are one ``torch.autograd.grad``
+    through a ``create_graph=True`` gradient of the criterion's loss; with
+    ``ParametricCE(backend="fused")`` their loss part runs in the fused double
+    backward kernel. At most one training batch's second-order graph is alive at a
+    time.
+
+    **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
+    zero mean across clusters in each row (the shift gauge of MATH.md section 2); it
+    is clipped to total norm ``max_hypergrad_norm`` if given; a non-finite
+    hypergradient (e.g. from non-finite losses) skips the hyper-step -- ``alpha``, the
+    hyper-optimizer and the solver state stay untouched and ``skipped_hyper_steps``
+    counts it. The update is made by ``hyper_optimizer``, by default
+    ``SGD(lr=0.05, momentum=0.9, weight_decay=1e-4)`` as in the paper.
+
+    **Schedule**: ``hyper_step_due`` is true after training step ``t`` (counted by
+    ``step``) when ``t >= max(warmup_steps, 1)`` and ``(t - warmup_steps) %
+    hyper_every == 0``, once per step. ``hyper_step`` runs whenever it is called,
+    except before the first training step or after ``freeze()`` (both raise).
+
+    **The hyper-step's passes** run the model in eval mode (BatchNorm with its running
+    statistics, which stay untouched; no dropout), then restore every module's mode
+    (see ``_hyper_passes``).
+
+    **DDP**: with the model wrapped in ``DistributedDataParallel``, ``grad_theta L_V``
+    and every Hessian-vector product are all-reduced (averaged over ranks), so the
+    solve uses the union of every rank's batches; the final hypergradient is
+    gathered and summed in rank order, so every rank ends the hyper-step with
+    bit-identical ``alpha``. Every rank must call ``hyper_step`` with the same number
+    of train and validation batches.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` of the network weights.
+        criterion: the training loss, an ``nn.Module`` called as
+            ``criterion(logits, target[, group])`` whose learnable parameters are
+            ``alpha`` (typically ``ParametricCE``). Its parameters must not be in
+            ``optimizer``.
+        objective: the validation objective ``L_V`` (``autobalance.objectives``),
+            called as ``objective(logits, target[, group])``; it must not depend on
+            ``alpha``.
+        hyper_optimizer: an optimizer over exactly the criterion's learnable
+            parameters; default SGD as above.
+        inner_params: ``theta``, a subset of ``optimizer``'s parameters (e.g. the last
+            layer); default all of them that require grad.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
+                 hyper_optimizer: Optional[torch.optim.Optimizer] = None, warmup_steps: int = 0,
+                 hyper_every: int = 20, solver: str = "neumann", neumann_terms: int = 5,
+                 step_size: Union[str, float] = "auto", power_iterations: int = 5, cg_iterations: int = 10,
+                 cg_tol: float = 1e-6, inner_params: Optional[Iterable[torch.Tensor]] = None,
+                 max_hypergrad_norm: Optional[float] = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(criterion, nn.Module):
+            raise TypeError(f"autobalance: `criterion` must be an nn.Module loss with learnable hyperparameters "
+                            f"(e.g. ParametricCE), got {type(criterion).__name__}")
+        self.optimizer, self.criterion, self.objective = optimizer, criterion, objective
+        self._hyper_names, self._hyper = [], []
+        for name, p in criterion.named_parameters():
+            if p.requires_grad:
+                self._hyper_names.append(name)
+                self._hyper.append(p)
+        if not self._hyper:
+            raise ValueError(f"autobalance: `criterion` ({type(criterion).__name__}) has no learnable parameters; "
+                             "expected a loss with learnable hyperparameters, e.g. ParametricCE(learn=('scale', "
+                             "'shift'))")
+        if not callable(objective):
+            raise TypeError(f"autobalance: `objective` must be a callable loss, got {type(objective).__name__}")
+        hyper_ids = {id(p) for p in self._hyper}
+        if objective is criterion or (isinstance(objective, nn.Module)
+                                      and any(id(p) in hyper_ids for p in objective.parameters())):
+            raise ValueError("autobalance: `objective` must not depend on the loss hyperparameters (L_V(theta) of "
+                             "MATH.md section 5); got an objective that shares parameters with `criterion`")
+
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        if any(id(p) in hyper_ids for p in trained):
+            raise ValueError("autobalance: `optimizer` must not hold the criterion's hyperparameters; they are "
+                             "trained by the hyper-optimizer")
+        trained_ids = {id(p) for p in trained}
+        theta = [p for p in trained if p.requires_grad] if inner_params is None else list(inner_params)
+        if not theta:
+            raise ValueError("autobalance: `inner_params` (theta) is empty; expected trainable parameters of "
+                             "`optimizer`")
+        for i, p in enumerate(theta):
+            if id(p) not in trained_ids or not p.requires_grad:
+                raise ValueError(f"autobalance: `inner_params[{i}]` (shape {list(p.shape)}) is not a trainable "
+                                 "parameter of `optimizer`; theta must be a subset of the parameters it trains")
+        self._theta = theta
+        device, dtype = theta[0].device, theta[0].dtype
+        for i, p in enumerate(theta):
+            if p.device != device or p.dtype != dtype:
+                raise ValueError(f"autobalance: theta must share one device and dtype; parameter {i} is "
+                                 f"{p.dtype} on {p.device}, parameter 0 is {dtype} on {device}")
+        for name, p in zip(self._hyper_names, self._hyper):
+            if p.device != device:
+                raise ValueError(f"autobalance: `criterion` parameter {name!r} is on {p.device} but the network "
+                                 f"weights are on {device}; move the criterion to {device}")
+
+        if hyper_optimizer is None:
+            hyper_optimizer = torch.optim.SGD(self._hyper, lr=0.05, momentum=0.9, weight_decay=1e-4)
+        elif not isinstance(hyper_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"autobalance: `hyper_optimizer` must be a torch.optim.Optimizer, got "
+                            f"{type(hyper_optimizer).__name__}")
+        held = {id(p) for g in hyper_optimizer.param_groups for p in g["params"]}
+        if held != hyper_ids:
+            raise ValueError(f"autobalance: `hyper_optimizer` must hold exactly the criterion's learnable parameters "
+                             f"{self._hyper_names}, got {len(held)} parameters of which {len(held & hyper_ids)} match")
+        self.hyper_optimizer = hyper_optimizer
+
+        if solver not in SOLVERS:
+            raise ValueError(f"autobalance: `solver` must be one of {SOLVERS}, got {solver!r}")
+        if step_size != "auto":
+            step_size = _positive(step_size, "step_size (a positive float or 'auto')")
+        self.solver, self.step_size = solver, step_size
+        self.neumann_terms = _int(neumann_terms, "neumann_terms", 0)
+        self.power_iterations = _int(power_iterations, "power_iterations", 1)
+        self.cg_iterations = _int(cg_iterations, "cg_iterations", 1)
+        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < math.inf:
+            raise ValueError(f"autobalance: `cg_tol` must be a float >= 0, got {cg_tol!r}")
+        self.cg_tol = float(cg_tol)
+        self.warmup_steps = _int(warmup_steps, "warmup_steps", 0)
+        self.hyper_every = _int(hyper_every, "hyper_every", 1)
+        self.max_hypergrad_norm = _positive(max_hypergrad_norm, "max_hypergrad_norm", allow_none=True)
+
+        self.steps = self.hyper_steps = self.skipped_hyper_steps = 0
+        self.frozen = False
+        self._last_hyper_step_at = -1
+        self._eigenvector: Optional[torch.Tensor] = None
+        self._eigenvalue: Optional[float] = None
+
+    # ---- the wrapped optimizer's interface
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def __getstate__(self):  # plain attributes, not torch.optim.Optimizer's three
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def add_param_group(self, param_group) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def step(self, closure=None):
+        """One training step of the wrapped optimizer (Algorithm 1, line 6)."""
+        loss = self.optimizer.step(closure)
+        self.steps += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients of the network weights and of the hyperparameters
+        (``loss.backward()`` also reaches the latter)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self._hyper:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        """The wrapped and hyper-optimizers' states, the hyperparameters, the schedule
+        counters and the solver state (the power-iteration eigenvector)."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "hyper_optimizer": self.hyper_optimizer.state_dict(),
+                "hyperparameters": {n: p.detach().clone() for n, p in zip(self._hyper_names, self._hyper)},
+                "schedule": {"steps": self.steps, "hyper_steps": self.hyper_steps,
+                             "skipped_hyper_steps": self.skipped_hyper_steps,
+                             "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen},
+                "solver": {"eigenvector": None if self._eigenvector is None else self._eigenvector.clone(),
+                           "eigenvalue": self._eigenvalue}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["hyperparameters"]
+        if sorted(saved) != sorted(self._hyper_names):
+            raise ValueError(f"autobalance: the state dict holds hyperparameters {sorted(saved)}, but the criterion "
+                             f"has {sorted(self._hyper_names)}")
+        for name, p in zip(self._hyper_names, self._hyper):
+            if saved[name].shape != p.shape:
+                raise ValueError(f"autobalance: hyperparameter {name!r} has shape {list(p.shape)}, the state dict "
+                                 f"holds {list(saved[name].shape)}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.hyper_optimizer.load_state_dict(state_dict["hyper_optimizer"])
+        with torch.no_grad():
+            for name, p in zip(self._hyper_names, self._hyper):
+                p.copy_(saved[name])
+        schedule = state_dict["schedule"]
+        self.steps, self.hyper_steps = schedule["steps"], schedule["hyper_steps"]
+        self.skipped_hyper_steps = schedule["skipped_hyper_steps"]
+        self._last_hyper_step_at = schedule["last_hyper_step_at"]
+        vector = state_dict["solver"]["eigenvector"]
+        self._eigenvector = None if vector is None else vector.to(self._theta[0].device).clone()
+        self._eigenvalue = state_dict["solver"]["eigenvalue"]
+        self.frozen = False
+        if schedule["frozen"]:
+            self.freeze()
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        hyper = "\n".join("    " + line for line in repr(self.hyper_optimizer).splitlines())
+        solver = {"neumann": f"neumann_terms={self.neumann_terms}, step_size={self.step_size!r}",
+                  "cg": f"cg_iterations={self.cg_iterations}, cg_tol={self.cg_tol}",
+                  "first_order": f"step_size={self.step_size!r}"}[self.solver]
+        return (f"BilevelOptimizer(\n  optimizer:\n{inner}\n  hyper_optimizer:\n{hyper}\n"
+                f"  hyperparameters: {self._hyper_names}\n  objective: {self.objective!r}\n"
+                f"  solver={self.solver!r}, {solver}, theta={sum(p.numel() for p in self._theta)} weights\n"
+                f"  warmup_steps={self.warmup_steps}, hyper_every={self.hyper_every}, steps={self.steps}, "
+                f"hyper_steps={self.hyper_steps}, skipped_hyper_steps={self.skipped_hyper_steps}, "
+                f"frozen={self.frozen}\n)")
+
+    # ---- schedule
+
+    @property
+    def hyper_step_due(self) -> bool:
+        """Whether Algorithm 1 takes a hyper-step after the current training step."""
+        t = self.steps
+        return (not self.frozen and t >= max(self.warmup_steps, 1) and (t - self.warmup_steps) % self.hyper_every == 0
+                and self._last_hyper_step_at != t)
+
+    def freeze(self) -> None:
+        """Fixes the learned loss for the retrain phase (Algorithm 1, lines 11-12):
+        no more hyper-steps, and the hyperparameters stop requiring grad."""
+        self.frozen = True
+        for p in self._hyper:
+            p.requires_grad_(False)
+            p.grad = None
+
+    # ---- the hypergradient
+
+    def _batches(self, batches, name):
+        if isinstance(batches, (torch.Tensor, str)) or not isinstance(batches, Iterable):
+            raise TypeError(f"autobalance: `{name}` must be a list of (inputs, target) or (inputs, target, group) "
+                            f"batches, got {type(batches).__name__}")
+        batches = list(batches)
+        if not batches:
+            raise ValueError(f"autobalance: `{name}` is empty; expected at least one batch")
+        device = self._theta[0].device
+        out = []
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                raise ValueError(f"autobalance: `{name}[{i}]` must be (inputs, target) or (inputs, target, group), "
+                                 f"got {type(batch).__name__}"
+                                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            inputs, target, group = (*batch, None)[:3]
+            for part, t in (("inputs", inputs), ("target", target), ("group", group)):
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    raise ValueError(f"autobalance: `{name}[{i}]` {part} is on {t.device} but the network weights "
+                                     f"are on {device}")
+            out.append((inputs, target, group))
+        return out
+
+    def _weight_decay(self):
+        """The wrapped optimizer's L2 coefficient of every weight of theta, flat (None if all 0)."""
+        decay = {id(p): float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups for p in g["params"]}
+        if all(decay[id(p)] == 0.0 for p in self._theta):
+            return None
+        return torch.cat([torch.full((p.numel(),), decay[id(p)], dtype=p.dtype, device=p.device) for p in self._theta])
+
+    def _val_gradient(self, model, batches, group):
+        total, losses = None, []
+        for inputs, target, grp in batches:
+            logits = model(inputs)
+            loss = self.objective(logits, target) if grp is None else self.objective(logits, target, grp)
+            _check_scalar(loss, "objective")
+            grads = torch.autograd.grad(loss, self._theta + self._hyper, allow_unused=True)
+            if any(g is not None for g in grads[len(self._theta):]):
+                raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
+                                 "function of the network weights only (MATH.md section 5)")
+            flat = _flat([torch.zeros_like(p) if g is None else g for p, g in zip(self._theta, grads)])
+            total = flat if total is None else total + flat
+            losses.append(float(loss.detach()))
+        return _mean_over_ranks(total / len(batches), group), sum(losses) / len(losses)
+
+    def _power_iteration(self, hvp, like):
+        """``(eta, eigenvector)`` with ``eta = 1 / lambda``, ``lambda = |H u|`` for the unit
+        ``u`` after the power iterations (a lower bound on ``lambda_max``)."""
+        u = self._eigenvector
+        iterations = 1
+        if u is None or u.shape != like.shape:
+            generator = torch.Generator().manual_seed(0)  # the same start on every rank
+            u = torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+            iterations = self.power_iterations
+        u = u / u.norm()
+        for _ in range(iterations):
+            w = hvp(u)
+            eigenvalue = w.norm()
+            u = w / eigenvalue
+        eigenvalue = float(eigenvalue)
+        if not (math.isfinite(eigenvalue) and eigenvalue > 0):
+            return math.nan, None
+        return 1.0 / eigenvalue, u
+
+    def _solve(self, hvp, v):
+        """``(p, eta, eigenvector)`` with ``p ~ H^-1 v`` (MATH.md section 5)."""
+        if self.solver == "cg":
+            return _conjugate_gradient(hvp, v, self.cg_iterations, self.cg_tol), None, self._eigenvector
+        eta, eigenvector = (float(self.step_size), self._eigenvector) if self.step_size != "auto" \
+            else self._power_iteration(hvp, v)
+        if self.solver == "first_order":
+            return eta * v, eta, eigenvector
+        term, p = v, v.clone()
+        for _ in range(self.neumann_terms):
+            term = term - eta * hvp(term)
+            p += term
+        return eta * p, eta, eigenvector
+
+    def _hypergradient(self, model, train_batches, val_batches):
+        train = self._batches(train_batches, "train_batches")
+        val = self._batches(val_batches, "val_batches")
+        group = _process_group(model)
+        with _hyper_passes(model):
+            v, val_loss = self._val_gradient(model, val, group)
+            train_grads = _TrainGradients(self, model, train, self._weight_decay(), group)
+            p, eta, eigenvector = self._solve(train_grads.hvp, v)
+            hypergrad = -train_grads.mixed(p)
+            train_loss = sum(train_grads.losses) / len(train_grads.losses)
+        hypergrad = _split(_ordered_mean_over_ranks(hypergrad, group), self._hyper)
+        if isinstance(self.criterion, ParametricCE) and "shift" in self.criterion.learn:
+            # the shift gauge of MATH.md section 2: no component along a per-row constant
+            i = self._hyper_names.index("shift_param")
+            hypergrad[i] = hypergrad[i] - hypergrad[i].mean(1, keepdim=True)
+        return hypergrad, train_loss, val_loss, eta, eigenvector
+
+    def hypergradient(self, model, train_batches, val_batches) -> List[torch.Tensor]:
+        """The gauge-fixed hypergradient ``dL_V/dalpha`` (MATH.md section 5), one tensor per
+        learnable parameter of the criterion, without applying it or changing any state."""
+        return self._hypergradient(model, train_batches, val_batches)[0]
+
+    def hyper_step(self, model, train_batches, val_batches) -> HyperStepResult:
+        """One hyper-step (Algorithm 1, lines 7-9): the hypergradient at the current
+        weights, applied by the hyper-optimizer. See the class docstring."""
+        if self.frozen:
+            raise RuntimeError("autobalance: hyper_step after freeze(); the learned loss is fixed for the retrain "
+                               "phase")
+        if self.steps == 0:
+            raise RuntimeError("autobalance: hyper_step before any training step; the hypergradient assumes weights "
+                               "trained on the current loss (take at least one step(), see warmup_steps)")
+        hypergrad, train_loss, val_loss, eta, eigenvector = self._hypergradient(model, train_batches, val_batches)
+        self._last_hyper_step_at = self.steps
+        norm = float(torch.linalg.vector_norm(_flat(hypergrad)))
+        if not math.isfinite(norm):
+            self.skipped_hyper_steps += 1
+            return HyperStepResult(False, norm, train_loss, val_loss, eta)
+        factor = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
+        for p, g in zip(self._hyper, hypergrad):
+            p.grad = (g * factor).to(p.dtype) if factor != 1.0 else g.to(p.dtype)
+        self.hyper_optimizer.step()
+        for p in self._hyper:
+            p.grad = None
+        self._eigenvector = eigenvector
+        self._eigenvalue = None if eta is None or self.step_size != "auto" else 1.0 / eta
+        self.hyper_steps += 1
+        return HyperStepResult(True, norm, train_loss, val_loss, eta)
+
+
+def _conjugate_gradient(hvp, b, iterations, tol):
+    """``x ~ H^-1 b`` by conjugate gradient from ``x = 0``; stops at relative
+    residual ``tol`` or when a direction has non-positive curvature."""
+    x = torch.zeros_like(b)
+    r, d = b.clone(), b.clone()
+    rs = torch.dot(r, r)
+    stop = (tol * float(b.norm())) ** 2
+    for _ in range(iterations):
+        if float(rs) <= stop:
+            break
+        hd = hvp(d)
+        curvature = torch.dot(d, hd)
+        if not float(curvature) > 0:
+            break
+        a = rs / curvature
+        x += a * d
+        r -= a * hd
+        rs_next = torch.dot(r, r)
+        d = r + (rs_next / rs) * d
+        rs = rs_next
+    return x
+
+
+# ---- checking the hypergradient on a problem solved to optimality
+
+@dataclass
+class HypergradCheck:
+    """The exact implicit hypergradient, the ``BilevelOptimizer`` estimate and
+    (optionally) central finite differences, as flat float64 vectors over the
+    criterion's learnable parameters."""
+    exact: torch.Tensor
+    estimate: torch.Tensor
+    finite_difference: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _compare(a, b):
+        cosine = float(torch.dot(a, b) / (a.norm() * b.norm()))
+        return cosine, float((a - b).norm() / b.norm())
+
+    @property
+    def cosine(self) -> float:
+        return self._compare(self.estimate, self.exact)[0]
+
+    @property
+    def relative_error(self) -> float:
+        """``|estimate - exact| / |exact|``."""
+        return self._compare(self.estimate, self.exact)[1]
+
+    @property
+    def fd_cosine(self) -> float:
+        return self._compare(self.exact, self.finite_difference)[0]
+
+    @property
+    def fd_relative_error(self) -> float:
+        """``|exact - finite_difference| / |finite_difference|``."""
+        return self._compare(self.exact, self.finite_difference)[1]
+
+
+def _unpack(batch, name):
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError(f"autobalance: `{name}` must be (features, target) or (features, target, group)")
+    return (*batch, None)[:3]
+
+
+def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
+                    l2: float = 1e-2, finite_differences: bool = False, fd_step: float = 1e-4,
+                    **options) -> HypergradCheck:
+    """Checks ``BilevelOptimizer``'s hypergradient against the exact one (MATH.md section 5).
+
+    The inner problem is L2-regularised multinomial logistic regression on
+    ``train = (features [N, D], target[, group])``: ``theta = W [K, D]`` minimises
+    ``criterion(x W^T, y[, g]) + l2/2 |W|^2``, solved to optimality by Newton's
+    method in float64 with the dense Hessian. The exact hypergradient of
+    ``objective`` on ``val`` is then a linear solve. The estimate is
+    ``BilevelOptimizer(SGD(W, weight_decay=l2), criterion, objective, **options)
+    .hypergradient`` at the optimum, with the same ``train`` / ``val`` batch. With
+    ``finite_differences``, it also returns central differences (step ``fd_step``)
+    of the re-solved validation loss along every coordinate of alpha.
+
+    ``criterion`` is copied and cast to float64; the original is not changed. The
+    exact hypergradient gets the same shift-gauge projection as the estimate.
+    """
+    criterion = copy.deepcopy(criterion).double()
+    x, y, g = _unpack(train, "train")
+    xv, yv, gv = _unpack(val, "val")
+    x, xv = x.double(), xv.double()
+    classes, features = criterion.num_classes if hasattr(criterion, "num_classes") else int(y.max()) + 1, x.shape[1]
+
+    def train_loss(w):
+        return criterion(x @ w.view(classes, features).T, y, g) if g is not None \
+            else criterion(x @ w.view(classes, features).T, y)
+
+    def val_loss(w):
+        logits = xv @ w.view(classes, features).T
+        return objective(logits, yv) if gv is None else objective(logits, yv, gv)
+
+    def solve(w):
+        for _ in range(100):
+            w = w.detach().requires_grad_(True)
+            grad = torch.autograd.grad(train_loss(w) + 0.5 * l2 * w.dot(w), w, create_graph=True)[0]
+            if float(grad.detach().norm()) < 1e-13:
+                return w.detach()
+            hessian = torch.stack([torch.autograd.grad(grad[i], w, retain_graph=True)[0] for i in range(w.numel())])
+            w = w - torch.linalg.solve(hessian, grad)
+        raise RuntimeError("autobalance: check_hypergrad: Newton's method did not converge; increase `l2`")
+
+    w_star = solve(torch.zeros(classes * features, dtype=torch.float64))
+    hyper = [p for p in criterion.parameters() if p.requires_grad]
+
+    # exact: p = H^-1 grad L_V, hypergrad = -d/dalpha <grad_theta L_T, p>
+    w = w_star.clone().requires_grad_(True)
+    grad_train = torch.autograd.grad(train_loss(w), w, create_graph=True)[0]
+    hessian = torch.stack([torch.autograd.grad(grad_train[i], w, retain_graph=True)[0]
+                           for i in range(w.numel())]) + l2 * torch.eye(w.numel(), dtype=torch.float64)
+    v = torch.autograd.grad(val_loss(w), w)[0]
+    p = torch.linalg.solve(hessian, v)
+    exact = _split(-_grad([grad_train], hyper, [p]), hyper)
+
+    model = nn.Linear(features, classes, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_star.view(classes, features))
+    bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=l2), criterion, objective,
+                            **options)
+    estimate = bopt.hypergradient(model, [(x, y, g) if g is not None else (x, y)],
+                                  [(xv, yv, gv) if gv is not None else (xv, yv)])
+    if isinstance(criterion, ParametricCE) and "shift" in criterion.learn:
+        i = [n for n, q in criterion.named_parameters() if q.requires_grad].index("shift_param")
+        exact[i] = exact[i] - exact[i].mean(1, keepdim=True)
+
+    fd = None
+    if finite_differences:
+        flat_alpha = [q.view(-1) for q in hyper]
+        columns = []
+        with torch.no_grad():
+            for q in flat_alpha:
+                for j in range(q.numel()):
+                    values = []
+                    for sign in (1.0, -1.0):
+                        q[j] += sign * fd_step
+                        with torch.enable_grad():
+                            values.append(float(val_loss(solve(w_star))))
+                        q[j] -= sign * fd_step
+                    columns.append((values[0] - values[1]) / (2 * fd_step))
+        fd = torch.tensor(columns, dtype=torch.float64)
+    return HypergradCheck(_flat(exact).double(), _flat(estimate).double(), fd)

@@ -1,0 +1,191 @@
+"""Validation objectives ``L_V`` of the bilevel problem (MATH.md section 6;
+paper sections 2.1 and 4).
+
+Each objective is an ``nn.Module`` called as ``objective(logits, target,
+group=None)`` that returns a scalar. Objectives have no parameters the
+bilevel optimizer tunes: ``L_V`` depends on the network weights only
+(MATH.md section 5).
+
+Per-cell losses ``L_{k,j}`` (the mean CE over the samples of class ``k``
+and group ``j``) are computed per call, i.e. per validation batch. A cell
+with no sample in the batch has no loss; every objective then averages (or
+takes the max / min / soft-max) over the cells that are present, and a class
+with no sample at all is left out of the class average. Cell sums use a
+one-hot matrix product rather than scatter-adds, so they are deterministic
+on every device.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CellMeans(NamedTuple):
+    """Per-(class, group) means ``[K, G]`` and which cells have samples."""
+    mean: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.count > 0
+
+
+def _check_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"autobalance: `{name}` must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def cell_index(target: torch.Tensor, group: Optional[torch.Tensor], num_classes: int,
+               num_groups: int) -> torch.Tensor:
+    """The flat cell index ``target * G + group`` of each sample, after checking
+    ``target`` (``[N]`` int64 in ``[0, K)``) and ``group`` (``[N]`` int64 in
+    ``[0, G)``; may be None only when ``G = 1``)."""
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.dim() != 1:
+        got = f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor) \
+            else type(target).__name__
+        raise ValueError(f"autobalance: `target` must be an int64 tensor of shape [N], got {got}")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise IndexError(f"autobalance: `target` must hold classes in [0, {num_classes}), got values in "
+                         f"[{int(target.min())}, {int(target.max())}]")
+    if group is None:
+        if num_groups != 1:
+            raise ValueError(f"autobalance: `group` is required when num_groups = {num_groups} > 1")
+        return target
+    if not isinstance(group, torch.Tensor) or group.dtype != torch.int64 or group.shape != target.shape:
+        got = f"{group.dtype} of shape {list(group.shape)}" if isinstance(group, torch.Tensor) \
+            else type(group).__name__
+        raise ValueError(f"autobalance: `group` must be an int64 tensor of shape [N] = {list(target.shape)}, "
+                         f"got {got}")
+    if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_groups):
+        raise IndexError(f"autobalance: `group` must hold groups in [0, {num_groups}), got values in "
+                         f"[{int(group.min())}, {int(group.max())}]")
+    return target * num_groups + group
+
+
+def cell_means(values: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor],
+               num_classes: int, num_groups: int = 1) -> CellMeans:
+    """Means of per-sample ``values`` over each (class, group) cell (MATH.md section 6).
+
+    Returns ``CellMeans(mean [K, G], count [K, G])``; an empty cell has mean 0
+    and count 0. Differentiable w.r.t. ``values``.
+    """
+    index = cell_index(target, group, num_classes, num_groups)
+    one_hot = F.one_hot(index, num_classes * num_groups).to(values.dtype)
+    count = one_hot.sum(0)
+    mean = (values @ one_hot) / count.clamp(min=1)
+    return CellMeans(mean.view(num_classes, num_groups), count.view(num_classes, num_groups))
+
+
+def _per_sample_ce(logits, target):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"autobalance: `logits` must have shape [N, K], got {got}")
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+class _CellObjective(nn.Module):
+    """An objective computed from the per-cell mean CE ``L_{k,j}``."""
+
+    def __init__(self, num_classes: int, num_groups: int = 1):
+        super().__init__()
+        self.num_classes = _check_int(num_classes, "num_classes")
+        self.num_groups = _check_int(num_groups, "num_groups")
+
+    def cell_losses(self, logits, target, group=None) -> CellMeans:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(f"autobalance: `logits` must have K = {self.num_classes} columns, got shape "
+                             f"{list(logits.shape)}")
+        return cell_means(_per_sample_ce(logits, target), target, group, self.num_classes, self.num_groups)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_groups={self.num_groups}"
+
+
+class CrossEntropy(nn.Module):
+    """``CE``: the plain mean cross-entropy over the batch (groups are ignored)."""
+
+    def forward(self, logits, target, group=None):
+        return _per_sample_ce(logits, target).mean()
+
+
+class BalancedCE(_CellObjective):
+    """``CE_bal = (1/K) sum_k L_k``, the class-balanced CE (paper section 3's
+    validation loss), averaged over the classes present in the batch. Groups
+    are ignored."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes, 1)
+
+    def forward(self, logits, target, group=None):
+        cells = self.cell_losses(logits, target, None)
+        return cells.mean[cells.present].mean()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"
+
+
+class GroupBalancedCE(_CellObjective):
+    """``CE_bal^G = (1/(K G)) sum_{k,j} L_{k,j}``, averaged over the (class,
+    group) cells present in the batch."""
+
+    def forward(self, logits, target, group=None):
+        cells = self.cell_losses(logits, target, group)
+        return cells.mean[cells.present].mean()
+
+
+class DeoCE(_CellObjective):
+    """``CE_deo = sum_k (max_j L_{k,j} - min_j L_{k,j})`` over the groups present
+    for class ``k`` (paper eq. 4.1 for ``K = G = 2``); a class present in fewer
+    than two groups contributes 0."""
+
+    def forward(self, logits, target, group=None):
+        cells = self.cell_losses(logits, target, group)
+        present = cells.present
+        inf = torch.tensor(float("inf"), dtype=cells.mean.dtype, device=cells.mean.device)
+        high = torch.where(present, cells.mean, -inf).amax(1)
+        low = torch.where(present, cells.mean, inf).amin(1)
+        spread = torch.where(present.sum(1) >= 2, high - low, torch.zeros_like(high))
+        return spread.sum()
+
+
+class SoftWorstCellCE(_CellObjective):
+    """Soft worst cell ``(1/beta) log sum_{k,j} exp(beta L_{k,j})`` over the cells
+    present in the batch: between ``max L`` and ``max L + log(cells) / beta``."""
+
+    def __init__(self, num_classes: int, num_groups: int = 1, beta: float = 10.0):
+        super().__init__(num_classes, num_groups)
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < float("inf")):
+            raise ValueError(f"autobalance: `beta` must be a positive finite float, got {beta!r}")
+        self.beta = float(beta)
+
+    def forward(self, logits, target, group=None):
+        cells = self.cell_losses(logits, target, group)
+        return torch.logsumexp(self.beta * cells.mean[cells.present], 0) / self.beta
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+
+class Blend(nn.Module):
+    """``(1 - lam) CE + lam R`` for a fairness term ``R`` (another objective),
+    e.g. ``Blend(BalancedCE(K), 0.5)`` or the paper's ``Blend(DeoCE(2, 2), 0.9)``."""
+
+    def __init__(self, regulariser: nn.Module, lam: float):
+        super().__init__()
+        if not isinstance(regulariser, nn.Module):
+            raise TypeError(f"autobalance: `regulariser` must be an objective module, got "
+                            f"{type(regulariser).__name__}")
+        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0.0 <= lam <= 1.0):
+            raise ValueError(f"autobalance: `lam` must be a float in [0, 1], got {lam!r}")
+        self.regulariser, self.lam = regulariser, float(lam)
+        self.ce = CrossEntropy()
+
+    def forward(self, logits, target, group=None):
+        return (1.0 - self.lam) * self.ce(logits, target, group) + self.lam * self.regulariser(logits, target, group)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"

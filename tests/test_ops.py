@@ -1,0 +1,563 @@
+"""The fused CPU ops against the plain-PyTorch reference and MATH.md
+sections 1, 3, 4: values, first and second derivatives, autograd wiring,
+opcheck, torch.compile, determinism and edge cases."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import autobalance
+from conftest import (FLOAT_DTYPES, LOW_PRECISION, OPS, Oracle, acc_dtype, assert_all_zero, assert_within,
+                      cotangents, examples, make_problem, problems, reference, tolerance)
+
+pce = autobalance.parametric_cross_entropy
+
+
+def _forward(p, impl):
+    return impl.parametric_ce(*p.args(), p.ignore_index)
+
+
+def _ignored(p):
+    return p.target == p.ignore_index
+
+
+# ------------------------------------------------------------ forward
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@settings(max_examples=examples(15))
+@given(data=st.data())
+def test_forward_matches_reference(dtype, data):
+    p = data.draw(problems(dtypes=(dtype,)), label="problem")
+    loss, lse = _forward(p, OPS)
+    ref_loss, ref_lse = _forward(p, reference)
+    for t in (loss, lse):
+        assert t.dtype == p.acc and tuple(t.shape) == (p.N,)
+    o = Oracle(p)
+    assert_within(loss, ref_loss, tolerance(o.mag_loss, p.dtype), f"loss {p}")
+    assert_within(lse, ref_lse, tolerance(o.mag_lse, p.dtype), f"lse {p}")
+    assert_all_zero(loss[_ignored(p)], "loss of ignored rows")
+    assert_all_zero(lse[_ignored(p)], "lse of ignored rows")
+
+
+@settings(max_examples=examples(25))
+@given(problems(dtypes=(torch.float64,), max_n=64), st.booleans())
+def test_fused_and_reference_follow_math_md(p, all_cotangents):
+    """Both implementations against sections 1, 3 and 4 written out in float64."""
+    cot = cotangents(p, (True,) * 4 if all_cotangents else (True, False, True, False))
+    o = Oracle(p, *cot)
+    for impl in (OPS, reference):
+        loss, lse = _forward(p, impl)
+        assert_within(loss, o.loss, tolerance(o.mag_loss, p.dtype), f"{impl} loss")
+        assert_within(lse, o.lse, tolerance(o.mag_lse, p.dtype), f"{impl} lse")
+        first = impl.parametric_ce_backward(cot[0], *p.args(), lse, p.ignore_index, True)
+        for name, got, exp, mag in zip(("dz", "dW", "dS", "dL"), first, (o.dz, o.dW, o.dS, o.dL),
+                                       (o.mag_dz, o.mag_dW, o.mag_dS, o.mag_dL)):
+            assert_within(got, exp, tolerance(mag, p.dtype), f"{impl} backward {name} {p}")
+        second = impl.parametric_ce_double_backward(cot[0], *p.args(), lse, *cot[1:], p.ignore_index, True)
+        for name, got, exp, mag in zip(
+                ("dgamma", "dz", "dW", "dS", "dL"), second, (o.dd_gamma, o.dd_z, o.dd_W, o.dd_S, o.dd_L),
+                (o.mag_dd_gamma, o.mag_dd_z, o.mag_dd_W, o.mag_dd_S, o.mag_dd_L)):
+            assert_within(got, exp, tolerance(mag, p.dtype), f"{impl} double backward {name} {p}")
+
+
+# ------------------------------------------------------------ backward
+
+def _check_table_outputs(got, ref, mags, p, table_grads, what):
+    for name, g, r, mag in zip(("weight", "scale", "shift"), got, ref, mags):
+        assert g.dtype == p.acc and tuple(g.shape) == (p.G, p.K), f"{what} grad_{name}: {g.dtype} {g.shape}"
+        if table_grads:
+            assert_within(g, r, tolerance(mag, p.dtype), f"{what} grad_{name} {p}")
+        else:
+            assert_all_zero(g, f"{what} grad_{name} with table_grads=False")
+            assert_all_zero(r, f"reference {what} grad_{name} with table_grads=False")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@settings(max_examples=examples(15))
+@given(data=st.data(), table_grads=st.booleans(), gamma_kind=st.sampled_from(["random", "expanded", "strided"]))
+def test_backward_matches_reference(dtype, data, table_grads, gamma_kind):
+    p = data.draw(problems(dtypes=(dtype,)), label="problem")
+    gamma = cotangents(p)[0]
+    if gamma_kind == "expanded":  # what a 'mean'/'sum' reduction sends back: stride 0
+        gamma = torch.tensor(0.37, dtype=p.acc).expand(p.N)
+    elif gamma_kind == "strided":
+        gamma = torch.stack([gamma, torch.zeros_like(gamma)], 1).reshape(-1)[::2]
+    _, lse = _forward(p, OPS)
+    _, ref_lse = _forward(p, reference)
+    got = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, table_grads)
+    ref = reference.parametric_ce_backward(gamma, *p.args(), ref_lse, p.ignore_index, table_grads)
+    o = Oracle(p, gamma)
+    dz = got[0]
+    assert dz.dtype == p.dtype and tuple(dz.shape) == (p.N, p.K)
+    assert_within(dz, ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits {p}")
+    assert_all_zero(dz[_ignored(p)], "grad_logits of ignored rows")
+    _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads, "backward")
+
+
+# ----------------------------------------------------- double backward
+
+PRESENT = list(itertools.product([False, True], repeat=4))
+
+
+@pytest.mark.parametrize("present", PRESENT, ids=lambda m: "".join("zWSL"[i] if x else "-" for i, x in enumerate(m)))
+@settings(max_examples=examples(6))
+@given(p=problems(max_n=120), table_grads=st.booleans(), uz_layout=st.sampled_from(["contiguous", "transposed"]))
+def test_double_backward_matches_reference(present, p, table_grads, uz_layout):
+    gamma, uz, uw, us, ul = cotangents(p, present, layout=uz_layout)
+    _, lse = _forward(p, OPS)
+    _, ref_lse = _forward(p, reference)
+    got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, table_grads)
+    ref = reference.parametric_ce_double_backward(gamma, *p.args(), ref_lse, uz, uw, us, ul,
+                                                  p.ignore_index, table_grads)
+    assert len(got) == 5
+    dgamma, dz = got[0], got[1]
+    assert dgamma.dtype == p.acc and tuple(dgamma.shape) == (p.N,)
+    assert dz.dtype == p.dtype and tuple(dz.shape) == (p.N, p.K)
+    if not any(present):
+        for t in got + ref:
+            assert_all_zero(t, "double backward without cotangents")
+        return
+    o = Oracle(p, gamma, uz, uw, us, ul)
+    assert_within(dgamma, ref[0], tolerance(o.mag_dd_gamma, p.dtype), f"grad_grad_loss {p}")
+    assert_within(dz, ref[1], tolerance(o.mag_dd_z, p.dtype, p.dtype, ref[1]), f"grad_logits {p}")
+    ignored = _ignored(p)
+    assert_all_zero(dz[ignored], "grad_logits of ignored rows")
+    assert_all_zero(dgamma[ignored], "grad_grad_loss of ignored rows")
+    _check_table_outputs(got[2:], ref[2:], (o.mag_dd_W, o.mag_dd_S, o.mag_dd_L), p, table_grads,
+                         "double backward")
+
+
+# -------------------------------------------- end-to-end autograd
+
+def _leaves(p, needs):
+    z = p.logits.detach().clone().requires_grad_(needs[0])
+    tabs = [t.detach().clone().requires_grad_(n) for t, n in zip(p.tables(), needs[1:])]
+    return [z] + tabs
+
+
+def _e2e(p, backend, reduction, needs, w_out, v):
+    leaves = _leaves(p, needs)
+    z, W, S, L = leaves
+    loss = pce(z, p.target, W, S, L, p.group, reduction=reduction, ignore_index=p.ignore_index, backend=backend)
+    out = (loss * w_out).sum() if reduction == "none" else loss
+    wrt = [x for x in leaves if x.requires_grad]
+    first = torch.autograd.grad(out, wrt, create_graph=True)
+    gz = first[0]
+    hv = (gz.double() * v).sum()  # <v, dloss/dz>
+    second = torch.autograd.grad(hv, wrt, allow_unused=True)
+    second = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, second)]
+    return loss, first, second
+
+
+@settings(max_examples=examples(30))
+@given(problems(dtypes=(torch.float64, torch.float32), max_n=80, big_k=False, kinds=("normal", "tied"), min_n=1),
+       st.sampled_from(["none", "sum", "mean"]),
+       st.sampled_from([(True, True, True, True), (True, False, False, False), (True, False, True, True),
+                        (True, True, False, False), (True, False, False, True)]))
+def test_autograd_first_and_second_derivatives_match_reference(p, reduction, needs):
+    """Gradients, Hessian-vector products in logit space and the mixed derivative
+    d/d(tables) <v, dloss/dz> through parametric_cross_entropy, fused vs reference."""
+    if reduction == "mean":
+        assume(bool((~_ignored(p)).any()))
+    gen = p.generator(11)
+    w_out = torch.randn(p.N, generator=gen, dtype=torch.float64).to(p.acc)
+    v = torch.randn(p.N, p.K, generator=gen, dtype=torch.float64)
+    got = _e2e(p, "fused", reduction, needs, w_out, v)
+    ref = _e2e(p, "reference", reduction, needs, w_out, v)
+    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
+    names = [n for n, need in zip(("logits", "weight", "scale", "shift"), needs) if need]
+
+    def close(a, b, what):
+        assert a.dtype == b.dtype, what
+        b64 = b.detach().double()
+        scale = 1.0 + b64.abs().max().item() if b64.numel() else 1.0
+        torch.testing.assert_close(a.detach().double(), b64, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+    close(got[0], ref[0], "loss")
+    for name, a, b in zip(names, got[1], ref[1]):
+        close(a, b, f"d loss / d {name}")
+    for name, a, b in zip(names, got[2], ref[2]):
+        close(a, b, f"d<v, dloss/dz> / d {name}")
+
+
+def _small_f64(seed=0, N=7, K=5, G=3, use_group=True):
+    p = make_problem(seed, N, K, G, torch.float64, use_group=use_group, ignore_frac=0.0, kind="normal")
+    p.target[1] = p.ignore_index  # at least one ignored row
+    return p
+
+
+@pytest.mark.parametrize("use_group,G", [(True, 3), (False, 1)])
+def test_gradcheck_and_gradgradcheck_of_the_op(use_group, G):
+    p = _small_f64(N=7, K=5, G=G, use_group=use_group)
+    inputs = [x.detach().clone().requires_grad_() for x in (p.logits, *p.tables())]
+
+    def loss(z, W, S, L):
+        return OPS.parametric_ce(z, p.target, p.group, W, S, L, p.ignore_index)[0]
+
+    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradgradcheck_through_the_functional(reduction):
+    p = _small_f64(seed=3, N=6, K=4, G=2)
+    z = p.logits.detach().t().contiguous().t().requires_grad_()  # column-major leaf
+    tabs = [x.detach().clone().requires_grad_() for x in p.tables()]
+
+    def f(z, W, S, L):
+        return pce(z, p.target, W, S, L, p.group, reduction=reduction, ignore_index=p.ignore_index)
+
+    assert torch.autograd.gradcheck(f, [z] + tabs)
+    assert torch.autograd.gradgradcheck(f, [z] + tabs)
+
+
+def test_gradcheck_of_the_backward_op():
+    """Each output of the backward against finite differences: exercises the
+    double backward with each single cotangent (lse recomputed, as in autograd)."""
+    p = _small_f64(seed=5, N=6, K=4, G=2)
+
+    def backward(gamma, z, W, S, L):
+        lse = OPS.parametric_ce(z, p.target, p.group, W, S, L, p.ignore_index)[1]
+        return OPS.parametric_ce_backward(gamma, z, p.target, p.group, W, S, L, lse, p.ignore_index, True)
+
+    gamma = torch.randn(p.N, dtype=torch.float64, generator=p.generator())
+    inputs = [x.detach().clone().requires_grad_() for x in (gamma, p.logits, *p.tables())]
+    assert torch.autograd.gradcheck(backward, inputs)
+
+
+def test_third_derivative_raises_clear_error():
+    p = _small_f64(seed=2)
+    z, W, S, L = [x.detach().clone().requires_grad_() for x in (p.logits, *p.tables())]
+    loss = pce(z, p.target, W, S, L, p.group, reduction="sum", ignore_index=p.ignore_index)
+    gz, = torch.autograd.grad(loss, z, create_graph=True)
+    v = torch.randn_like(gz)
+    hz, hS = torch.autograd.grad((gz * v).sum(), (z, S), create_graph=True)
+    assert hz.requires_grad and hS.requires_grad
+    with pytest.raises(NotImplementedError, match="third derivatives"):
+        torch.autograd.grad(hz.sum(), z)
+    with pytest.raises(NotImplementedError, match="third derivatives"):
+        torch.autograd.grad(hS.sum(), S)
+
+
+# ------------------------------------------------------------ opcheck
+
+def _opcheck_samples():
+    samples = []
+    for seed, (N, K, G, dtype, use_group, layout) in enumerate([
+            (6, 5, 1, torch.float32, False, "contiguous"),
+            (9, 4, 3, torch.float64, True, "contiguous"),
+            (0, 3, 2, torch.float32, True, "contiguous"),
+            (0, 3, 1, torch.float64, False, "contiguous"),
+            (5, 7, 2, torch.bfloat16, True, "contiguous"),
+            (5, 7, 1, torch.float16, True, "transposed"),
+            (8, 1, 2, torch.float32, True, "contiguous")]):
+        p = make_problem(seed, N, K, G, dtype, use_group=use_group, ignore_frac=0.3, layout=layout)
+        samples.append(pytest.param(p, id=f"N{N}-K{K}-G{G}-{str(dtype)[6:]}-{'group' if use_group else 'nogroup'}-{layout}"))
+    return samples
+
+
+def _opcheck_all_three(p, requires_grad=True):
+    def leaf(t):
+        return t.detach().clone().requires_grad_(requires_grad)
+
+    z, W, S, L = [leaf(x) for x in (p.logits, *p.tables())]
+    args = (z, p.target, p.group, W, S, L)
+    torch.library.opcheck(OPS.parametric_ce, (*args, p.ignore_index))
+    _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    gamma = leaf(cotangents(p)[0])
+    for table_grads in (True, False):
+        torch.library.opcheck(OPS.parametric_ce_backward, (gamma, *args, lse, p.ignore_index, table_grads))
+    plain = (cotangents(p)[0], *p.args(), lse)
+    for present in [(True,) * 4, (True, False, False, False), (False, True, True, False), (False,) * 4]:
+        cot = cotangents(p, present)[1:]
+        # no requires_grad here: a third derivative is deliberately unsupported
+        torch.library.opcheck(OPS.parametric_ce_double_backward, (*plain, *cot, p.ignore_index, True))
+
+
+@pytest.mark.parametrize("p", _opcheck_samples())
+def test_opcheck(p):
+    _opcheck_all_three(p)
+
+
+def test_opcheck_transposed_tables():
+    """Tables are documented as [G, K] tensors of any layout; the fake kernels must
+    report the strides the CPU kernels produce (else torch.compile asserts)."""
+    p = make_problem(4, 6, 5, 2, torch.float32, ignore_frac=0.3, table_layout="transposed")
+    assert not p.weight.is_contiguous()
+    _opcheck_all_three(p)
+
+
+# ------------------------------------------------------ torch.compile
+
+class _Model(torch.nn.Module):
+    def __init__(self, counts):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, counts.shape[-1])
+        self.loss = autobalance.ParametricCE.from_counts(counts, "group_la")
+
+    def forward(self, x, y, g):
+        return self.loss(self.linear(x), y, g)
+
+
+def _grads_after_backward(model, run, *inputs):
+    model.zero_grad()
+    loss = run(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    counts = torch.tensor([[50, 20, 10, 5, 3, 1], [5, 5, 9, 9, 3, 3]])
+    model = _Model(counts)
+    with torch.no_grad():  # move off the initial point so every gradient is generic
+        model.loss.scale_param.normal_(0, 0.3)
+        model.loss.shift_param.normal_(0, 0.3)
+    x, y, g = torch.randn(32, 8), torch.randint(0, 6, (32,)), torch.randint(0, 2, (32,))
+    y[3] = -100
+    eager_loss, eager_grads = _grads_after_backward(model, model, x, y, g)
+    compiled = torch.compile(model, fullgraph=True)
+    comp_loss, comp_grads = _grads_after_backward(model, compiled, x, y, g)
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert set(comp_grads) == set(eager_grads) and len(eager_grads) == 4
+    for name in eager_grads:
+        assert eager_grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_compile_with_transposed_table():
+    K, G, N = 6, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    weight_kg = torch.nn.Parameter(torch.rand(K, G, generator=gen) + 0.5)
+    scale, shift = torch.rand(G, K, generator=gen) + 0.5, torch.randn(G, K, generator=gen)
+    z = torch.randn(N, K, generator=gen, requires_grad=True)
+    y, g = torch.randint(0, K, (N,), generator=gen), torch.randint(0, G, (N,), generator=gen)
+
+    def f(z, weight_kg):
+        return pce(z, y, weight_kg.t(), scale, shift, g, reduction="sum")
+
+    expected = torch.autograd.grad(f(z, weight_kg), (z, weight_kg))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(z, weight_kg), (z, weight_kg))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+# -------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
+    p = make_problem(7, 3000, 37, 3, dtype, ignore_frac=0.1)
+    gamma, uz, uw, us, ul = cotangents(p)
+
+    def run():
+        loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+        first = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+        second = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+        return (loss, lse, *first, *second)
+
+    torch.set_num_threads(2)
+    a, b = run(), run()
+    torch.set_num_threads(1)
+    c = run()
+    names = ["loss", "lse", "dz", "dW", "dS", "dL", "dd_gamma", "dd_z", "dd_W", "dd_S", "dd_L"]
+    for name, x, y, w in zip(names, a, b, c):
+        assert torch.equal(x, y), f"{name} differs between two runs"
+        assert torch.equal(x, w), f"{name} differs between 2 threads and 1 thread"
+    assert a[3].abs().sum() > 0 and a[9].abs().sum() > 0
+
+
+def test_table_gradients_through_autograd_are_deterministic():
+    p = make_problem(8, 3000, 21, 2, torch.float32, ignore_frac=0.1)
+    results = []
+    for _ in range(2):
+        z, W, S, L = [x.detach().clone().requires_grad_() for x in (p.logits, *p.tables())]
+        loss = pce(z, p.target, W, S, L, p.group, ignore_index=p.ignore_index)
+        gz, gS = torch.autograd.grad(loss, (z, S), create_graph=True)
+        hz, hW, hS, hL = torch.autograd.grad((gz * gz.detach()).sum(), (z, W, S, L))
+        results.append((gz, gS, hz, hW, hS, hL))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+# -------------------------------------------------------- edge cases
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_empty_batch(dtype):
+    p = make_problem(0, 0, 5, 2, dtype)
+    loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    assert loss.shape == (0,) and lse.shape == (0,) and loss.dtype == p.acc
+    gamma, uz, uw, us, ul = cotangents(p)
+    dz, dW, dS, dL = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+    assert dz.shape == (0, 5) and dz.dtype == dtype
+    for t in (dW, dS, dL):
+        assert t.shape == (2, 5)
+        assert_all_zero(t, "table gradient of an empty batch")
+    out = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    assert out[0].shape == (0,) and out[1].shape == (0, 5)
+    for t in out[2:]:
+        assert_all_zero(t, "double-backward table gradient of an empty batch")
+    for backend in ("fused", "reference"):
+        args = (*p.args()[:2], *p.tables(), p.group)
+        assert pce(*args, reduction="none", backend=backend).shape == (0,)
+        assert pce(*args, reduction="sum", backend=backend).item() == 0.0
+        # the weighted mean over no rows is 0/0, as in F.cross_entropy
+        assert torch.isnan(pce(*args, reduction="mean", backend=backend))
+    assert torch.isnan(F.cross_entropy(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_single_class(dtype):
+    p = make_problem(1, 50, 1, 2, dtype, ignore_frac=0.2)
+    loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    assert_all_zero(loss, "K = 1 loss")  # lse == a_y exactly
+    valid = ~_ignored(p)
+    sz, l0 = p.scale[p.group, 0] * p.logits[:, 0].to(p.acc), p.shift[p.group, 0]
+    err = (lse - (sz + l0)).abs()[valid]  # lse is a_y itself, up to the rounding of S z + L
+    assert (err <= 2 * torch.finfo(p.acc).eps * (sz.abs() + l0.abs())[valid]).all()
+    gamma, uz, uw, us, ul = cotangents(p)
+    got = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+    ref = reference.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+    for a_, b_ in zip(got, ref):
+        torch.testing.assert_close(a_, b_, rtol=0, atol=1e-5)
+        assert a_.abs().max() <= 1e-5  # every first derivative vanishes for K = 1 (they are O(1) otherwise)
+    got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    ref = reference.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    for a_, b_ in zip(got, ref):
+        torch.testing.assert_close(a_, b_, rtol=1e-5, atol=1e-5)
+
+
+def _cross_entropy_case(seed=0, N=40, K=7, ignore_index=-100):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, K, generator=gen, dtype=torch.float64) * 2
+    y = torch.randint(0, K, (N,), generator=gen)
+    y[::5] = ignore_index
+    w = 0.1 + 2.9 * torch.rand(K, generator=gen, dtype=torch.float64)
+    return z, y, w
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_identity_tables_reproduce_cross_entropy(reduction, ignore_index, backend):
+    z0, y, w0 = _cross_entropy_case(ignore_index=ignore_index)
+    K = z0.shape[1]
+    # PyTorch's weighted cross-entropy; nll_loss is not differentiable in `weight`,
+    # so its weight gradient comes from the same expression written with log_softmax.
+    z_ref = z0.clone().requires_grad_()
+    expected = F.cross_entropy(z_ref, y, weight=w0, ignore_index=ignore_index, reduction=reduction)
+    w_ref = w0.clone().requires_grad_()
+    valid = y != ignore_index
+    yv = y.masked_fill(~valid, 0)
+    sw = torch.where(valid, w_ref[yv], 0)
+    per_row = -sw * torch.log_softmax(z0, 1).gather(1, yv[:, None]).squeeze(1)
+    manual = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / sw.sum()}[reduction]
+    torch.testing.assert_close(manual, expected.detach(), rtol=1e-13, atol=1e-14)
+
+    z = z0.clone().requires_grad_()
+    W = w0[None].clone().requires_grad_()
+    loss = pce(z, y, W, torch.ones(1, K, dtype=torch.float64), torch.zeros(1, K, dtype=torch.float64),
+               reduction=reduction, ignore_index=ignore_index, backend=backend)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-13)
+    cot = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gz, gW = torch.autograd.grad(loss, (z, W), cot)
+    ez, = torch.autograd.grad(expected, z_ref, cot)
+    ew, = torch.autograd.grad(manual, w_ref, cot)
+    torch.testing.assert_close(gz, ez, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(gW[0], ew, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nan_logits_poison_only_their_row(dtype):
+    p = make_problem(9, 12, 40, 1, dtype, ignore_frac=0.0, use_group=False)
+    bad = p.logits.clone()
+    bad[4, 7] = float("nan")
+    clean_loss, clean_lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    loss, lse = OPS.parametric_ce(bad, *p.args()[1:], p.ignore_index)
+    others = torch.arange(p.N) != 4
+    assert torch.isnan(loss[4]) and torch.isnan(lse[4])
+    assert torch.equal(loss[others], clean_loss[others]) and torch.equal(lse[others], clean_lse[others])
+    gamma = cotangents(p)[0]
+    clean_dz = OPS.parametric_ce_backward(gamma, *p.args(), clean_lse, p.ignore_index, False)[0]
+    dz = OPS.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
+    assert torch.equal(dz[others], clean_dz[others])
+    # documented: "NaN ... logits give a NaN loss (and gradients) on their own rows only"
+    ref_dz = reference.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
+    assert torch.isnan(ref_dz[4]).all()
+    assert torch.isnan(dz[4]).all(), f"grad_logits of the NaN row: {dz[4]}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_extreme_logits_stay_finite_and_exact(dtype):
+    acc = acc_dtype(dtype)
+    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [-1e4, 1e4, 1e4]]).to(dtype)
+    y = torch.tensor([0, 2, 1, 0])
+    W = torch.tensor([[1.0, 2.0, 0.5]], dtype=acc)
+    S, L = torch.ones(1, 3, dtype=acc), torch.zeros(1, 3, dtype=acc)
+    loss, lse = OPS.parametric_ce(z, y, None, W, S, L, -100)
+    m = float(z[0, 0])  # 1e4 as stored in `dtype` (bfloat16 rounds it)
+    ln2, ln3 = torch.log(torch.tensor(2.0, dtype=torch.float64)), torch.log(torch.tensor(3.0, dtype=torch.float64))
+    expected_loss = torch.stack([torch.tensor(0.0, dtype=torch.float64), 0.5 * ln3, 2.0 * ln3, 2 * m + ln2])
+    expected_lse = torch.stack([torch.tensor(m, dtype=torch.float64), -m + ln3, m + ln3, m + ln2])
+    eps = torch.finfo(acc).eps
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=0, atol=2e4 * eps * 8)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=0, atol=2e4 * eps * 8)
+    gamma = torch.ones(4, dtype=acc)
+    grads = OPS.parametric_ce_backward(gamma, z, y, None, W, S, L, lse, -100, True)
+    u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
+    grads2 = OPS.parametric_ce_double_backward(gamma, z, y, None, W, S, L, lse, *u, -100, True)
+    for t in (*grads, *grads2):
+        assert torch.isfinite(t).all()
+    p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
+    onehot = F.one_hot(y, 3).double()
+    expected_dz = W[0, y].double()[:, None] * (p_expected - onehot)
+    torch.testing.assert_close(grads[0].double(), expected_dz, rtol=0,
+                               atol=4 * 1e4 * eps + 2 * torch.finfo(dtype).eps)
+    ref = reference.parametric_ce_backward(gamma, z, y, None, W, S, L, lse, -100, True)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e4 * 8 * eps + 2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "rows"])
+def test_non_contiguous_logits_give_identical_results(layout):
+    base = make_problem(12, 33, 19, 2, torch.float32, ignore_frac=0.2)
+    odd = make_problem(12, 33, 19, 2, torch.float32, ignore_frac=0.2, layout=layout)
+    assert not odd.logits.is_contiguous() and torch.equal(odd.logits, base.logits)
+    a = OPS.parametric_ce(*base.args(), base.ignore_index)
+    b = OPS.parametric_ce(*odd.args(), odd.ignore_index)
+    gamma, uz, uw, us, ul = cotangents(base)
+    a += OPS.parametric_ce_backward(gamma, *base.args(), a[1], base.ignore_index, True)
+    b += OPS.parametric_ce_backward(gamma, *odd.args(), b[1], odd.ignore_index, True)
+    a += OPS.parametric_ce_double_backward(gamma, *base.args(), a[1], uz, uw, us, ul, base.ignore_index, True)
+    uz_t = uz.t().contiguous().t()
+    b += OPS.parametric_ce_double_backward(gamma, *odd.args(), b[1], uz_t, uw, us, ul, odd.ignore_index, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_ignore_index_equal_to_a_class_ignores_those_rows():
+    p = make_problem(13, 30, 6, 1, torch.float64, ignore_index=2, ignore_frac=0.0)
+    assert (p.target == 2).any() and (p.target != 2).any()
+    loss, _ = OPS.parametric_ce(*p.args(), 2)
+    assert_all_zero(loss[p.target == 2], "rows labelled ignore_index")
+    full, _ = OPS.parametric_ce(*p.args(), -100)
+    assert torch.equal(loss[p.target != 2], full[p.target != 2])
+    assert (full[p.target == 2] > 0).all()
+    mean = pce(p.logits, p.target, *p.tables(), ignore_index=2)
+    keep = p.target != 2
+    torch.testing.assert_close(mean, full[keep].sum() / p.weight[0, p.target[keep]].sum(), rtol=1e-12, atol=0)
+
+
+def test_backward_is_linear_in_grad_loss():
+    """gamma enters every first derivative linearly (MATH.md section 3)."""
+    p = make_problem(14, 25, 9, 2, torch.float64, ignore_frac=0.2)
+    _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    g1 = cotangents(p, salt=1)[0]
+    g2 = cotangents(p, salt=2)[0]
+    a = OPS.parametric_ce_backward(g1, *p.args(), lse, p.ignore_index, True)
+    b = OPS.parametric_ce_backward(g2, *p.args(), lse, p.ignore_index, True)
+    c = OPS.parametric_ce_backward(2 * g1 - g2, *p.args(), lse, p.ignore_index, True)
+    for x, y, w in zip(a, b, c):
+        torch.testing.assert_close(w, 2 * x - y, rtol=1e-12, atol=1e-12)
