@@ -5,7 +5,8 @@ loss backend side by side (MATH.md section 5).
 
 A plain training step is forward + backward + ``SGD.step`` on one batch of
 random CIFAR-shaped inputs; a hyper-step uses one training and one validation
-batch of the same size. The first hyper-step (cold power iteration) is not
+batch of the same size. Times are medians of process CPU time (one thread by
+default). The first hyper-step (cold power iteration) is not
 timed; timed ones warm-start it (one power step), so a timed hyper-step makes
 J + 2 Hessian-vector-like products (one power step, J Neumann terms, the mixed
 term) plus two gradients. Target: at most ``1.5 (J + 2)`` plain steps with the
@@ -31,11 +32,13 @@ MODELS = {"small_cnn": lambda k: SmallCNN(k, in_channels=3), "resnet32": lambda 
 
 
 def _median_seconds(fn, repeats):
+    """Median CPU time of the process: with one thread it is the compute time,
+    and other load on a shared machine inflates it far less than wall time."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times)
 
 
@@ -73,11 +76,10 @@ def main():
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--terms", type=int, default=5, help="Neumann terms J")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (CPU times add up over threads)")
     parser.add_argument("--json", default="bench/bench_hyperstep.json")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     target = 1.5 * (args.terms + 2)
     rows = []
     for name in args.models:

@@ -333,5 +333,5 @@ def restore_threads():
 
 
 __all__ = ["OPS", "FLOAT_DTYPES", "LOW_PRECISION", "Problem", "Oracle", "acc_dtype", "assert_all_zero",
-           "assert_within", "cotangents", "examples", "make_logits", "make_problem", "problems",
+           "assert_within", "cotangents", "examples", "make_logits", "make_problem", "problems", "random_problem",
            "reference", "tolerance"]

@@ -3,24 +3,26 @@
 // Two kernel shapes serve the three ops:
 //
 // - row_kernel: one team of TEAM threads per row (4 or 32 lanes of a warp for
-//   small K, the whole block for large K) streams the row once, with 16-byte
-//   loads, and reduces it to per-row numbers: the forward's (loss, lse), and
+//   small K, the whole block for large K) streams the row once with 16-byte
+//   loads and reduces it to per-row numbers: the forward's loss and lse, and
 //   for large K the double backward's v̄ and grad_grad_loss.
-// - tile_kernel: the backward and double backward. Block (c, t) handles the
-//   rows of row chunk c and the columns of column tile t. Each team of TX
+// - tile_kernel: the backward and the double backward. Block (c, t) takes
+//   the rows of row chunk c and the columns of column tile t. A team of TX
 //   lanes takes one row at a time and each lane owns the same E = CH * VEC
-//   columns of every row, so it can sum its table-gradient contributions in
-//   registers. When one tile holds the whole row (small K) the team reduces
-//   the row too: that is the fused double backward, one read of the row, kept
-//   in registers between its two passes.
+//   columns of every row, so it sums its table-gradient terms in registers.
+//   When one tile holds the whole row (small K) the team also reduces the
+//   row: that is the fused double backward, one read of the row, kept in
+//   registers between its two passes.
 //
-// Table gradients are deterministic, with no atomics: a block sums its teams
-// in a fixed tree order into its own slab of a [chunks, 3, G, K] workspace
-// (rows of group g are summed in pass g, so a slab needs no zero fill), then
-// sum_partials_kernel adds the slabs in chunk order. The number of chunks is
-// a function of the shape only, so results are bit-identical run to run.
+// Table gradients are deterministic, with no atomics: a block adds up its
+// teams in a fixed tree order into its own slab of a [chunks, 3, G, K]
+// workspace (rows of group g are summed in pass g, so a slab needs no zero
+// fill), then sum_partials_kernel adds the slabs in chunk order. The number
+// of chunks is a function of the shape only, so results are bit-identical
+// from run to run.
 //
 // Everything accumulates in at::opmath_type (float32 for bfloat16/float16).
+// Column indices are int (the host checks K < 2^31); row offsets are int64.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -45,7 +47,7 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Kernel arguments; pointers the op does not use are null. Tables [G, K],
+// Kernel arguments; pointers an op does not use are null. Tables [G, K],
 // per-row vectors [N] and rows [N, K] are contiguous.
 template <typename scalar_t>
 struct Args {
@@ -65,9 +67,11 @@ struct Args {
   acc_t* dgamma;  // grad_grad_loss
   scalar_t* dz;   // grad_logits
   acc_t* partial;  // [chunks, 3, G, K]; null when table_grads is false
-  int64_t N, K, G, ignore_index;
+  int64_t N;
+  int K;
+  int64_t G, ignore_index;
   int64_t rows_per_chunk;  // tile_kernel
-  bool vec;  // K % VEC == 0 and every row starts 16-byte aligned
+  bool vec;  // K % VEC == 0 and every row starts aligned: vector accesses
 };
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
@@ -89,7 +93,8 @@ __device__ __forceinline__ T nan_max(T a, T b) {
 // ------------------------------------------------------------------ rows
 
 struct Row {
-  int64_t y, g;
+  int y;
+  int64_t g;
   bool skip;  // ignore_index (or, with asserts compiled out, a bad index)
 };
 
@@ -101,35 +106,33 @@ __device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
   // The CPU kernels raise IndexError for an out-of-range label or group. A
   // kernel cannot raise without a host synchronisation, so on CUDA it is a
   // device-side assert: the next synchronising CUDA call fails with "device-
-  // side assert triggered" (set CUDA_LAUNCH_BLOCKING=1 to see where). Where
+  // side assert triggered" (CUDA_LAUNCH_BLOCKING=1 shows where). Where
   // asserts are compiled out the row is skipped, so nothing is read or
   // written out of bounds.
   CUDA_KERNEL_ASSERT(y >= 0 && y < a.K);
   CUDA_KERNEL_ASSERT(g >= 0 && g < a.G);
   const bool ok = y >= 0 && y < a.K && g >= 0 && g < a.G;
-  return {ok ? y : 0, ok ? g : 0, !ok};
+  return {ok ? static_cast<int>(y) : 0, ok ? g : 0, !ok};
 }
 
-// The VEC columns first + v * step that a lane handles in one chunk of
+// The VEC columns first + v * step that a lane handles in a chunk of
 // LANES * VEC columns starting at `base`: contiguous (one vector access) when
 // rows are aligned, else strided by LANES so that the scalar accesses of
-// neighbouring lanes are coalesced. Either way the chunk is covered once.
+// neighbouring lanes are coalesced. Either way the lanes cover the chunk once.
 struct Cols {
-  int64_t first, step;
-  __device__ __forceinline__ int64_t operator[](int v) const {
-    return first + v * step;
-  }
+  int first, step;
+  __device__ __forceinline__ int operator[](int v) const { return first + v * step; }
 };
 
 template <int LANES, int VEC>
-__device__ __forceinline__ Cols chunk_cols(int64_t base, int lane, bool vec) {
+__device__ __forceinline__ Cols chunk_cols(int base, int lane, bool vec) {
   return vec ? Cols{base + lane * VEC, 1} : Cols{base + lane, LANES};
 }
 
 // Loads row[c[v]] for v < VEC, zero past K. step == 1 only on the aligned
 // path, where K % VEC == 0 makes a chunk either full or entirely past K.
 template <int VEC, typename T>
-__device__ __forceinline__ Pack<T, VEC> load(const T* row, Cols c, int64_t K) {
+__device__ __forceinline__ Pack<T, VEC> load(const T* row, Cols c, int K) {
   Pack<T, VEC> out;
   if (c.step == 1 && c.first + VEC <= K) {
     out = *reinterpret_cast<const Pack<T, VEC>*>(row + c.first);
@@ -141,8 +144,7 @@ __device__ __forceinline__ Pack<T, VEC> load(const T* row, Cols c, int64_t K) {
 }
 
 template <int VEC, typename T>
-__device__ __forceinline__ void store(T* row, Cols c, int64_t K,
-                                      const Pack<T, VEC>& x) {
+__device__ __forceinline__ void store(T* row, Cols c, int K, const Pack<T, VEC>& x) {
   if (c.step == 1 && c.first + VEC <= K) {
     *reinterpret_cast<Pack<T, VEC>*>(row + c.first) = x;
   } else {
@@ -176,8 +178,7 @@ struct Lse {
 };
 
 template <typename T>
-__device__ __forceinline__ Lse<T> shfl_xor(unsigned mask, Lse<T> v,
-                                           int offset) {
+__device__ __forceinline__ Lse<T> shfl_xor(unsigned mask, Lse<T> v, int offset) {
   return {__shfl_xor_sync(mask, v.m, offset), __shfl_xor_sync(mask, v.s, offset)};
 }
 
@@ -225,8 +226,7 @@ __device__ __forceinline__ T team_reduce(T v, Op op) {
   constexpr int kLanes = TEAM < 32 ? TEAM : 32;
   const unsigned mask = team_mask<kLanes>();
 #pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2)
-    v = op(v, shfl_xor(mask, v, offset));
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) v = op(v, shfl_xor(mask, v, offset));
   if constexpr (TEAM > 32) {
     static_assert(TEAM == kThreads, "a team wider than a warp is the block");
     __shared__ T warp_result[kThreads / 32];
@@ -248,14 +248,18 @@ __device__ __forceinline__ T prob(T S, T z, T L, T lse) {
   return exp_(S * z + L - lse);
 }
 
-// v_k = S_k Uz_k + UL_k + US_k z_k (MATH.md section 4); absent terms are
+// Which cotangents of the double backward are present.
+struct Present {
+  bool uz, us, ul;
+};
+
+// v_k = S_k Uz_k + UL_k + US_k z_k (MATH.md section 4). Absent terms are
 // left out, not multiplied by zero (0 * inf would be NaN).
 template <typename T>
-__device__ __forceinline__ T cotangent(bool has_uz, bool has_us, bool has_ul,
-                                       T S, T z, T uz, T US, T UL) {
-  T v = has_uz ? S * uz : T(0);
-  if (has_ul) v += UL;
-  if (has_us) v += US * z;
+__device__ __forceinline__ T cotangent(Present has, T S, T z, T uz, T US, T UL) {
+  T v = has.uz ? S * uz : T(0);
+  if (has.ul) v += UL;
+  if (has.us) v += US * z;
   return v;
 }
 
@@ -278,15 +282,15 @@ __device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> double_row(
   const acc_t uz_y = a.uz ? static_cast<acc_t>(a.uz[i * a.K + r.y]) : acc_t(0);
   const acc_t S_y = a.S[at_y];
   const acc_t gamma = a.gamma[i];
+  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
   DoubleRow<acc_t> d;
   d.Wy = a.W[at_y];
   d.UWy = a.UW ? a.UW[at_y] : acc_t(0);
   d.c = gamma * d.Wy;
   d.cu = gamma * d.UWy;
   d.ce = a.lse[i] - (S_y * z_y + a.L[at_y]);
-  d.v_y = cotangent(a.uz != nullptr, a.US != nullptr, a.UL != nullptr, S_y, z_y,
-                    uz_y, a.US ? a.US[at_y] : acc_t(0),
-                    a.UL ? a.UL[at_y] : acc_t(0));
+  d.v_y = cotangent(has, S_y, z_y, uz_y, has.us ? a.US[at_y] : acc_t(0),
+                    has.ul ? a.UL[at_y] : acc_t(0));
   return d;
 }
 
@@ -300,13 +304,14 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = kVec<scalar_t>;
   constexpr int kTeams = kThreads / TEAM;
+  constexpr int kStride = TEAM * VEC;  // columns per team chunk
+  constexpr int kAhead = 4;            // chunks loaded before any is used
   const int lane = threadIdx.x % TEAM;
-  const int64_t K = a.K;
-  const bool has_uz = a.uz != nullptr, has_us = a.US != nullptr,
-             has_ul = a.UL != nullptr;
-  // Team-uniform loop: a team's lanes always take the same branches.
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM;
-       i < a.N; i += static_cast<int64_t>(gridDim.x) * kTeams) {
+  const int K = a.K;
+  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
+  // Team-uniform loops: the lanes of a team always take the same branches.
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM; i < a.N;
+       i += static_cast<int64_t>(gridDim.x) * kTeams) {
     const Row r = read_row(a, i);
     if (r.skip) {
       if (lane == 0) {
@@ -320,53 +325,62 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
       }
       continue;
     }
-    const int64_t off = r.g * K;
     const scalar_t* z = a.z + i * K;
-    if constexpr (!kPrep) {
-      Lse<acc_t> acc{neg_inf<acc_t>(), acc_t(0)};
-      for (int64_t base = 0; base < K; base += TEAM * VEC) {
-        const Cols c = chunk_cols<TEAM, VEC>(base, lane, a.vec);
-        const auto zc = load<VEC>(z, c, K);
-        const auto Sc = load<VEC>(a.S + off, c, K);
-        const auto Lc = load<VEC>(a.L + off, c, K);
-        acc_t logit[VEC];
+    const scalar_t* uz = has.uz ? a.uz + i * K : nullptr;
+    const acc_t* S = a.S + r.g * K;
+    const acc_t* L = a.L + r.g * K;
+    const acc_t lse_in = kPrep ? a.lse[i] : acc_t(0);
+    Lse<acc_t> lse{neg_inf<acc_t>(), acc_t(0)};  // forward
+    acc_t vbar = 0;                               // prep
+    for (int base = 0; base < K; base += kAhead * kStride) {
+      Pack<scalar_t, VEC> zc[kAhead], uc[kAhead];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          logit[v] = c[v] < K ? Sc.v[v] * static_cast<acc_t>(zc.v[v]) + Lc.v[v]
-                              : neg_inf<acc_t>();
-        lse_add(acc, logit);
+      for (int u = 0; u < kAhead; ++u) {
+        const int b = base + u * kStride;
+        if (b >= K) break;
+        const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
+        zc[u] = load<VEC>(z, c, K);
+        if (kPrep && has.uz) uc[u] = load<VEC>(uz, c, K);
       }
-      acc = team_reduce<TEAM>(acc, LseMerge{});
-      if (lane == 0) {
-        const acc_t lse = acc.m + log_(acc.s);
-        const acc_t a_y = a.S[off + r.y] * static_cast<acc_t>(z[r.y]) + a.L[off + r.y];
-        a.lse_out[i] = lse;
-        a.loss[i] = a.W[off + r.y] * (lse - a_y);
-      }
-    } else {
-      const acc_t lse = a.lse[i];
-      const scalar_t* uz = has_uz ? a.uz + i * K : nullptr;
-      acc_t sum = 0;
-      for (int64_t base = 0; base < K; base += TEAM * VEC) {
-        const Cols c = chunk_cols<TEAM, VEC>(base, lane, a.vec);
-        const auto zc = load<VEC>(z, c, K);
-        const auto Sc = load<VEC>(a.S + off, c, K);
-        const auto Lc = load<VEC>(a.L + off, c, K);
-        Pack<scalar_t, VEC> uc{};
-        Pack<acc_t, VEC> USc{}, ULc{};
-        if (has_uz) uc = load<VEC>(uz, c, K);
-        if (has_us) USc = load<VEC>(a.US + off, c, K);
-        if (has_ul) ULc = load<VEC>(a.UL + off, c, K);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          if (c[v] >= K) continue;
-          const acc_t zk = static_cast<acc_t>(zc.v[v]);
-          sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
-                 cotangent(has_uz, has_us, has_ul, Sc.v[v], zk,
-                           static_cast<acc_t>(uc.v[v]), USc.v[v], ULc.v[v]);
+      for (int u = 0; u < kAhead; ++u) {
+        const int b = base + u * kStride;
+        if (b >= K) break;
+        const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
+        const auto Sc = load<VEC>(S, c, K);
+        const auto Lc = load<VEC>(L, c, K);
+        if constexpr (!kPrep) {
+          acc_t logit[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            logit[v] = c[v] < K ? Sc.v[v] * static_cast<acc_t>(zc[u].v[v]) + Lc.v[v]
+                                : neg_inf<acc_t>();
+          lse_add(lse, logit);
+        } else {
+          Pack<acc_t, VEC> USc{}, ULc{};
+          if (has.us) USc = load<VEC>(a.US + r.g * K, c, K);
+          if (has.ul) ULc = load<VEC>(a.UL + r.g * K, c, K);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            if (c[v] >= K) continue;
+            const acc_t zk = static_cast<acc_t>(zc[u].v[v]);
+            const acc_t uk = has.uz ? static_cast<acc_t>(uc[u].v[v]) : acc_t(0);
+            vbar += prob(Sc.v[v], zk, Lc.v[v], lse_in) *
+                    cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+          }
         }
       }
-      const acc_t vbar = team_reduce<TEAM>(sum, Plus{});
+    }
+    if constexpr (!kPrep) {
+      lse = team_reduce<TEAM>(lse, LseMerge{});
+      if (lane == 0) {
+        const acc_t value = lse.m + log_(lse.s);
+        const acc_t a_y = S[r.y] * static_cast<acc_t>(z[r.y]) + L[r.y];
+        a.lse_out[i] = value;
+        a.loss[i] = a.W[r.g * K + r.y] * (value - a_y);
+      }
+    } else {
+      vbar = team_reduce<TEAM>(vbar, Plus{});
       if (lane == 0) {
         const auto d = double_row(a, i, r);
         a.vbar_out[i] = vbar;
@@ -378,10 +392,27 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
 
 // ------------------------------------------------------------ tile_kernel
 
+// The slot ch * VEC + v at which this lane holds column tile0 + rel (the
+// inverse of chunk_cols), or -1 when another lane (or tile) has it.
+template <int TX, int CH, int VEC>
+__device__ __forceinline__ int owned_slot(int rel, int lane, bool vec) {
+  if (rel < 0 || rel >= TX * CH * VEC) return -1;
+  int ch, v, owner;
+  if (vec) {
+    ch = rel / (TX * VEC);
+    owner = rel / VEC % TX;
+    v = rel % VEC;
+  } else {
+    ch = rel / (TX * VEC);
+    v = rel % (TX * VEC) / TX;
+    owner = rel % TX;
+  }
+  return owner == lane ? ch * VEC + v : -1;
+}
+
 // kDouble = false: backward (MATH.md section 3). kDouble = true: double
-// backward (section 4); with a.vbar null the tile must hold the whole row and
-// the team computes v̄ and grad_grad_loss itself, else they come from
-// row_kernel<true>.
+// backward (section 4); with a.vbar null the tile holds the whole row and
+// the team computes v̄ and grad_grad_loss itself, else row_kernel<true> has.
 template <bool kDouble, typename scalar_t, int TX, int CH>
 __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -389,34 +420,38 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
   constexpr int TY = kThreads / TX;  // teams per block
   constexpr int E = CH * VEC;        // columns per lane
   constexpr int TILE = TX * E;
+  // Slot e of team j is tree[j * TILE + e * TX + lane] (lane fastest: no bank
+  // conflicts). During a pass it sums grad W (one entry per row, so not worth
+  // E registers); at the end it holds each table in turn for the tree sum.
   __shared__ acc_t tree[kThreads * E];
 
   const int lane = threadIdx.x % TX, team = threadIdx.x / TX;
-  const int64_t K = a.K, G = a.G;
-  const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  acc_t* const my_tree = tree + team * TILE + lane;
+  const int K = a.K;
+  const int64_t G = a.G;
+  const int tile0 = blockIdx.y * TILE;
   const int64_t chunk = blockIdx.x;
   const int64_t row_begin = chunk * a.rows_per_chunk;
   const int64_t row_end =
       row_begin + a.rows_per_chunk < a.N ? row_begin + a.rows_per_chunk : a.N;
   const bool table_grads = a.partial != nullptr;
   const bool fused = kDouble && a.vbar == nullptr;
-  const bool has_uz = a.uz != nullptr, has_us = a.US != nullptr,
-             has_ul = a.UL != nullptr;
-  // Chunk ch of this lane: columns cols(ch)[v], slot ch * VEC + v.
+  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
   const auto cols = [&](int ch) {
     return chunk_cols<TX, VEC>(tile0 + ch * TX * VEC, lane, a.vec);
   };
   const auto in_row = [&](int ch) { return tile0 + ch * TX * VEC < K; };
 
-  acc_t acc[3][E];  // this lane's sums of grad W, S, L at its columns
-  // With table grads, pass g takes the rows of group g (ignored rows in pass
-  // 0), so each pass fills the slab of one group.
+  // With table grads, pass g takes the rows of group g (ignored rows go to
+  // pass 0), so each pass fills the slab of one group.
   const int64_t passes = table_grads ? G : 1;
   for (int64_t pass = 0; pass < passes; ++pass) {
+    acc_t acc[2][E];  // this lane's sums of grad S and grad L
 #pragma unroll
-    for (int t = 0; t < 3; ++t)
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[t][e] = 0;
+    for (int e = 0; e < E; ++e) {
+      acc[0][e] = acc[1][e] = 0;
+      my_tree[e * TX] = 0;
+    }
 
     for (int64_t i = row_begin + team; i < row_end; i += TY) {
       const Row r = read_row(a, i);
@@ -432,25 +467,26 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
         if (fused && lane == 0) a.dgamma[i] = 0;
         continue;
       }
-      const int64_t off = r.g * K, y = r.y;
+      const int64_t off = r.g * K;
+      const int y_slot = owned_slot<TX, CH, VEC>(r.y - tile0, lane, a.vec);
       const acc_t gamma = a.gamma[i], lse = a.lse[i];
       const scalar_t* z = a.z + i * K;
-      const scalar_t* uz = has_uz ? a.uz + i * K : nullptr;
+      const scalar_t* uz = has.uz ? a.uz + i * K : nullptr;
       // One read of the row, kept in registers for both passes.
       Pack<scalar_t, VEC> zc[CH], uc[CH];
 #pragma unroll
       for (int ch = 0; ch < CH; ++ch) {
         if (!in_row(ch)) continue;
         zc[ch] = load<VEC>(z, cols(ch), K);
-        if (kDouble && has_uz) uc[ch] = load<VEC>(uz, cols(ch), K);
+        if (kDouble && has.uz) uc[ch] = load<VEC>(uz, cols(ch), K);
       }
 
+      acc_t dW_y;
       if constexpr (!kDouble) {
-        // r_k = c (p_k - [k = y]); grad z_k = S_k r_k; grad L += r;
-        // grad S += r z; grad W[g,y] += γ ce.
-        const acc_t c = gamma * a.W[off + y];
-        const acc_t dW_y =
-            gamma * (lse - (a.S[off + y] * static_cast<acc_t>(z[y]) + a.L[off + y]));
+        // r_k = c (p_k - [k = y]); grad z_k = S_k r_k; grad S += r z;
+        // grad L += r; grad W[g,y] += γ ce.
+        const acc_t c = gamma * a.W[off + r.y];
+        dW_y = gamma * (lse - (a.S[off + r.y] * static_cast<acc_t>(z[r.y]) + a.L[off + r.y]));
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
@@ -460,14 +496,12 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const bool at_y = cc[v] == y;
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
-            const acc_t rk = c * (at_y ? p - acc_t(1) : p);
+            const acc_t rk = c * (ch * VEC + v == y_slot ? p - acc_t(1) : p);
             out.v[v] = static_cast<scalar_t>(Sc.v[v] * rk);
-            acc[0][ch * VEC + v] += at_y ? dW_y : acc_t(0);
-            acc[1][ch * VEC + v] += rk * zk;
-            acc[2][ch * VEC + v] += rk;
+            acc[0][ch * VEC + v] += rk * zk;
+            acc[1][ch * VEC + v] += rk;
           }
           store<VEC>(dz, cc, K, out);
         }
@@ -484,15 +518,15 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
             const auto Sc = load<VEC>(a.S + off, cc, K);
             const auto Lc = load<VEC>(a.L + off, cc, K);
             Pack<acc_t, VEC> USc{}, ULc{};
-            if (has_us) USc = load<VEC>(a.US + off, cc, K);
-            if (has_ul) ULc = load<VEC>(a.UL + off, cc, K);
+            if (has.us) USc = load<VEC>(a.US + off, cc, K);
+            if (has.ul) ULc = load<VEC>(a.UL + off, cc, K);
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               if (cc[v] >= K) continue;
               const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-              const acc_t uk = has_uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+              const acc_t uk = has.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
               sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
-                     cotangent(has_uz, has_us, has_ul, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+                     cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
             }
           }
           vbar = team_reduce<TX>(sum, Plus{});
@@ -503,7 +537,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
         // Pass 2: t_j = c p_j (v_j - v̄) + cu (p_j - [j = y]);
         // grad z_j = S_j t_j + US_j r_j; grad S += z t + Uz r; grad L += t;
         // grad W[g,y] += γ (v̄ - v_y).
-        const acc_t dW_y = gamma * (vbar - d.v_y);
+        dW_y = gamma * (vbar - d.v_y);
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
@@ -511,49 +545,47 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
           Pack<acc_t, VEC> USc{}, ULc{};
-          if (has_us) USc = load<VEC>(a.US + off, cc, K);
-          if (has_ul) ULc = load<VEC>(a.UL + off, cc, K);
+          if (has.us) USc = load<VEC>(a.US + off, cc, K);
+          if (has.ul) ULc = load<VEC>(a.UL + off, cc, K);
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const bool at_y = cc[v] == y;
+            const bool at_y = ch * VEC + v == y_slot;
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-            const acc_t uk = has_uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+            const acc_t uk = has.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
-            const acc_t vk =
-                cotangent(has_uz, has_us, has_ul, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+            const acc_t vk = cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
             const acc_t rk = d.c * (at_y ? p - acc_t(1) : p);
             const acc_t tk = p * (d.c * (vk - vbar) + d.cu) - (at_y ? d.cu : acc_t(0));
             acc_t dzk = Sc.v[v] * tk;
-            if (has_us) dzk += USc.v[v] * rk;
+            if (has.us) dzk += USc.v[v] * rk;
             acc_t dSk = zk * tk;
-            if (has_uz) dSk += uk * rk;
+            if (has.uz) dSk += uk * rk;
             out.v[v] = static_cast<scalar_t>(dzk);
-            acc[0][ch * VEC + v] += at_y ? dW_y : acc_t(0);
-            acc[1][ch * VEC + v] += dSk;
-            acc[2][ch * VEC + v] += tk;
+            acc[0][ch * VEC + v] += dSk;
+            acc[1][ch * VEC + v] += tk;
           }
           store<VEC>(dz, cc, K, out);
         }
       }
+      if (y_slot >= 0) my_tree[y_slot * TX] += dW_y;
     }
 
     if (!table_grads) continue;  // uniform over the block
-    // Sum the TY teams' accumulators in a fixed tree order and write this
-    // block's slab of group `pass`. Slot ch * VEC + v of team j is at
-    // tree[j * TILE + (ch * VEC + v) * TX + lane] (lane fastest: no bank
-    // conflicts); every team owns the same columns.
+    // Sum the TY teams in a fixed tree order; team 0 writes this block's slab
+    // of group `pass`, one table at a time (W is already in the tree).
 #pragma unroll
     for (int t = 0; t < 3; ++t) {
+      if (t > 0) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) tree[team * TILE + e * TX + lane] = acc[t][e];
+        for (int e = 0; e < E; ++e) my_tree[e * TX] = acc[t - 1][e];
+      }
       __syncthreads();
 #pragma unroll
       for (int half = TY / 2; half > 0; half /= 2) {
         if (team < half) {
 #pragma unroll
-          for (int e = 0; e < E; ++e)
-            tree[team * TILE + e * TX + lane] += tree[(team + half) * TILE + e * TX + lane];
+          for (int e = 0; e < E; ++e) my_tree[e * TX] += my_tree[half * TILE + e * TX];
         }
         __syncthreads();
       }
@@ -564,17 +596,17 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) 
           const Cols cc = cols(ch);
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            if (cc[v] < K) slab[cc[v]] = tree[(ch * VEC + v) * TX + lane];
+            if (cc[v] < K) slab[cc[v]] = my_tree[(ch * VEC + v) * TX];
         }
       }
-      __syncthreads();  // tree is refilled next
+      __syncthreads();  // the tree is refilled next
     }
   }
 }
 
 // grad table[t][g, k] = Σ_chunk partial[chunk, t, g, k], chunks in a fixed
-// order: kStripes threads per element take every kStripes-th chunk, then one
-// adds the stripes in order.
+// order: kStripes threads per entry take every kStripes-th chunk, then one
+// thread adds the stripes in order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) sum_partials_kernel(
     const acc_t* partial, int64_t chunks, int64_t table, acc_t* grad_weight,

@@ -41,6 +41,9 @@ constexpr int64_t kMaxGrid = int64_t{1} << 20;  // row_kernel loops past it
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+template <int N>
+using template_int = std::integral_constant<int, N>;
+
 bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
@@ -64,8 +67,10 @@ struct Launch {
     a.W = input<acc_t>(weight);
     a.S = input<acc_t>(scale);
     a.L = input<acc_t>(shift);
+    TORCH_CHECK(s.classes < (int64_t{1} << 30), "autobalance: the CUDA kernels support "
+                "K < 2^30 classes, got K = ", s.classes);
     a.N = s.rows;
-    a.K = s.classes;
+    a.K = static_cast<int>(s.classes);
     a.G = s.groups;
     a.ignore_index = ignore_index;
   }
@@ -143,41 +148,40 @@ void launch_tiles(Args<scalar_t> a, const Tensor& grad_weight,
   }
 }
 
-// Largest K whose row the fused double backward keeps in one tile: 32 values
-// per lane (16 for float64).
+// Largest K whose row the fused double backward keeps in one tile: 32
+// values per lane (16 for float64).
 template <typename scalar_t>
-constexpr int64_t kFusedMaxK = std::is_same_v<scalar_t, float> ? 256 * kVec<scalar_t>
-                                                                 : 128 * kVec<scalar_t>;
+constexpr int64_t kFusedMaxK = (std::is_same_v<scalar_t, float> ? 256 : 128) * kVec<scalar_t>;
 
-// The smallest tile that holds a whole row when one may (backward) or must
-// (fused double backward); else 32 lanes x one 16-byte chunk per tile.
+// Every lane takes 4 chunks of a row (8 for the widest float32 fused tile):
+// the fewest lanes (4 to 32) whose tile holds a whole row when one may
+// (backward) or must (fused double backward); else 32-lane tiles.
 template <bool kDouble, typename scalar_t>
 void run_tiles(const Args<scalar_t>& a, const Tensor& grad_weight,
                const Tensor& grad_scale, const Tensor& grad_shift,
                bool table_grads, cudaStream_t stream) {
   constexpr int VEC = kVec<scalar_t>;
-  const bool whole_row = !kDouble || a.vbar == nullptr;
-  const auto go = [&](auto tx, auto ch) {
-    launch_tiles<kDouble, scalar_t, decltype(tx)::value, decltype(ch)::value>(
+  const auto go = [&](auto lanes, auto chunks) {
+    launch_tiles<kDouble, scalar_t, decltype(lanes)::value, decltype(chunks)::value>(
         a, grad_weight, grad_scale, grad_shift, table_grads, stream);
   };
-  using I4 = std::integral_constant<int, 4>;
-  using I32 = std::integral_constant<int, 32>;
-  using C1 = std::integral_constant<int, 1>;
-  using C4 = std::integral_constant<int, 4>;
-  if (whole_row && a.K <= 4 * VEC) {
-    go(I4{}, C1{});
-  } else if (whole_row && a.K <= 32 * VEC) {
-    go(I32{}, C1{});
-  } else if (whole_row && a.K <= 128 * VEC) {
-    go(I32{}, C4{});
-  } else if (kDouble && whole_row) {
-    TORCH_INTERNAL_ASSERT(a.K <= kFusedMaxK<scalar_t>);
-    if constexpr (kDouble && std::is_same_v<scalar_t, float>) {
-      go(I32{}, std::integral_constant<int, 8>{});
-    }
+  constexpr template_int<4> four{};
+  const int64_t K = a.K;
+  if (kDouble && a.vbar != nullptr) {
+    go(template_int<32>{}, four);  // column tiles; v̄ came from the row pass
+  } else if (K <= 4 * 4 * VEC) {
+    go(template_int<4>{}, four);
+  } else if (K <= 8 * 4 * VEC) {
+    go(template_int<8>{}, four);
+  } else if (K <= 16 * 4 * VEC) {
+    go(template_int<16>{}, four);
+  } else if (K <= 32 * 4 * VEC || !kDouble) {
+    go(template_int<32>{}, four);  // backward, large K: column tiles
+  } else if constexpr (kDouble && std::is_same_v<scalar_t, float>) {
+    TORCH_INTERNAL_ASSERT(K <= kFusedMaxK<scalar_t>);
+    go(template_int<32>{}, template_int<8>{});
   } else {
-    go(I32{}, C1{});
+    TORCH_INTERNAL_ASSERT(false, "autobalance: K = ", K, " is too large for the fused tile");
   }
 }
 

@@ -339,8 +339,9 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
         if solver not in SOLVERS:
             raise ValueError(f"autobalance: `solver` must be one of {SOLVERS}, got {solver!r}")
-        if step_size != "auto":
-            step_size = _positive(step_size, "step_size (a positive float or 'auto')")
+        if step_size != "auto" and (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
+                                    or not 0 < step_size < math.inf):
+            raise ValueError(f"autobalance: `step_size` must be 'auto' or a positive finite float, got {step_size!r}")
         self.solver, self.step_size = solver, step_size
         self.neumann_terms = _int(neumann_terms, "neumann_terms", 0)
         self.power_iterations = _int(power_iterations, "power_iterations", 1)

@@ -258,3 +258,52 @@ class ParametricCE(nn.Module):
         return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, "
                 f"num_groups={self.num_groups}, group_params={self.group_params}, learn={self.learn}, "
                 f"scale_max={self.scale_max}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class LDAMLoss(nn.Module):
+    """LDAM (Cao et al., 2019): CE of ``s · (z - m_y e_y)`` with class margins
+    ``m_k ∝ n_k^{-1/4}`` scaled so the largest is ``max_margin``. Not a table
+    case of the parametric CE: the margin moves only the true-class logit."""
+
+    def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0, weight=None):
+        super().__init__()
+        counts = _as_counts(class_counts)
+        if counts.dim() != 1 or (counts <= 0).any():
+            raise ValueError(f"autobalance: LDAM needs positive [K] `class_counts`, got {counts.tolist()}")
+        margins = counts ** -0.25
+        self.register_buffer("margins", (margins * (max_margin / margins.max())).float())
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.scale = float(scale)
+
+    def forward(self, logits, target, group=None):
+        margin = torch.zeros_like(logits).scatter_(1, target[:, None], self.margins[target][:, None].to(logits.dtype))
+        return nn.functional.cross_entropy(self.scale * (logits - margin), target, weight=self.weight)
+
+
+class GroupDRO(nn.Module):
+    """Online group DRO (Sagawa et al., 2020): the loss is ``sum_c q_c L_c`` over
+    (class, group) cells ``c = y·G + g``, with ``L_c`` the batch's mean CE of
+    cell c and weights updated in training mode by ``q_c ∝ q_c exp(η L_c)``."""
+
+    def __init__(self, num_classes: int, num_groups: int, step_size: float = 0.01):
+        super().__init__()
+        self.num_classes, self.num_groups, self.step_size = num_classes, num_groups, float(step_size)
+        cells = num_classes * num_groups
+        self.register_buffer("cell_weights", torch.full((cells,), 1.0 / cells))
+
+    def forward(self, logits, target, group=None):
+        if group is None:
+            raise ValueError("autobalance: GroupDRO needs `group`")
+        cells = self.num_classes * self.num_groups
+        cell = target * self.num_groups + group
+        per_sample = nn.functional.cross_entropy(logits, target, reduction="none")
+        total = torch.zeros(cells, dtype=per_sample.dtype, device=per_sample.device)
+        count = torch.zeros_like(total)
+        total.index_add_(0, cell, per_sample)
+        count.index_add_(0, cell, torch.ones_like(per_sample))
+        cell_loss = total / count.clamp_min(1)
+        if self.training:
+            with torch.no_grad():
+                q = self.cell_weights * torch.exp(self.step_size * cell_loss.detach() * (count > 0))
+                self.cell_weights.copy_(q / q.sum())
+        return (self.cell_weights * cell_loss).sum()

@@ -146,3 +146,22 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     if name == "resnet32":
         return resnet32(num_classes, in_channels)
     raise ValueError(f"autobalance: unknown model `name` = {name!r}; expected one of {MODELS}")
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``logits = normalize(x) normalize(W)``, each in
+    ``[-1, 1]``; LDAM (Cao et al., 2019) scales these by ``s = 30``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=0)
+
+
+def with_cosine_classifier(model: nn.Module) -> nn.Module:
+    """Replaces ``model.fc`` by a :class:`NormedLinear` of the same shape (for LDAM)."""
+    model.fc = NormedLinear(model.fc.in_features, model.fc.out_features)
+    return model

@@ -71,7 +71,10 @@ def cell_means(values: torch.Tensor, target: torch.Tensor, group: Optional[torch
     Returns ``CellMeans(mean [K, G], count [K, G])``; an empty cell has mean 0
     and count 0. Differentiable w.r.t. ``values``.
     """
-    index = cell_index(target, group, num_classes, num_groups)
+    return _cell_means(values, cell_index(target, group, num_classes, num_groups), num_classes, num_groups)
+
+
+def _cell_means(values, index, num_classes, num_groups):
     one_hot = F.one_hot(index, num_classes * num_groups).to(values.dtype)
     count = one_hot.sum(0)
     mean = (values @ one_hot) / count.clamp(min=1)
@@ -99,7 +102,8 @@ class _CellObjective(nn.Module):
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
             raise ValueError(f"autobalance: `logits` must have K = {self.num_classes} columns, got shape "
                              f"{list(logits.shape)}")
-        return cell_means(_per_sample_ce(logits, target), target, group, self.num_classes, self.num_groups)
+        index = cell_index(target, group, self.num_classes, self.num_groups)
+        return _cell_means(_per_sample_ce(logits, target), index, self.num_classes, self.num_groups)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_groups={self.num_groups}"

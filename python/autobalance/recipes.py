@@ -1,0 +1,342 @@
+"""Algorithm 1 end to end (search -> retrain -> evaluate) and the paper's
+baselines, as a Python API; ``autobalance run`` is a thin layer over it.
+
+    from autobalance import recipes
+    splits = recipes.data.load_long_tailed("mnist", seed=0)
+    result = recipes.autobalance(lambda: MyNet(), splits, criterion, BalancedCE(10))
+    result.metrics["balanced_error"]
+
+Every choice (the learned loss, when to stop searching) is made on the
+training and validation splits; the test split is only scored at the end.
+"""
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from autobalance import data
+from autobalance.bilevel import BilevelOptimizer
+from autobalance.functional import parametric_cross_entropy
+from autobalance.losses import GroupDRO, LDAMLoss, ParametricCE, loss_tables
+from autobalance.metrics import ErrorCounts
+from autobalance.models import with_cosine_classifier
+from autobalance.objectives import BalancedCE, Blend, DeoCE
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - tqdm is a dependency; keep the API usable without it
+    tqdm = None
+
+
+@dataclass
+class TrainConfig:
+    """One training run: SGD with momentum and a step decay of the learning rate."""
+    epochs: int = 24
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_at: Tuple[float, ...] = (0.75, 0.9)  # fractions of the run; lr x0.1 at each
+    device: str = "cpu"
+
+
+@dataclass
+class SearchConfig:
+    """The search phase of Algorithm 1 (on the train/validation split).
+
+    ``warmup_fraction`` of the steps train with the initial loss; then a
+    hyper-step every ``hyper_every`` steps, each averaging ``train_batches``
+    fresh training batches and ``val_batches`` validation batches of
+    ``val_batch_size``. The rest goes to :class:`BilevelOptimizer`.
+    """
+    warmup_fraction: float = 0.4
+    hyper_every: int = 4
+    train_batches: int = 2
+    val_batches: int = 1
+    val_batch_size: int = 256
+    hyper_lr: float = 0.05
+    solver: str = "neumann"
+    neumann_terms: int = 5
+    last_layer_only: bool = False
+    max_hypergrad_norm: Optional[float] = None
+
+
+@dataclass
+class RunResult:
+    """One trained and scored model."""
+    method: str
+    seed: int
+    metrics: Dict[str, object]
+    seconds: float
+    search_seconds: float = 0.0
+    trace: List[Dict[str, object]] = field(default_factory=list)  # hyper-steps: epoch, tables
+    tables: Optional[Dict[str, list]] = None  # the learned (or fixed) loss tables
+
+    def to_json(self):
+        out = asdict(self)
+        out["metrics"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.metrics.items()}
+        return out
+
+
+class LATemperature(nn.Module):
+    """The LA loss with a learnable temperature: ``L_k = tau log pi_k`` (the
+    paper's one-column dictionary ``d = log pi``); ``tau`` starts at ``tau``."""
+
+    def __init__(self, class_counts, tau: float = 1.0, backend: str = "fused"):
+        super().__init__()
+        tables = loss_tables(class_counts, "la", tau=1.0)
+        self.register_buffer("log_prior", tables.shift)
+        self.register_buffer("ones", tables.weight)
+        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.backend = backend
+
+    def tables(self):
+        return self.ones, self.ones, self.tau * self.log_prior
+
+    def forward(self, logits, target, group=None):
+        weight, scale, shift = self.tables()
+        return parametric_cross_entropy(logits, target, weight, scale, shift, group, backend=self.backend)
+
+
+# --------------------------------------------------------------------------- methods
+
+@dataclass
+class Method:
+    """A training loss for an experiment: ``make(counts)`` builds it from the
+    training counts (``[K]`` or ``[G, K]``); with ``objective`` set it is
+    searched by Algorithm 1 first."""
+    name: str
+    make: Callable[[torch.Tensor], nn.Module]
+    objective: Optional[Callable[[int, int], nn.Module]] = None
+    model_transform: Optional[Callable[[nn.Module], nn.Module]] = None  # e.g. LDAM's cosine classifier
+
+    @property
+    def searched(self) -> bool:
+        return self.objective is not None
+
+
+def _fixed(init, **kw):
+    return lambda counts: ParametricCE.from_counts(counts, init, learn=(), **kw)
+
+
+def _searched(init, learn, **kw):
+    return lambda counts: ParametricCE.from_counts(counts, init, learn=learn, **kw)
+
+
+def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float = 1.0) -> Dict[str, Method]:
+    """Table 1: the baselines and the AutoBalance designs, validation objective
+    the class-balanced CE. AutoBalance starts at the balanced CE except the
+    last design, which starts at LA (tau = 1)."""
+    balanced = lambda k, g: BalancedCE(k)  # noqa: E731
+    methods = [
+        Method("CE", _fixed("ce")),
+        Method("LDAM", lambda counts: LDAMLoss(counts, max_margin=0.5, scale=30.0),
+               model_transform=with_cosine_classifier),
+        Method("LA", _fixed("la", tau=1.0)),
+        Method("CDT", _fixed("cdt", gamma=cdt_gamma)),
+        Method("VS", _fixed("vs", gamma=vs_gamma, tau=vs_tau)),
+        Method("AutoBalance: tau (LA)", lambda counts: LATemperature(counts, 1.0), balanced),
+        Method("AutoBalance: l", _searched("balanced", ("shift",)), balanced),
+        Method("AutoBalance: Delta", _searched("balanced", ("scale",)), balanced),
+        Method("AutoBalance: Delta & l", _searched("balanced", ("scale", "shift")), balanced),
+        Method("AutoBalance: Delta & l (LA init)", _searched("la", ("scale", "shift")), balanced),
+    ]
+    return {m.name: m for m in methods}
+
+
+def _cell_balanced(counts):
+    """Weighted CE with ``W[g, k] = 1 / (G K pi_{g,k})``: the (class, group)-balanced CE."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    weight = counts.sum() / (counts.numel() * counts.clamp_min(1))
+    return ParametricCE(counts.shape[1], num_groups=counts.shape[0], weight=weight.float(), learn=())
+
+
+def group_regularisers() -> Dict[str, Callable[[torch.Tensor], nn.Module]]:
+    """The fairness terms ``L_reg`` of the blended baselines ``(1 - lam) CE + lam L_reg``."""
+    return {"CE_bal^G": _cell_balanced,
+            "CE_deo": lambda counts: DeoCE(counts.shape[1], counts.shape[0]),
+            "Group-LA": _fixed("group_la")}
+
+
+def group_methods(lam: float = 0.1, dro_step: float = 0.01) -> Dict[str, Method]:
+    """Table 3: baselines and AutoBalance with validation loss
+    ``(1 - lam) CE + lam CE_deo`` (searching per-group scales and shifts, from Group-LA)."""
+    regs = group_regularisers()
+    objective = lambda k, g: Blend(DeoCE(k, g), lam)  # noqa: E731
+    methods = [
+        Method("CE", _fixed("ce")),
+        Method("CE_bal^G", regs["CE_bal^G"]),
+        Method("Group-LA", regs["Group-LA"]),
+        Method("CE_deo", lambda counts: Blend(regs["CE_deo"](counts), 1.0)),
+        Method("0.1 CE + 0.9 CE_deo", lambda counts: Blend(regs["CE_deo"](counts), 0.9)),
+        Method("Group DRO", lambda counts: GroupDRO(counts.shape[1], counts.shape[0], step_size=dro_step)),
+        Method(f"AutoBalance (lam={lam})", _searched("group_la", ("scale", "shift")), objective),
+    ]
+    return {m.name: m for m in methods}
+
+
+# --------------------------------------------------------------------------- training
+
+def _cycle(dataset, batch_size, seed, augment):
+    loader = data.BatchLoader(dataset, batch_size, shuffle=True, seed=seed, augment=augment)
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def _progress(total, label, enabled):
+    if tqdm is None or not enabled:
+        return None
+    return tqdm(total=total, desc=label, unit="ep", leave=False, dynamic_ncols=True)
+
+
+def _table_snapshot(criterion):
+    if not hasattr(criterion, "tables"):
+        return None
+    with torch.no_grad():
+        weight, scale, shift = criterion.tables()
+    return {"weight": weight.tolist(), "scale": scale.tolist(), "shift": shift.tolist()}
+
+
+def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, config: TrainConfig, *,
+          seed: int = 0, augment=None, search: Optional[SearchConfig] = None, objective: Optional[nn.Module] = None,
+          val: Optional[data.ImageDataset] = None, progress: bool = False, label: str = "train"):
+    """Trains ``model`` in place on ``dataset`` with ``criterion``.
+
+    With ``search`` (and ``objective``, ``val``), runs the search phase of
+    Algorithm 1: the criterion's learnable parameters are tuned by a
+    :class:`BilevelOptimizer`; it is frozen at the end. Returns the hyper-step
+    trace (epoch, validation objective, tables after the step).
+    """
+    device = torch.device(config.device)
+    model.to(device)
+    criterion.to(device)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    loader = data.BatchLoader(dataset, config.batch_size, shuffle=True, seed=seed, augment=augment)
+    total = config.epochs * len(loader)
+    decay = [int(f * total) for f in config.lr_decay_at]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay, gamma=0.1)
+    step, trace = optimizer, []
+    if search is not None:
+        hyper = [p for p in criterion.parameters() if p.requires_grad]
+        step = BilevelOptimizer(
+            optimizer, criterion, objective,
+            hyper_optimizer=torch.optim.SGD(hyper, lr=search.hyper_lr, momentum=0.9, weight_decay=1e-4),
+            warmup_steps=int(search.warmup_fraction * total), hyper_every=search.hyper_every,
+            solver=search.solver, neumann_terms=search.neumann_terms,
+            inner_params=model.fc.parameters() if search.last_layer_only else None,
+            max_hypergrad_norm=search.max_hypergrad_norm)
+        train_stream = _cycle(dataset, config.batch_size, seed + 1, augment)
+        val_stream = _cycle(val, search.val_batch_size, seed + 2, None)
+        trace.append({"epoch": 0.0, "tables": _table_snapshot(criterion)})
+    bar = _progress(config.epochs, label, progress)
+    for epoch in range(config.epochs):
+        model.train()
+        for i, batch in enumerate(loader):
+            inputs, target, group = (t.to(device) if t is not None else None for t in batch)
+            loss = criterion(model(inputs), target, group)
+            step.zero_grad()
+            loss.backward()
+            step.step()
+            schedule.step()
+            if search is not None and step.hyper_step_due:
+                result = step.hyper_step(
+                    model, [_to(next(train_stream), device) for _ in range(search.train_batches)],
+                    [_to(next(val_stream), device) for _ in range(search.val_batches)])
+                trace.append({"epoch": epoch + (i + 1) / len(loader), "val_objective": float(result.val_loss),
+                              "applied": bool(result.applied), "tables": _table_snapshot(criterion)})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if search is not None:
+        step.freeze()
+    return trace
+
+
+def _to(batch, device):
+    return tuple(t.to(device) if t is not None else None for t in batch)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: data.ImageDataset, *, device="cpu", cell_weights=None,
+             batch_size: int = 512) -> Dict[str, object]:
+    """Test metrics (``autobalance.metrics``) of ``model`` on ``dataset``."""
+    model.eval()
+    counts = ErrorCounts(num_classes=dataset.num_classes, num_groups=dataset.num_groups, cell_weights=cell_weights)
+    for batch in data.BatchLoader(dataset, batch_size, shuffle=False):
+        inputs, target, group = _to(batch, device)
+        counts.update(model(inputs).argmax(1), target, group)
+    return counts.compute()
+
+
+def _train_cell_weights(dataset):
+    """Training (class, group) frequencies ``[K, G]``: the test's standard
+    error is reweighted by them (paper section 4)."""
+    if dataset.num_groups == 1:
+        return None
+    counts = dataset.group_class_counts().double().t()
+    return counts / counts.sum()
+
+
+def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[[], nn.Module],
+               config: TrainConfig, search: SearchConfig, *, seed: int = 0, progress: bool = False) -> RunResult:
+    """Trains and scores one method. A searched method runs Algorithm 1: search
+    on ``splits.train`` with ``splits.val``, freeze, retrain a fresh model on
+    ``splits.full_train`` with the learned loss, score on ``splits.test``."""
+    if method.model_transform is not None:
+        model_factory = (lambda make: lambda: method.model_transform(make()))(model_factory)
+    grouped = splits.full_train.num_groups > 1
+    counts = splits.full_train.group_class_counts() if grouped else splits.full_train.class_counts()
+    torch.manual_seed(seed)
+    criterion = method.make(counts)
+    trace, search_seconds = [], 0.0
+    start = time.perf_counter()
+    if method.searched:
+        objective = method.objective(splits.full_train.num_classes, splits.full_train.num_groups)
+        torch.manual_seed(seed)
+        trace = train(model_factory(), splits.train, criterion, config, seed=seed, augment=splits.augment,
+                      search=search, objective=objective, val=splits.val, progress=progress,
+                      label=f"{method.name} search")
+        search_seconds = time.perf_counter() - start
+    torch.manual_seed(seed + 1000)
+    model = model_factory()
+    train(model, splits.full_train, criterion, config, seed=seed + 1000, augment=splits.augment, progress=progress,
+          label=method.name)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, splits.test, device=config.device, cell_weights=_train_cell_weights(splits.full_train))
+    return RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion))
+
+
+def autobalance(model_factory: Callable[[], nn.Module], splits: data.DataSplits, criterion: nn.Module,
+                objective: nn.Module, config: Optional[TrainConfig] = None, search: Optional[SearchConfig] = None,
+                *, seed: int = 0, progress: bool = False) -> RunResult:
+    """Algorithm 1 with your own model, data and loss: search ``criterion``'s
+    learnable parameters against ``objective`` on ``splits.train`` /
+    ``splits.val``, retrain ``model_factory()`` on ``splits.full_train`` with
+    the learned loss, and score it on ``splits.test``."""
+    method = Method("AutoBalance", lambda counts: criterion, lambda k, g: objective)
+    return run_method(method, splits, model_factory, config or TrainConfig(), search or SearchConfig(),
+                      seed=seed, progress=progress)
+
+
+def lam_sweep(splits, model_factory, config, search, lams: Sequence[float], *, seed=0, progress=False,
+              autobalance_lams: Optional[Sequence[float]] = None) -> List[Dict[str, object]]:
+    """Figure 5: the blended baselines ``(1 - lam) CE + lam L_reg`` for each
+    regulariser and ``lam``, and AutoBalance with validation loss
+    ``(1 - lam) CE + lam CE_deo`` for each of ``autobalance_lams``."""
+    points = []
+    for reg_name, reg in group_regularisers().items():
+        for lam in lams:
+            method = Method(f"{reg_name} lam={lam}", lambda counts, reg=reg, lam=lam: Blend(reg(counts), lam))
+            result = run_method(method, splits, model_factory, config, search, seed=seed, progress=progress)
+            points.append({"family": reg_name, "lam": lam, "metrics": result.to_json()["metrics"]})
+    for lam in (autobalance_lams if autobalance_lams is not None else lams):
+        method = Method(f"AutoBalance lam={lam}", _searched("group_la", ("scale", "shift")),
+                        lambda k, g, lam=lam: Blend(DeoCE(k, g), lam))
+        result = run_method(method, splits, model_factory, config, search, seed=seed, progress=progress)
+        points.append({"family": "AutoBalance", "lam": lam, "metrics": result.to_json()["metrics"]})
+    return points
+

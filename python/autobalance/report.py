@@ -1,0 +1,149 @@
+"""Tables and plots of an ``autobalance run``: the paper's Tables 1 and 3 and
+Figures 3 and 5, from the results of :mod:`autobalance.recipes`."""
+import math
+import os
+from typing import Dict, List, Sequence
+
+import torch
+
+CLASS_COLUMNS = [("balanced_error", "balanced err"), ("standard_error", "standard err")]
+GROUP_COLUMNS = [("group_balanced_error", "group-balanced err"), ("worst_cell_error", "worst (class, group) err"),
+                 ("deo_error", "DEO"), ("standard_error", "standard err")]
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def summarise(results: List[dict], experiment: str, tail: int = 3) -> List[Dict[str, object]]:
+    """Mean and std over seeds of each metric, per method (in first-seen order).
+    For classes, also the per-class errors of the ``tail`` rarest classes."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    columns = CLASS_COLUMNS if experiment == "classes" else GROUP_COLUMNS
+    rows = []
+    for m in methods:
+        runs = [r for r in results if r["method"] == m]
+        row = {"method": m, "seeds": len(runs), "seconds": _mean_std([r["seconds"] for r in runs])[0]}
+        for key, _ in columns:
+            row[key] = _mean_std([r["metrics"][key] for r in runs])
+        if experiment == "classes":
+            per_class = torch.tensor([r["metrics"]["per_class_error"] for r in runs], dtype=torch.float64)
+            row["per_class_error"] = per_class.mean(0).tolist()
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows, experiment: str, tail: int = 3) -> str:
+    """The table of the paper (errors in %, mean ± std over seeds)."""
+    columns = CLASS_COLUMNS if experiment == "classes" else GROUP_COLUMNS
+    head = ["method"] + [name for _, name in columns]
+    if experiment == "classes":
+        classes = len(rows[0]["per_class_error"])
+        tail_ids = list(range(classes - tail, classes))
+        head += [f"class {k} err" for k in tail_ids]
+    head.append("time (s)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]] + [f"{100 * r[k][0]:.2f} ± {100 * r[k][1]:.2f}" for k, _ in columns]
+        if experiment == "classes":
+            cells += [f"{100 * r['per_class_error'][k]:.1f}" for k in tail_ids]
+        cells.append(f"{r['seconds']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_parameter_evolution(results: List[dict], path: str, clusters: Sequence[int] = None) -> None:
+    """Figure 3: the learned scale ``S`` (Δ) and shift ``l`` per class over the
+    search, for each searched method's first seed (classes by training
+    frequency, most frequent first; mean over groups)."""
+    searched = {}
+    for r in results:
+        if r["trace"] and r["trace"][0].get("tables") and r["method"] not in searched:
+            searched[r["method"]] = r["trace"]
+    if not searched:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(searched), 2, figsize=(11, 3.2 * len(searched)), squeeze=False)
+    for row, (method, trace) in zip(axes, searched.items()):
+        epochs = [t["epoch"] for t in trace]
+        for ax, key, label in ((row[0], "scale", "Δ (scale S)"), (row[1], "shift", "l (shift L)")):
+            values = torch.tensor([t["tables"][key] for t in trace]).mean(1)  # [steps, K]
+            classes = values.shape[1]
+            colours = plt.cm.viridis(torch.linspace(0, 1, classes).tolist())
+            for k in range(classes):
+                ax.plot(epochs, values[:, k].tolist(), color=colours[k], label=f"class {k}")
+            ax.set_title(f"{method}: {label}", fontsize=9)
+            ax.set_xlabel("epoch of the search phase")
+        row[1].legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_accuracy(rows, path: str) -> None:
+    """Per-class test accuracy by method (mean over seeds), classes from most
+    to least frequent."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r in rows:
+        acc = [100 * (1 - e) for e in r["per_class_error"]]
+        style = "-" if r["method"].startswith("AutoBalance") else "--"
+        ax.plot(range(len(acc)), acc, style, marker="o", markersize=3, label=r["method"])
+    ax.set_xlabel("class (most to least frequent in training)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(points: List[dict], path: str) -> None:
+    """Figure 5: group-balanced error and DEO against the standard error, for
+    the lam-swept blended baselines and AutoBalance."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    families = list(dict.fromkeys(p["family"] for p in points))
+    for ax, key, label in ((axes[0], "group_balanced_error", "group-balanced error (%)"),
+                           (axes[1], "deo_error", "DEO error (%)")):
+        for family in families:
+            pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["lam"])
+            x = [100 * p["metrics"]["standard_error"] for p in pts]
+            y = [100 * p["metrics"][key] for p in pts]
+            ax.plot(x, y, "-o" if family == "AutoBalance" else "--s", markersize=4, label=family)
+            for p, xi, yi in zip(pts, x, y):
+                ax.annotate(f"{p['lam']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("standard error (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("accuracy-fairness trade-off (labels: lam)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(out: str, experiment: str, results, rows, points=None) -> List[str]:
+    paths = []
+    if experiment == "classes":
+        paths.append(os.path.join(out, "per_class_accuracy.png"))
+        plot_per_class_accuracy(rows, paths[-1])
+    evolution = os.path.join(out, "parameter_evolution.png")
+    plot_parameter_evolution(results, evolution)
+    if os.path.exists(evolution):
+        paths.append(evolution)
+    if points:
+        paths.append(os.path.join(out, "pareto.png"))
+        plot_pareto(points, paths[-1])
+    return paths

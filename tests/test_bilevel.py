@@ -1,0 +1,410 @@
+"""BilevelOptimizer and check_hypergrad (MATH.md sections 2 and 5)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autobalance import ParametricCE
+from autobalance.bilevel import BilevelOptimizer, HyperStepResult, check_hypergrad
+from autobalance.objectives import BalancedCE, CrossEntropy, GroupBalancedCE
+
+K, D = 4, 5
+
+
+def logistic_problem(seed=0, groups=1):
+    """Features, labels (and groups) for L2-regularised multinomial logistic
+    regression, and a ParametricCE away from its initial point."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 1.5 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (80,), generator=g)
+    x = centers[y] + torch.randn(80, D, generator=g, dtype=torch.float64)
+    grp = torch.randint(0, groups, (80,), generator=g)
+    criterion = ParametricCE.from_counts(torch.bincount(y[:50], minlength=K).expand(groups, K) if groups > 1
+                                         else torch.bincount(y[:50], minlength=K), "la")
+    with torch.no_grad():
+        for p in criterion.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    train, val = (x[:50], y[:50]), (x[50:], y[50:])
+    if groups > 1:
+        train, val = train + (grp[:50],), val + (grp[50:],)
+    return criterion, train, val
+
+
+@pytest.fixture(scope="module")
+def checks():
+    criterion, train, val = logistic_problem()
+    objective = BalancedCE(K)
+    run = lambda **kw: check_hypergrad(criterion, objective, train, val, l2=0.05, **kw)  # noqa: E731
+    return {"neumann": run(neumann_terms=300),
+            "cg": run(solver="cg", cg_iterations=60, cg_tol=0.0),
+            "default": run(finite_differences=True),
+            "criterion": criterion, "train": train, "val": val}
+
+
+# ---- hypergradient accuracy against the exact implicit hypergradient
+
+def test_neumann_with_many_terms_converges_to_exact(checks):
+    c = checks["neumann"]
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+
+
+def test_conjugate_gradient_converges_to_exact(checks):
+    c = checks["cg"]
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+
+
+def test_default_configuration_is_close(checks):
+    c = checks["default"]
+    assert c.cosine >= 0.95, c.cosine
+
+
+def test_exact_agrees_with_finite_differences(checks):
+    c = checks["default"]
+    assert c.fd_cosine >= 0.9999 and c.fd_relative_error <= 1e-4, (c.fd_cosine, c.fd_relative_error)
+    # the re-solved validation loss is invariant to a per-row constant shift (MATH.md section 2)
+    shift = c.finite_difference[K:]
+    assert abs(float(shift.sum())) <= 1e-6 * float(shift.abs().sum())
+
+
+def test_fused_and_reference_backends_give_the_same_hypergradient(checks):
+    criterion = copy.deepcopy(checks["criterion"])
+    criterion.backend = "reference"
+    ref = check_hypergrad(criterion, BalancedCE(K), checks["train"], checks["val"], l2=0.05, solver="cg",
+                          cg_iterations=60, cg_tol=0.0)
+    fused = checks["cg"]
+    torch.testing.assert_close(ref.estimate, fused.estimate, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ref.exact, fused.exact, rtol=1e-9, atol=1e-12)
+
+
+def test_groups_and_per_group_parameters_converge_to_exact():
+    criterion, train, val = logistic_problem(seed=1, groups=2)
+    assert criterion.shift_param.shape == (2, K)
+    c = check_hypergrad(criterion, GroupBalancedCE(K, 2), train, val, l2=0.05, solver="cg", cg_iterations=60,
+                        cg_tol=0.0)
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+
+
+def test_first_order_is_neumann_without_terms_and_matches_its_formula():
+    criterion, train, val = logistic_problem()
+    model = nn.Linear(D, K, bias=False).double()
+    criterion = criterion.double()
+
+    def hypergrad(**kw):
+        bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, CrossEntropy(), **kw)
+        return torch.cat([h.reshape(-1) for h in bopt.hypergradient(model, [train], [val])])
+
+    first = hypergrad(solver="first_order", step_size=0.5)
+    assert torch.equal(first, hypergrad(solver="neumann", neumann_terms=0, step_size=0.5))
+    # -d/dalpha <grad_theta L_T, eta grad_theta L_V>, then the shift gauge
+    v = torch.autograd.grad(CrossEntropy()(model(val[0]), val[1]), model.weight)[0]
+    g = torch.autograd.grad(criterion(model(train[0]), train[1]), model.weight, create_graph=True)[0]
+    scale, shift = torch.autograd.grad(g, [criterion.scale_param, criterion.shift_param], -0.5 * v)
+    expected = torch.cat([scale.reshape(-1), (shift - shift.mean(1, keepdim=True)).reshape(-1)])
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-14)
+
+
+# ---- a small network for the optimizer's behaviour
+
+def mlp(seed=0, batch_norm=False, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 16), nn.Tanh()] + ([nn.BatchNorm1d(16)] if batch_norm else []) + [nn.Linear(16, K)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batches(seed, n=3, size=24, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g, dtype=dtype), torch.randint(0, K, (size,), generator=g))
+            for _ in range(n)]
+
+
+def make(model, criterion=None, **kw):
+    criterion = ParametricCE(K) if criterion is None else criterion
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return BilevelOptimizer(opt, criterion, BalancedCE(K), **kw), criterion
+
+
+def train(model, bopt, criterion, steps, data, val, hyper_log=None):
+    for t in range(steps):
+        x, y = data[t % len(data)]
+        loss = criterion(model(x), y)
+        bopt.zero_grad()
+        loss.backward()
+        bopt.step()
+        if bopt.hyper_step_due:
+            result = bopt.hyper_step(model, [data[(t + 1) % len(data)]], [val[t % len(val)]])
+            if hyper_log is not None:
+                hyper_log.append((bopt.steps, result))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_second_derivatives_go_through_the_fused_double_backward(backend):
+    model = mlp()
+    bopt, criterion = make(model, ParametricCE(K, backend=backend), neumann_terms=3, power_iterations=2)
+    x, y = batches(0, 1)[0]
+    criterion(model(x), y).backward()
+    bopt.step()
+    with CountOps() as ops:
+        bopt.hyper_step(model, [(x, y)], [(x, y)])
+    calls = ops.counts.get("autobalance.parametric_ce_double_backward", 0)
+    # 2 power iterations + 3 Neumann terms + the mixed term, each one call
+    assert calls == (6 if backend == "fused" else 0), ops.counts
+
+
+def test_schedule_warmup_then_every_n_steps_once_per_step():
+    model = mlp()
+    bopt, criterion = make(model, warmup_steps=3, hyper_every=2)
+    log = []
+    train(model, bopt, criterion, 9, batches(1), batches(2), log)
+    assert [t for t, _ in log] == [3, 5, 7, 9]
+    assert all(isinstance(r, HyperStepResult) and r.applied for _, r in log)
+    assert bopt.hyper_steps == 4 and not bopt.hyper_step_due  # already taken at step 9
+
+
+def test_hyper_step_before_any_training_step_raises():
+    model = mlp()
+    bopt, _ = make(model)
+    with pytest.raises(RuntimeError, match="before any training step"):
+        bopt.hyper_step(model, batches(0, 1), batches(1, 1))
+    assert not bopt.hyper_step_due
+
+
+def test_freeze_fixes_the_loss():
+    model = mlp()
+    bopt, criterion = make(model, hyper_every=1)
+    train(model, bopt, criterion, 2, batches(1), batches(2))
+    bopt.freeze()
+    before = [p.clone() for p in criterion.parameters()]
+    assert not bopt.hyper_step_due and all(not p.requires_grad for p in criterion.parameters())
+    with pytest.raises(RuntimeError, match="after freeze"):
+        bopt.hyper_step(model, batches(0, 1), batches(1, 1))
+    train(model, bopt, criterion, 3, batches(1), batches(2))
+    assert all(torch.equal(a, b) for a, b in zip(before, criterion.parameters()))
+    assert bopt.state_dict()["schedule"]["frozen"]
+
+
+def test_behaves_like_the_wrapped_optimizer():
+    model = mlp()
+    bopt, criterion = make(model)
+    assert bopt.param_groups is bopt.optimizer.param_groups and bopt.state is bopt.optimizer.state
+    scheduler = torch.optim.lr_scheduler.StepLR(bopt, step_size=1, gamma=0.5)
+    x, y = batches(0, 1)[0]
+    criterion(model(x), y).backward()
+    assert criterion.scale_param.grad is not None  # the training loss reaches alpha too ...
+    bopt.step()
+    scheduler.step()
+    assert bopt.optimizer.param_groups[0]["lr"] == 0.05 and bopt.steps == 1
+    bopt.zero_grad()  # ... and zero_grad clears both
+    assert all(p.grad is None for p in list(model.parameters()) + list(criterion.parameters()))
+    text = repr(bopt)
+    for word in ("BilevelOptimizer", "SGD", "scale_param", "shift_param", "BalancedCE", "neumann_terms=5",
+                 "hyper_every=20", "steps=1"):
+        assert word in text
+
+
+def run_trajectory(stop_at=None, steps=10):
+    """Trains with hyper-steps; with ``stop_at``, checkpoints there, rebuilds
+    everything from scratch and resumes."""
+    model = mlp(batch_norm=True)
+    bopt, criterion = make(model, warmup_steps=2, hyper_every=2)
+    data, val = batches(3), batches(4)
+    if stop_at is None:
+        train(model, bopt, criterion, steps, data, val)
+        return model, bopt, criterion
+    train(model, bopt, criterion, stop_at, data, val)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "bopt": bopt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    model = mlp(seed=123, batch_norm=True)
+    bopt, criterion = make(model, ParametricCE(K), warmup_steps=2, hyper_every=2)
+    model.load_state_dict(saved["model"])
+    bopt.load_state_dict(saved["bopt"])
+    for t in range(stop_at, steps):  # the same data order as an uninterrupted run
+        x, y = data[t % len(data)]
+        loss = criterion(model(x), y)
+        bopt.zero_grad()
+        loss.backward()
+        bopt.step()
+        if bopt.hyper_step_due:
+            bopt.hyper_step(model, [data[(t + 1) % len(data)]], [val[t % len(val)]])
+    return model, bopt, criterion
+
+
+def state_tensors(model, bopt, criterion):
+    out = list(model.state_dict().values()) + [p.detach() for p in criterion.parameters()]
+    out += [s["momentum_buffer"] for s in bopt.hyper_optimizer.state.values()]
+    return out + [bopt._eigenvector]
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_trajectory():
+    straight = run_trajectory()
+    resumed = run_trajectory(stop_at=5)  # after the hyper-step at 4, before the one at 6
+    assert straight[1].hyper_steps == resumed[1].hyper_steps == 5
+    assert straight[1].steps == resumed[1].steps == 10
+    for a, b in zip(state_tensors(*straight), state_tensors(*resumed)):
+        assert torch.equal(a, b)
+    assert not torch.equal(straight[2].shift_param, torch.zeros_like(straight[2].shift_param))
+
+
+def test_runs_are_bit_identical():
+    a, b = run_trajectory(steps=6), run_trajectory(steps=6)
+    for x, y in zip(state_tensors(*a), state_tensors(*b)):
+        assert torch.equal(x, y)
+
+
+def test_hyper_step_uses_eval_mode_and_leaves_batch_norm_untouched():
+    model = mlp(batch_norm=True)
+    bopt, criterion = make(model, hyper_every=1)
+    x, y = batches(5, 1)[0]
+    criterion(model(x), y).backward()
+    bopt.step()
+    model[0].eval()  # a submodule in its own mode keeps it
+    buffers = [b.clone() for b in model.buffers()]
+    train_mode = bopt.hypergradient(model, [(x, y)], [(x, y)])
+    assert model.training and not model[0].training and model[2].training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    model.eval()
+    eval_mode = bopt.hypergradient(model, [(x, y)], [(x, y)])
+    assert all(torch.equal(a, b) for a, b in zip(train_mode, eval_mode))
+
+
+def test_batches_are_averaged_like_one_large_batch():
+    model = mlp(dtype=torch.float64)
+    criterion = ParametricCE(K).double()
+    bopt, _ = make(model, criterion, solver="cg", cg_iterations=5)
+    (x1, y1), (x2, y2) = batches(6, 2, dtype=torch.float64)
+    (v1, w1), (v2, w2) = batches(7, 2, dtype=torch.float64)
+    bopt.objective = CrossEntropy()  # the mean CE of the union is the mean of equal-size batch means
+    split = bopt.hypergradient(model, [(x1, y1), (x2, y2)], [(v1, w1), (v2, w2)])
+    whole = bopt.hypergradient(model, [(torch.cat([x1, x2]), torch.cat([y1, y2]))],
+                               [(torch.cat([v1, v2]), torch.cat([w1, w2]))])
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_shift_hypergradient_has_zero_mean_in_every_row():
+    model = mlp()
+    criterion = ParametricCE(K, num_groups=2)
+    bopt, _ = make(model, criterion)
+    x, y = batches(8, 1)[0]
+    group = torch.arange(len(y)) % 2
+    scale, shift = bopt.hypergradient(model, [(x, y, group)], [(x, y, group)])
+    assert shift.shape == (2, K) and shift.abs().max() > 0
+    torch.testing.assert_close(shift.mean(1), torch.zeros(2), atol=1e-7, rtol=0)
+
+
+def test_clipping_bounds_the_applied_hypergradient():
+    model = mlp()
+    criterion = ParametricCE(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bopt = BilevelOptimizer(opt, criterion, BalancedCE(K), hyper_optimizer=torch.optim.SGD(criterion.parameters(), lr=1.0),
+                            max_hypergrad_norm=1e-3)
+    x, y = batches(9, 1)[0]
+    criterion(model(x), y).backward()
+    bopt.step()
+    result = bopt.hyper_step(model, [(x, y)], [(x, y)])
+    moved = torch.cat([p.detach().reshape(-1) for p in criterion.parameters()]).norm()
+    assert result.hypergrad_norm > 1e-3
+    assert abs(float(moved) - 1e-3) < 1e-6
+
+
+def test_non_finite_hypergradient_skips_the_step_and_is_counted():
+    model = mlp()
+    bopt, criterion = make(model, hyper_every=1)
+    data, val = batches(10), batches(11)
+    train(model, bopt, criterion, 2, data, val)
+    before = copy.deepcopy(bopt.state_dict())
+    x, y = val[0]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    result = bopt.hyper_step(model, data[:1], [(bad, y)])
+    assert not result.applied and bopt.skipped_hyper_steps == 1 and bopt.hyper_steps == 2
+    after = bopt.state_dict()
+    for name, p in before["hyperparameters"].items():
+        assert torch.equal(p, after["hyperparameters"][name])
+    assert torch.equal(before["solver"]["eigenvector"], after["solver"]["eigenvector"])
+    for a, b in zip(before["hyper_optimizer"]["state"].values(), after["hyper_optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    # a later finite hyper-step works again
+    assert bopt.hyper_step(model, data[:1], val[:1]).applied
+
+
+def test_last_layer_as_theta():
+    model = mlp()
+    criterion = ParametricCE(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bopt = BilevelOptimizer(opt, criterion, BalancedCE(K), inner_params=model[2].parameters(), solver="cg",
+                            cg_iterations=200, cg_tol=1e-10)
+    assert sum(p.numel() for p in bopt._theta) == 16 * K + K
+    x, y = batches(12, 1)[0]
+    hypergrad = bopt.hypergradient(model, [(x, y)], [(x, y)])
+    assert all(torch.isfinite(h).all() for h in hypergrad)
+
+
+# ---- bad input
+
+def test_bad_arguments_raise_clear_errors():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = ParametricCE(K)
+    with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer"):
+        BilevelOptimizer(model, criterion, BalancedCE(K))
+    with pytest.raises(ValueError, match="no learnable parameters"):
+        BilevelOptimizer(opt, ParametricCE(K, learn=()), BalancedCE(K))
+    with pytest.raises(ValueError, match="`objective` must not depend on the loss hyperparameters"):
+        BilevelOptimizer(opt, criterion, criterion)
+    with pytest.raises(ValueError, match="must not hold the criterion's hyperparameters"):
+        BilevelOptimizer(torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=0.1),
+                         criterion, BalancedCE(K))
+    with pytest.raises(ValueError, match=r"`inner_params\[0\]`"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), inner_params=[nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="`solver` must be one of"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), solver="newton")
+    with pytest.raises(ValueError, match="`step_size`"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), step_size=-1.0)
+    with pytest.raises(ValueError, match="`hyper_every` must be an int >= 1, got 0"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), hyper_every=0)
+    with pytest.raises(ValueError, match="`hyper_optimizer` must hold exactly"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), hyper_optimizer=torch.optim.SGD(model.parameters(), lr=1))
+    with pytest.raises(ValueError, match="'scale_param' is on meta but the network weights are on cpu"):
+        BilevelOptimizer(opt, ParametricCE(K).to("meta"), BalancedCE(K))
+
+
+def test_bad_hyper_step_input_raises_clear_errors():
+    model = mlp()
+    criterion = ParametricCE(K)
+    bopt, criterion = make(model, criterion)
+    x, y = batches(13, 1)[0]
+    criterion(model(x), y).backward()
+    bopt.step()
+    with pytest.raises(TypeError, match="`train_batches` must be a list"):
+        bopt.hyper_step(model, x, [(x, y)])
+    with pytest.raises(ValueError, match="`val_batches` is empty"):
+        bopt.hyper_step(model, [(x, y)], [])
+    with pytest.raises(ValueError, match=r"`train_batches\[0\]` must be \(inputs, target\)"):
+        bopt.hyper_step(model, [(x,)], [(x, y)])
+    with pytest.raises(ValueError, match=r"`val_batches\[0\]` target is on meta"):
+        bopt.hyper_step(model, [(x, y)], [(x, y.to("meta"))])
+    bopt.objective = lambda logits, target: criterion(logits, target)
+    with pytest.raises(ValueError, match="`objective` depends on the loss hyperparameters"):
+        bopt.hyper_step(model, [(x, y)], [(x, y)])
+    bopt.objective = BalancedCE(K)
+    criterion.reduction = "none"
+    with pytest.raises(ValueError, match="`criterion` must return a scalar loss"):
+        bopt.hyper_step(model, [(x, y)], [(x, y)])
+    criterion.reduction = "mean"
+    assert bopt.hyper_step(model, [(x, y)], [(x, y)]).applied
