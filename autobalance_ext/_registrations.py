@@ -23,8 +23,8 @@ def _parametric_ce_backward_fake(grad_loss, logits, target, group, weight, scale
     acc = accumulate_dtype(logits.dtype)
     check_per_row(grad_loss, "grad_loss", rows, acc)
     check_per_row(lse, "lse", rows, acc)
-    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
-            torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight))
+    rows, classes = logits.shape
+    return (logits.new_empty((rows, classes)),) + tuple(weight.new_empty(weight.shape) for _ in range(3))
 
 
 @torch.library.register_fake(_lib + "parametric_ce_double_backward")
@@ -35,8 +35,9 @@ def _parametric_ce_double_backward_fake(grad_loss, logits, target, group, weight
     check_per_row(grad_loss, "grad_loss", rows, acc)
     check_per_row(lse, "lse", rows, acc)
     check_cotangents(logits, groups, u_logits, u_weight, u_scale, u_shift)
-    return (torch.empty_like(grad_loss), torch.empty_like(logits, memory_format=torch.contiguous_format),
-            torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight))
+    classes = logits.shape[1]
+    return ((grad_loss.new_empty((rows,)), logits.new_empty((rows, classes)))
+            + tuple(weight.new_empty(weight.shape) for _ in range(3)))
 
 
 # ---- autograd: parametric_ce -> parametric_ce_backward

@@ -28,21 +28,24 @@ from autobalance.bilevel import BilevelOptimizer
 from autobalance.models import SmallCNN, resnet32
 from autobalance.objectives import BalancedCE
 
+BACKENDS = ("fused", "reference")
 MODELS = {"small_cnn": lambda k: SmallCNN(k, in_channels=3), "resnet32": lambda k: resnet32(k)}
 
 
-def _median_seconds(fn, repeats):
-    """Median CPU time of the process: with one thread it is the compute time,
-    and other load on a shared machine inflates it far less than wall time."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+def _cpu_seconds(fn):
+    """CPU time of the process: with one thread it is the compute time, and
+    other load on a shared machine inflates it far less than wall time."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
-def measure(name, backend, args):
+def setup(name, backend, args):
+    """``(train_step, hyper_step, first_order)`` closures for one model and loss
+    backend; ``first_order`` is the hypergradient without the solver's
+    Hessian-vector products (validation gradient, training gradient with its
+    graph, mixed term), so ``(hyper - first_order) / (J + 1)`` is the cost of one
+    Hessian-vector product."""
     torch.manual_seed(0)
     model = MODELS[name](args.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -62,11 +65,24 @@ def measure(name, backend, args):
         result = bopt.hyper_step(model, [(x, y)], [(xv, yv)])
         assert result.applied, result
 
+    first = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), solver="first_order", step_size=1.0)
     train_step()
     hyper_step()  # cold power iteration, not timed
-    plain = _median_seconds(train_step, args.repeats)
-    hyper = _median_seconds(hyper_step, args.repeats)
-    return {"model": name, "backend": backend, "plain_step_s": plain, "hyper_step_s": hyper}
+    return train_step, hyper_step, lambda: first.hypergradient(model, [(x, y)], [(xv, yv)])
+
+
+def measure(name, args):
+    """Median times per backend; the backends alternate in every repeat so that
+    drifting machine load affects both alike."""
+    steps = {backend: setup(name, backend, args) for backend in BACKENDS}
+    kinds = ("plain", "hyper", "first_order")
+    times = {(backend, kind): [] for backend in BACKENDS for kind in kinds}
+    for _ in range(args.repeats):
+        for backend, closures in steps.items():
+            for kind, fn in zip(kinds, closures):
+                times[backend, kind].append(_cpu_seconds(fn))
+    return [{"model": name, "backend": backend,
+             **{f"{kind}_s": statistics.median(times[backend, kind]) for kind in kinds}} for backend in BACKENDS]
 
 
 def main():
@@ -83,21 +99,22 @@ def main():
     target = 1.5 * (args.terms + 2)
     rows = []
     for name in args.models:
-        fused = measure(name, "fused", args)
-        reference = measure(name, "reference", args)
-        unit = fused["plain_step_s"]
+        fused, reference = measure(name, args)
+        unit = fused["plain_s"]
         for row in (fused, reference):
-            row["hyper_step_in_plain_steps"] = row["hyper_step_s"] / unit
+            row["hyper_step_in_plain_steps"] = row["hyper_s"] / unit
+            row["hvp_in_plain_steps"] = (row["hyper_s"] - row["first_order_s"]) / (args.terms + 1) / unit
             rows.append(row)
-        fused["fused_speedup_over_reference"] = reference["hyper_step_s"] / fused["hyper_step_s"]
+        fused["fused_speedup_over_reference"] = reference["hyper_s"] / fused["hyper_s"]
         fused["meets_target"] = fused["hyper_step_in_plain_steps"] <= target
 
     print(f"hyper-step cost, default solver (Neumann J={args.terms}, step 'auto'); batch {args.batch}, "
           f"K={args.classes}, {torch.get_num_threads()} threads; target <= {target:g} plain steps (fused)")
-    print(f"{'model':<10} {'backend':<10} {'plain ms':>9} {'hyper ms':>9} {'hyper/plain':>12}")
+    print("times: CPU ms; ratios: in plain fused training steps")
+    print(f"{'model':<10} {'backend':<10} {'plain':>8} {'hyper':>9} {'hyper/plain':>12} {'one HVP/plain':>14}")
     for row in rows:
-        print(f"{row['model']:<10} {row['backend']:<10} {1e3 * row['plain_step_s']:9.1f} "
-              f"{1e3 * row['hyper_step_s']:9.1f} {row['hyper_step_in_plain_steps']:12.2f}")
+        print(f"{row['model']:<10} {row['backend']:<10} {1e3 * row['plain_s']:8.1f} {1e3 * row['hyper_s']:9.1f} "
+              f"{row['hyper_step_in_plain_steps']:12.2f} {row['hvp_in_plain_steps']:14.2f}")
     for row in rows:
         if row["backend"] == "fused":
             print(f"{row['model']}: fused hyper-step {row['fused_speedup_over_reference']:.2f}x faster than "

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 namespace autobalance {
 
 struct Sizes {
@@ -13,6 +15,20 @@ struct Sizes {
   int64_t classes;  // K
   int64_t groups;   // G
 };
+
+// Dtype names as Python spells them, so C++ and Python errors read alike.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 // float64 logits accumulate in float64; everything else in float32.
 inline at::ScalarType accumulate_type(at::ScalarType logits_dtype) {
@@ -29,8 +45,8 @@ inline void check_same_device(const at::Tensor& t, const char* name,
 inline void check_table(const at::Tensor& t, const char* name,
                         const Sizes& s, at::ScalarType acc) {
   TORCH_CHECK_TYPE(t.scalar_type() == acc, "autobalance: `", name,
-                   "` must have dtype ", acc, " for logits of this dtype, got ",
-                   t.scalar_type());
+                   "` must have dtype ", dtype_name(acc),
+                   " for logits of this dtype, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.groups &&
                         t.size(1) == s.classes,
                     "autobalance: `", name, "` must have shape [G, K] = [",
@@ -40,7 +56,7 @@ inline void check_table(const at::Tensor& t, const char* name,
 inline void check_index(const at::Tensor& t, const char* name,
                         const Sizes& s) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "autobalance: `", name,
-                   "` must have dtype torch.int64, got ", t.scalar_type());
+                   "` must have dtype torch.int64, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
                     name, "` must have shape [N] = [", s.rows,
                     "] to match logits, got ", t.sizes());
@@ -49,7 +65,8 @@ inline void check_index(const at::Tensor& t, const char* name,
 inline void check_per_row(const at::Tensor& t, const char* name,
                           const Sizes& s, at::ScalarType acc) {
   TORCH_CHECK_TYPE(t.scalar_type() == acc, "autobalance: `", name,
-                   "` must have dtype ", acc, ", got ", t.scalar_type());
+                   "` must have dtype ", dtype_name(acc), ", got ",
+                   dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
                     name, "` must have shape [N] = [", s.rows, "], got ",
                     t.sizes());
@@ -65,7 +82,7 @@ inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
                        dt == at::kBFloat16 || dt == at::kHalf,
                    "autobalance: `logits` must be float32, float64, bfloat16 "
                    "or float16, got ",
-                   dt);
+                   dtype_name(dt));
   TORCH_CHECK_VALUE(logits.dim() == 2,
                     "autobalance: `logits` must have shape [N, K], got ",
                     logits.sizes());
@@ -106,7 +123,8 @@ inline void check_cotangents(const at::Tensor& logits, const Sizes& s,
   if (u_logits.has_value()) {
     TORCH_CHECK_TYPE(u_logits->scalar_type() == logits.scalar_type(),
                      "autobalance: `u_logits` must have the dtype of logits (",
-                     logits.scalar_type(), "), got ", u_logits->scalar_type());
+                     dtype_name(logits.scalar_type()), "), got ",
+                     dtype_name(u_logits->scalar_type()));
     TORCH_CHECK_VALUE(u_logits->sizes() == logits.sizes(),
                       "autobalance: `u_logits` must have the shape of logits ",
                       logits.sizes(), ", got ", u_logits->sizes());

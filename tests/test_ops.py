@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import autobalance
-from conftest import (FLOAT_DTYPES, LOW_PRECISION, OPS, Oracle, acc_dtype, assert_all_zero, assert_within,
+from conftest import (FLOAT_DTYPES, OPS, Oracle, acc_dtype, assert_all_zero, assert_within,
                       cotangents, examples, make_problem, problems, reference, tolerance)
 
 pce = autobalance.parametric_cross_entropy
@@ -484,24 +484,33 @@ def test_identity_tables_reproduce_cross_entropy(reduction, ignore_index, backen
     torch.testing.assert_close(gW[0], ew, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_nan_logits_poison_only_their_row(dtype):
+@pytest.mark.parametrize("poison", ["nan", "inf_at_target", "all_neg_inf"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_non_finite_logits_poison_only_their_row(dtype, poison):
     p = make_problem(9, 12, 40, 1, dtype, ignore_frac=0.0, use_group=False)
     bad = p.logits.clone()
-    bad[4, 7] = float("nan")
+    if poison == "nan":
+        bad[4, 7] = float("nan")
+    elif poison == "inf_at_target":
+        bad[4, p.target[4]] = float("inf")
+    else:
+        bad[4] = float("-inf")
     clean_loss, clean_lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     loss, lse = OPS.parametric_ce(bad, *p.args()[1:], p.ignore_index)
     others = torch.arange(p.N) != 4
-    assert torch.isnan(loss[4]) and torch.isnan(lse[4])
+    assert torch.isnan(loss[4])
     assert torch.equal(loss[others], clean_loss[others]) and torch.equal(lse[others], clean_lse[others])
     gamma = cotangents(p)[0]
-    clean_dz = OPS.parametric_ce_backward(gamma, *p.args(), clean_lse, p.ignore_index, False)[0]
-    dz = OPS.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
-    assert torch.equal(dz[others], clean_dz[others])
-    # documented: "NaN ... logits give a NaN loss (and gradients) on their own rows only"
-    ref_dz = reference.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
-    assert torch.isnan(ref_dz[4]).all()
-    assert torch.isnan(dz[4]).all(), f"grad_logits of the NaN row: {dz[4]}"
+    for table_grads in (False, True):
+        clean_dz = OPS.parametric_ce_backward(gamma, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
+        dz = OPS.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
+        assert torch.equal(dz[others], clean_dz[others])
+        assert not torch.isfinite(dz[4]).all()
+    if poison == "nan":
+        # documented: "NaN ... logits give a NaN loss (and gradients) on their own rows only"
+        ref_dz = reference.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
+        assert torch.isnan(ref_dz[4]).all()
+        assert torch.isnan(dz[4]).all(), f"grad_logits of the NaN row: {dz[4]}"
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -60,6 +60,13 @@ inline T reduce_sum(const Vec<T>& v) {
                                     v);
 }
 
+// exp_u20 clamps its input, so a NaN would not propagate through p; rows
+// whose lse is not finite get NaN multipliers instead.
+template <typename T>
+inline T nan_unless_finite(T lse, T value) {
+  return std::isfinite(lse) ? value : std::numeric_limits<T>::quiet_NaN();
+}
+
 // One sample after its index lookups. `ignored` rows are skipped entirely.
 struct RowIndex {
   int64_t y;
@@ -289,7 +296,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
               acc_t* dz = grad_row(dz_out + i * K, scratch + K);
               const acc_t* S = in.S + r.g * K;
               const acc_t* L = in.L + r.g * K;
-              const acc_t c = gamma[i] * in.W[r.g * K + r.y];
+              // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+              const acc_t c = nan_unless_finite(lse_p[i], gamma[i] * in.W[r.g * K + r.y]);
               const V vl(lse_p[i]), vc(c);
               // r_k = c p_k everywhere first; the -c at k = y is added below.
               acc_t* dW = partial ? partial + r.g * K : nullptr;
@@ -362,11 +370,12 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* gamma,
     const acc_t vbar = reduce_sum(vbar_acc);
     const acc_t Wy = in.W[off + y];
     const acc_t UWy = UW ? UW[off + y] : acc_t(0);
-    const acc_t c = gamma[i] * Wy;    // r_k = c (p_k - [k = y])
-    const acc_t cu = gamma[i] * UWy;  // t_k = p_k (c (v_k - v̄) + cu) - cu [k = y]
+    // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+    const acc_t c = nan_unless_finite(lse_p[i], gamma[i] * Wy);    // r_k = c (p_k - [k = y])
+    const acc_t cu = nan_unless_finite(lse_p[i], gamma[i] * UWy);  // t_k = p_k (c (v_k - v̄) + cu) - cu [k = y]
     const acc_t ce = lse_p[i] - (S[y] * z[y] + L[y]);
     const acc_t dv = vbar - v[y];
-    dgamma_out[i] = Wy * dv + UWy * ce;
+    dgamma_out[i] = nan_unless_finite(lse_p[i], Wy * dv + UWy * ce);
     // Pass 2: the k = y corrections of r and t are added after the loop.
     acc_t* dW = partial ? partial + off : nullptr;
     acc_t* dS = partial ? partial + table + off : nullptr;

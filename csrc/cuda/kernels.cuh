@@ -300,7 +300,7 @@ __device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> double_row(
 // kPrep = true: double backward for large K, writes v̄ = Σ_k p_k v_k and
 // grad_grad_loss = W[g,y] (v̄ - v_y) + UW[g,y] ce.
 template <bool kPrep, typename scalar_t, int TEAM>
-__global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = kVec<scalar_t>;
   constexpr int kTeams = kThreads / TEAM;
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
         const int b = base + u * kStride;
-        if (b >= K) break;
+        if (b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
         zc[u] = load<VEC>(z, c, K);
         if (kPrep && has.uz) uc[u] = load<VEC>(uz, c, K);
@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const Args<scalar_t> a) {
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
         const int b = base + u * kStride;
-        if (b >= K) break;
+        if (b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
         const auto Sc = load<VEC>(S, c, K);
         const auto Lc = load<VEC>(L, c, K);
@@ -410,11 +410,23 @@ __device__ __forceinline__ int owned_slot(int rel, int lane, bool vec) {
   return owner == lane ? ch * VEC + v : -1;
 }
 
+// With 16 float32 values per lane (E = 16) the backward fits 128 registers,
+// so two blocks per SM: four 16-byte loads in flight per lane. The double
+// backward of 2-byte logits, float64 and the wide fused tile (E = 32) need
+// more and get one block per SM.
+template <bool kDouble, typename scalar_t, int CH>
+constexpr int tile_min_blocks() {
+  constexpr bool fits = sizeof(at::opmath_type<scalar_t>) == 4 && CH * kVec<scalar_t> <= 16 &&
+                        !(kDouble && sizeof(scalar_t) == 2);
+  return fits ? 2 : 1;
+}
+
 // kDouble = false: backward (MATH.md section 3). kDouble = true: double
 // backward (section 4); with a.vbar null the tile holds the whole row and
 // the team computes v̄ and grad_grad_loss itself, else row_kernel<true> has.
 template <bool kDouble, typename scalar_t, int TX, int CH>
-__global__ void __launch_bounds__(kThreads) tile_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, CH>()))
+    tile_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = kVec<scalar_t>;
   constexpr int TY = kThreads / TX;  // teams per block

@@ -148,38 +148,47 @@ void launch_tiles(Args<scalar_t> a, const Tensor& grad_weight,
   }
 }
 
-// Largest K whose row the fused double backward keeps in one tile: 32
-// values per lane (16 for float64).
+// 16-byte chunks per lane in a tile: 16 accumulated values per lane (8 for
+// float64), or twice that in the wide tile of the fused double backward.
 template <typename scalar_t>
-constexpr int64_t kFusedMaxK = (std::is_same_v<scalar_t, float> ? 256 : 128) * kVec<scalar_t>;
+constexpr int kChunks = std::is_same_v<scalar_t, double> ? 4 : 16 / kVec<scalar_t>;
+template <typename scalar_t>
+constexpr int64_t kLaneCols = kChunks<scalar_t> * kVec<scalar_t>;
 
-// Every lane takes 4 chunks of a row (8 for the widest float32 fused tile):
-// the fewest lanes (4 to 32) whose tile holds a whole row when one may
-// (backward) or must (fused double backward); else 32-lane tiles.
+// Largest K whose row the fused double backward keeps in one tile: 1024
+// (256 for float64).
+template <typename scalar_t>
+constexpr int64_t kFusedMaxK =
+    (std::is_same_v<scalar_t, double> ? 32 : 64) * kLaneCols<scalar_t>;
+
+// The fewest lanes (4 to 32) whose tile holds a whole row, when a tile may
+// (backward) or must (fused double backward) hold one; else 32-lane tiles
+// side by side along the row.
 template <bool kDouble, typename scalar_t>
 void run_tiles(const Args<scalar_t>& a, const Tensor& grad_weight,
                const Tensor& grad_scale, const Tensor& grad_shift,
                bool table_grads, cudaStream_t stream) {
-  constexpr int VEC = kVec<scalar_t>;
+  constexpr int CH = kChunks<scalar_t>;
+  constexpr int64_t E = kLaneCols<scalar_t>;
   const auto go = [&](auto lanes, auto chunks) {
     launch_tiles<kDouble, scalar_t, decltype(lanes)::value, decltype(chunks)::value>(
         a, grad_weight, grad_scale, grad_shift, table_grads, stream);
   };
-  constexpr template_int<4> four{};
+  constexpr template_int<CH> chunks{};
   const int64_t K = a.K;
   if (kDouble && a.vbar != nullptr) {
-    go(template_int<32>{}, four);  // column tiles; v̄ came from the row pass
-  } else if (K <= 4 * 4 * VEC) {
-    go(template_int<4>{}, four);
-  } else if (K <= 8 * 4 * VEC) {
-    go(template_int<8>{}, four);
-  } else if (K <= 16 * 4 * VEC) {
-    go(template_int<16>{}, four);
-  } else if (K <= 32 * 4 * VEC || !kDouble) {
-    go(template_int<32>{}, four);  // backward, large K: column tiles
-  } else if constexpr (kDouble && std::is_same_v<scalar_t, float>) {
+    go(template_int<32>{}, chunks);  // column tiles; v̄ came from the row pass
+  } else if (K <= 4 * E) {
+    go(template_int<4>{}, chunks);
+  } else if (K <= 8 * E) {
+    go(template_int<8>{}, chunks);
+  } else if (K <= 16 * E) {
+    go(template_int<16>{}, chunks);
+  } else if (K <= 32 * E || !kDouble) {
+    go(template_int<32>{}, chunks);  // backward, large K: column tiles
+  } else if constexpr (kDouble && !std::is_same_v<scalar_t, double>) {
     TORCH_INTERNAL_ASSERT(K <= kFusedMaxK<scalar_t>);
-    go(template_int<32>{}, template_int<8>{});
+    go(template_int<32>{}, template_int<2 * CH>{});
   } else {
     TORCH_INTERNAL_ASSERT(false, "autobalance: K = ", K, " is too large for the fused tile");
   }

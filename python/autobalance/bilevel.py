@@ -203,8 +203,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
         for x, y in train_loader:                      # search phase
             loss = criterion(model(x), y)
             bopt.zero_grad(); loss.backward(); bopt.step()
-            if bopt.hyper_step_due:
-                bopt.hyper_step(model, train_batches=[(x, y)], val_batches=[next(val_iter)])
+            if bopt.hyper_step_due:  # the published code averages 10 fresh batches of each
+                bopt.hyper_step(model, train_batches=[next(train_iter)], val_batches=[next(val_iter)])
         bopt.freeze()                                  # retrain phase: the learned loss is fixed
 
     Batches are ``(inputs, target)`` or ``(inputs, target, group)``; ``model(inputs)``
@@ -506,6 +506,9 @@ class BilevelOptimizer(torch.optim.Optimizer):
             if any(g is not None for g in grads[len(self._theta):]):
                 raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
                                  "function of the network weights only (MATH.md section 5)")
+            if all(g is None for g in grads[:len(self._theta)]):
+                raise ValueError("autobalance: the validation loss does not depend on theta; pass the `model` "
+                                 "whose weights the wrapped optimizer trains")
             flat = _flat([torch.zeros_like(p) if g is None else g for p, g in zip(self._theta, grads)])
             total = flat if total is None else total + flat
             losses.append(float(loss.detach()))
@@ -672,14 +675,15 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     ``finite_differences``, it also returns central differences (step ``fd_step``)
     of the re-solved validation loss along every coordinate of alpha.
 
-    ``criterion`` is copied and cast to float64; the original is not changed. The
-    exact hypergradient gets the same shift-gauge projection as the estimate.
+    ``criterion`` (a ``ParametricCE``) is copied and cast to float64; the original
+    is not changed. The exact hypergradient gets the same shift-gauge projection
+    as the estimate; the finite differences get none (they are gauge-free).
     """
     criterion = copy.deepcopy(criterion).double()
     x, y, g = _unpack(train, "train")
     xv, yv, gv = _unpack(val, "val")
     x, xv = x.double(), xv.double()
-    classes, features = criterion.num_classes if hasattr(criterion, "num_classes") else int(y.max()) + 1, x.shape[1]
+    classes, features = criterion.num_classes, x.shape[1]
 
     def train_loss(w):
         return criterion(x @ w.view(classes, features).T, y, g) if g is not None \

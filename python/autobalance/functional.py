@@ -44,7 +44,8 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
             ``F.cross_entropy``).
         backend: ``"fused"`` or ``"reference"``.
 
-    NaN or infinite logits give a NaN loss (and gradients) on their own rows only.
+    A NaN or infinite logit makes its own row's loss non-finite and its
+    gradients NaN; other rows are unaffected.
     The loss is returned in the accumulation dtype.
     """
     if reduction not in REDUCTIONS:

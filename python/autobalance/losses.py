@@ -249,6 +249,9 @@ class ParametricCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 group: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(f"autobalance: `logits` must have K = num_classes = {self.num_classes} columns, "
+                             f"got shape {list(logits.shape)}")
         weight, scale, shift = self.tables()
         return parametric_cross_entropy(logits, target, weight, scale, shift, group,
                                         reduction=self.reduction, ignore_index=self.ignore_index,
