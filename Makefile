@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-MAIN ?= demo
+MAIN ?= run
 
 .PHONY: run test setup bench clean
 

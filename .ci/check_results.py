@@ -1,0 +1,36 @@
+"""Checks the outputs of `autobalance run --quick`: the files exist and every
+reported number is finite and in range."""
+import json
+import math
+import os
+import sys
+
+
+def check(folder, experiment):
+    expected = ["results.json", "table.md", "parameter_evolution.png"]
+    expected.append("per_class_accuracy.png" if experiment == "classes" else "pareto.png")
+    for name in expected:
+        path = os.path.join(folder, name)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, f"missing or empty: {path}"
+    with open(os.path.join(folder, "results.json")) as f:
+        results = json.load(f)
+    assert results["experiment"] == experiment
+    keys = (["balanced_error", "standard_error"] if experiment == "classes"
+            else ["group_balanced_error", "worst_cell_error", "deo_error", "standard_error"])
+    upper = {"deo_error": 2.0 * 2}  # a sum over classes of differences of two rates
+    for run in results["results"]:
+        for key in keys:
+            value = run["metrics"][key]
+            assert math.isfinite(value) and 0.0 <= value <= upper.get(key, 1.0), f"{run['method']}: {key} = {value}"
+        assert run["seconds"] > 0
+    methods = {r["method"] for r in results["results"]}
+    assert any(m.startswith("AutoBalance") for m in methods), methods
+    multiple = results["autobalance_time_multiple"]
+    assert multiple is not None and math.isfinite(multiple) and multiple > 0
+    searched = [r for r in results["results"] if r["search_seconds"] > 0]
+    assert searched and all(len(r["trace"]) > 1 for r in searched), "no hyper-step was taken"
+    print(f"{folder}: {len(results['results'])} runs, outputs complete, AutoBalance time x{multiple:.2f}")
+
+
+if __name__ == "__main__":
+    check(sys.argv[1], sys.argv[2])
