@@ -236,6 +236,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cuda(
   const auto acc = accumulate_type(logits.scalar_type());
   check_per_row(grad_loss, "grad_loss", s, acc);
   check_per_row(lse, "lse", s, acc);
+  // check_per_row does not look at devices; a host pointer must not reach a kernel.
+  check_same_device(grad_loss, "grad_loss", logits);
+  check_same_device(lse, "lse", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
   Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
@@ -272,6 +275,8 @@ parametric_ce_double_backward_cuda(
   const auto acc = accumulate_type(logits.scalar_type());
   check_per_row(grad_loss, "grad_loss", s, acc);
   check_per_row(lse, "lse", s, acc);
+  check_same_device(grad_loss, "grad_loss", logits);
+  check_same_device(lse, "lse", logits);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;

@@ -29,6 +29,7 @@ SOLVERS = ("neumann", "cg", "first_order")
 class HyperStepResult(NamedTuple):
     """What one hyper-step did. ``hypergrad_norm`` is the norm after gauge
     fixing and before clipping (NaN or inf when the step was skipped);
+    ``train_loss`` / ``val_loss`` are this rank's means over its batches;
     ``step_size`` is the Neumann / first-order ``eta`` (None for CG)."""
     applied: bool
     hypergrad_norm: float
@@ -55,6 +56,21 @@ def _grad(outputs, inputs, grad_outputs=None, **kwargs):
         return _flat([torch.zeros_like(x) for x in inputs])
     grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kwargs)
     return _flat([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)])
+
+
+def _loss(fn, logits, target, group):
+    """``fn(logits, target[, group])``: a loss used without groups need not take one."""
+    return fn(logits, target) if group is None else fn(logits, target, group)
+
+
+def _fix_shift_gauge(criterion, names, grads):
+    """Projects the hypergradient of ``ParametricCE.shift_param`` to zero mean across
+    clusters in every row: a per-row constant shift changes no loss value (MATH.md
+    section 2), so the exact hypergradient has no component along it."""
+    if isinstance(criterion, ParametricCE) and "shift_param" in names:
+        i = names.index("shift_param")
+        grads[i] = grads[i] - grads[i].mean(1, keepdim=True)
+    return grads
 
 
 def _int(value, name, minimum):
@@ -150,26 +166,23 @@ class _TrainGradients:
         self.losses = []
         self._kept = None
 
-    def _graphs(self):
-        if self._kept is not None:
-            yield self._kept
-            return
-        for inputs, target, grp in self.batches:
-            logits = self.model(inputs)
-            loss = self.owner.criterion(logits, target) if grp is None else self.owner.criterion(logits, target, grp)
-            _check_scalar(loss, "criterion")
-            grads = torch.autograd.grad(loss, self.owner._theta, create_graph=True, allow_unused=True)
-            if len(self.losses) < len(self.batches):
-                self.losses.append(float(loss.detach()))
-            if len(self.batches) == 1:
-                self._kept = grads
-            yield grads
+    def _build(self, batch):
+        inputs, target, grp = batch
+        loss = _loss(self.owner.criterion, self.model(inputs), target, grp)
+        _check_scalar(loss, "criterion")
+        if len(self.losses) < len(self.batches):
+            self.losses.append(float(loss.detach()))
+        return torch.autograd.grad(loss, self.owner._theta, create_graph=True, allow_unused=True)
 
     def _average(self, inputs, vector):
         parts = _split(vector, self.owner._theta)
         total = None
-        for grads in self._graphs():
+        for batch in self.batches:
+            grads = self._kept if self._kept is not None else self._build(batch)
+            if len(self.batches) == 1:
+                self._kept = grads
             term = _grad(grads, inputs, parts, retain_graph=True)
+            del grads  # free this batch's second-order graph before the next one is built
             total = term if total is None else total + term
         return total / len(self.batches)
 
@@ -496,23 +509,20 @@ class BilevelOptimizer(torch.optim.Optimizer):
             return None
         return torch.cat([torch.full((p.numel(),), decay[id(p)], dtype=p.dtype, device=p.device) for p in self._theta])
 
-    def _val_gradient(self, model, batches, group):
-        total, losses = None, []
-        for inputs, target, grp in batches:
-            logits = model(inputs)
-            loss = self.objective(logits, target) if grp is None else self.objective(logits, target, grp)
-            _check_scalar(loss, "objective")
-            grads = torch.autograd.grad(loss, self._theta + self._hyper, allow_unused=True)
-            if any(g is not None for g in grads[len(self._theta):]):
-                raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
-                                 "function of the network weights only (MATH.md section 5)")
-            if all(g is None for g in grads[:len(self._theta)]):
-                raise ValueError("autobalance: the validation loss does not depend on theta; pass the `model` "
-                                 "whose weights the wrapped optimizer trains")
-            flat = _flat([torch.zeros_like(p) if g is None else g for p, g in zip(self._theta, grads)])
-            total = flat if total is None else total + flat
-            losses.append(float(loss.detach()))
-        return _mean_over_ranks(total / len(batches), group), sum(losses) / len(losses)
+    def _val_gradient(self, model, batch):
+        """``(grad_theta L_V, L_V)`` of one validation batch, flat."""
+        inputs, target, grp = batch
+        loss = _loss(self.objective, model(inputs), target, grp)
+        _check_scalar(loss, "objective")
+        grads = torch.autograd.grad(loss, self._theta + self._hyper, allow_unused=True)
+        if any(g is not None for g in grads[len(self._theta):]):
+            raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
+                             "function of the network weights only (MATH.md section 5)")
+        if all(g is None for g in grads[:len(self._theta)]):
+            raise ValueError("autobalance: the validation loss does not depend on theta; pass the `model` "
+                             "whose weights the wrapped optimizer trains")
+        grad = _flat([torch.zeros_like(p) if g is None else g for p, g in zip(self._theta, grads)])
+        return grad, float(loss.detach())
 
     def _power_iteration(self, hvp, like):
         """``(eta, eigenvector)`` with ``eta = 1 / lambda``, ``lambda = |H u|`` for the unit
@@ -552,17 +562,17 @@ class BilevelOptimizer(torch.optim.Optimizer):
         val = self._batches(val_batches, "val_batches")
         group = _process_group(model)
         with _hyper_passes(model):
-            v, val_loss = self._val_gradient(model, val, group)
+            v, val_loss = 0.0, 0.0
+            for batch in val:
+                grad, loss = self._val_gradient(model, batch)
+                v, val_loss = v + grad, val_loss + loss / len(val)
+            v = _mean_over_ranks(v / len(val), group)
             train_grads = _TrainGradients(self, model, train, self._weight_decay(), group)
             p, eta, eigenvector = self._solve(train_grads.hvp, v)
             hypergrad = -train_grads.mixed(p)
             train_loss = sum(train_grads.losses) / len(train_grads.losses)
         hypergrad = _split(_ordered_mean_over_ranks(hypergrad, group), self._hyper)
-        if isinstance(self.criterion, ParametricCE) and "shift" in self.criterion.learn:
-            # the shift gauge of MATH.md section 2: no component along a per-row constant
-            i = self._hyper_names.index("shift_param")
-            hypergrad[i] = hypergrad[i] - hypergrad[i].mean(1, keepdim=True)
-        return hypergrad, train_loss, val_loss, eta, eigenvector
+        return _fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, eta, eigenvector
 
     def hypergradient(self, model, train_batches, val_batches) -> List[torch.Tensor]:
         """The gauge-fixed hypergradient ``dL_V/dalpha`` (MATH.md section 5), one tensor per
@@ -684,61 +694,55 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     xv, yv, gv = _unpack(val, "val")
     x, xv = x.double(), xv.double()
     classes, features = criterion.num_classes, x.shape[1]
+    names = [n for n, q in criterion.named_parameters() if q.requires_grad]
+    hyper = [q for q in criterion.parameters() if q.requires_grad]
 
-    def train_loss(w):
-        return criterion(x @ w.view(classes, features).T, y, g) if g is not None \
-            else criterion(x @ w.view(classes, features).T, y)
+    def regularised_train_loss(w):  # the l2 term does not depend on alpha
+        return _loss(criterion, x @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)
 
     def val_loss(w):
-        logits = xv @ w.view(classes, features).T
-        return objective(logits, yv) if gv is None else objective(logits, yv, gv)
+        return _loss(objective, xv @ w.view(classes, features).T, yv, gv)
+
+    def gradient_and_hessian(w):
+        w = w.detach().requires_grad_(True)
+        grad = torch.autograd.grad(regularised_train_loss(w), w, create_graph=True)[0]
+        return w, grad, torch.stack([torch.autograd.grad(grad[i], w, retain_graph=True)[0] for i in range(w.numel())])
 
     def solve(w):
         for _ in range(100):
-            w = w.detach().requires_grad_(True)
-            grad = torch.autograd.grad(train_loss(w) + 0.5 * l2 * w.dot(w), w, create_graph=True)[0]
-            if float(grad.detach().norm()) < 1e-13:
-                return w.detach()
-            hessian = torch.stack([torch.autograd.grad(grad[i], w, retain_graph=True)[0] for i in range(w.numel())])
-            w = w - torch.linalg.solve(hessian, grad)
+            w, grad, hessian = gradient_and_hessian(w)
+            step = torch.linalg.solve(hessian, grad.detach())
+            w = w.detach() - step
+            if float(step.norm()) <= 1e-12 * (1.0 + float(w.norm())):
+                return w
         raise RuntimeError("autobalance: check_hypergrad: Newton's method did not converge; increase `l2`")
 
     w_star = solve(torch.zeros(classes * features, dtype=torch.float64))
-    hyper = [p for p in criterion.parameters() if p.requires_grad]
 
     # exact: p = H^-1 grad L_V, hypergrad = -d/dalpha <grad_theta L_T, p>
-    w = w_star.clone().requires_grad_(True)
-    grad_train = torch.autograd.grad(train_loss(w), w, create_graph=True)[0]
-    hessian = torch.stack([torch.autograd.grad(grad_train[i], w, retain_graph=True)[0]
-                           for i in range(w.numel())]) + l2 * torch.eye(w.numel(), dtype=torch.float64)
-    v = torch.autograd.grad(val_loss(w), w)[0]
-    p = torch.linalg.solve(hessian, v)
-    exact = _split(-_grad([grad_train], hyper, [p]), hyper)
+    w, grad, hessian = gradient_and_hessian(w_star)
+    p = torch.linalg.solve(hessian, torch.autograd.grad(val_loss(w), w)[0])
+    exact = _fix_shift_gauge(criterion, names, _split(-_grad([grad], hyper, [p]), hyper))
 
     model = nn.Linear(features, classes, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(w_star.view(classes, features))
     bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=l2), criterion, objective,
                             **options)
-    estimate = bopt.hypergradient(model, [(x, y, g) if g is not None else (x, y)],
-                                  [(xv, yv, gv) if gv is not None else (xv, yv)])
-    if isinstance(criterion, ParametricCE) and "shift" in criterion.learn:
-        i = [n for n, q in criterion.named_parameters() if q.requires_grad].index("shift_param")
-        exact[i] = exact[i] - exact[i].mean(1, keepdim=True)
+    estimate = bopt.hypergradient(model, [(x, y, g)[:3 if g is not None else 2]],
+                                  [(xv, yv, gv)[:3 if gv is not None else 2]])
 
     fd = None
     if finite_differences:
-        flat_alpha = [q.view(-1) for q in hyper]
         columns = []
-        with torch.no_grad():
-            for q in flat_alpha:
-                for j in range(q.numel()):
-                    values = []
-                    for sign in (1.0, -1.0):
-                        q[j] += sign * fd_step
-                        with torch.enable_grad():
-                            values.append(float(val_loss(solve(w_star))))
-                        q[j] -= sign * fd_step
-                    columns.append((values[0] - values[1]) / (2 * fd_step))
+        for q in hyper:
+            flat = q.detach().view(-1)
+            for j in range(flat.numel()):
+                values = []
+                for sign in (1.0, -1.0):
+                    flat[j] += sign * fd_step
+                    values.append(float(val_loss(solve(w_star)).detach()))
+                    flat[j] -= sign * fd_step
+                columns.append((values[0] - values[1]) / (2 * fd_step))
         fd = torch.tensor(columns, dtype=torch.float64)
     return HypergradCheck(_flat(exact).double(), _flat(estimate).double(), fd)

@@ -61,7 +61,13 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
         return loss
     if reduction == "sum":
         return loss.sum()
-    valid = target != ignore_index
-    y = target.masked_fill(~valid, 0)
-    sample_weight = weight[0, y] if group is None else weight[group.masked_fill(~valid, 0), y]
-    return loss.sum() / torch.where(valid, sample_weight, 0).sum()
+    return loss.sum() / _weight_sum(weight, target, group, ignore_index)
+
+
+def _weight_sum(weight, target, group, ignore_index):
+    """``sum_i W[g_i, y_i]`` over the rows that are not ignored: the ``mean``
+    denominator (differentiable in ``weight`` when it requires grad)."""
+    with torch.set_grad_enabled(weight.requires_grad and torch.is_grad_enabled()):
+        valid = target != ignore_index
+        cell = target if group is None else group * weight.shape[1] + target
+        return (weight.reshape(-1).take(cell.masked_fill(~valid, 0)) * valid).sum()
