@@ -12,8 +12,9 @@ J + 2 Hessian-vector-like products (one power step, J Neumann terms, the mixed
 term) plus two gradients. Target: at most ``1.5 (J + 2)`` plain steps with the
 fused backend, and fused faster than reference.
 
-    python bench/bench_hyperstep.py                   # table + bench/bench_hyperstep.json
+    python bench/bench_hyperstep.py                   # table + bench/results_hyperstep.json
     python bench/bench_hyperstep.py --models small_cnn --repeats 3 --batch 64
+    python bench/bench_hyperstep.py --theta fc        # theta = the last layer only
 """
 import argparse
 import json
@@ -50,7 +51,9 @@ def setup(name, backend, args):
     model = MODELS[name](args.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = ParametricCE(args.classes, backend=backend)
-    bopt = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), hyper_every=1, neumann_terms=args.terms)
+    theta = model.fc.parameters() if args.theta == "fc" else None
+    bopt = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), hyper_every=1, neumann_terms=args.terms,
+                            inner_params=theta)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, args.classes, (args.batch,))
     xv, yv = torch.randn_like(x), torch.randint(0, args.classes, (args.batch,))
@@ -65,7 +68,8 @@ def setup(name, backend, args):
         result = bopt.hyper_step(model, [(x, y)], [(xv, yv)])
         assert result.applied, result
 
-    first = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), solver="first_order", step_size=1.0)
+    first = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), solver="first_order", step_size=1.0,
+                             inner_params=bopt._theta)
     train_step()
     hyper_step()  # cold power iteration, not timed
     return train_step, hyper_step, lambda: first.hypergradient(model, [(x, y)], [(xv, yv)])
@@ -92,8 +96,10 @@ def main():
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--terms", type=int, default=5, help="Neumann terms J")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--theta", choices=("all", "fc"), default="all",
+                        help="the hypergradient's weights: all of them (default) or the last layer")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (CPU times add up over threads)")
-    parser.add_argument("--json", default="bench/bench_hyperstep.json")
+    parser.add_argument("--json", default="bench/results_hyperstep.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = 1.5 * (args.terms + 2)
@@ -108,8 +114,9 @@ def main():
         fused["fused_speedup_over_reference"] = reference["hyper_s"] / fused["hyper_s"]
         fused["meets_target"] = fused["hyper_step_in_plain_steps"] <= target
 
-    print(f"hyper-step cost, default solver (Neumann J={args.terms}, step 'auto'); batch {args.batch}, "
-          f"K={args.classes}, {torch.get_num_threads()} threads; target <= {target:g} plain steps (fused)")
+    print(f"hyper-step cost, default solver (Neumann J={args.terms}, step 'auto'), theta={args.theta}; "
+          f"batch {args.batch}, K={args.classes}, {torch.get_num_threads()} threads; "
+          f"target <= {target:g} plain steps (fused)")
     print("times: CPU ms; ratios: in plain fused training steps")
     print(f"{'model':<10} {'backend':<10} {'plain':>8} {'hyper':>9} {'hyper/plain':>12} {'one HVP/plain':>14}")
     for row in rows:

@@ -596,7 +596,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
             return HyperStepResult(False, norm, train_loss, val_loss, eta)
         factor = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
         for p, g in zip(self._hyper, hypergrad):
-            p.grad = (g * factor).to(p.dtype) if factor != 1.0 else g.to(p.dtype)
+            p.grad = (g * factor).to(p.dtype)
         self.hyper_optimizer.step()
         for p in self._hyper:
             p.grad = None
