@@ -25,16 +25,23 @@ from autobalance import parametric_cross_entropy, reference
 SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (2048, 8142)]
 
 
-def median_ms(fn, min_time=0.4, max_reps=200):
-    for _ in range(3):
+def interleaved_medians(fns, rounds, reps=3):
+    """Median ms of each callable, timed round-robin (each round runs every
+    callable ``reps`` times and keeps its fastest), so that load changes on a
+    shared machine hit every variant alike."""
+    for fn in fns.values():
         fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 7 or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            samples[name].append(best)
+    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
 
 
 def problem(n, k, seed=0):
@@ -80,16 +87,15 @@ def bench_shape(n, k, quick):
     def dbl_reference():
         reference.parametric_ce_double_backward(gamma, z, y, None, *tables, lse, uz, None, None, None, -100, True)
 
-    min_time = 0.1 if quick else 0.4
-    t = {
-        "fused": median_ms(lambda: fwd_bwd("fused")(z, y, tables), min_time),
-        "reference": median_ms(lambda: fwd_bwd("reference")(z, y, tables), min_time),
-        "reference_compiled": median_ms(lambda: compiled(z, y, tables), min_time),
-        "cross_entropy": median_ms(lambda: cross_entropy(z, y, tables), min_time),
-        "exp": median_ms(lambda: torch.exp(z), min_time),
-        "double_fused": median_ms(dbl_fused, min_time),
-        "double_reference": median_ms(dbl_reference, min_time),
-    }
+    t = interleaved_medians({
+        "fused": lambda: fwd_bwd("fused")(z, y, tables),
+        "reference": lambda: fwd_bwd("reference")(z, y, tables),
+        "reference_compiled": lambda: compiled(z, y, tables),
+        "cross_entropy": lambda: cross_entropy(z, y, tables),
+        "exp": lambda: torch.exp(z),
+        "double_fused": dbl_fused,
+        "double_reference": dbl_reference,
+    }, rounds=5 if quick else 15)
     ratios = {
         "cross_entropy/fused": t["cross_entropy"] / t["fused"],
         "compiled/fused": t["reference_compiled"] / t["fused"],
@@ -109,7 +115,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results_ops.json")
-    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench_shape(n, k, args.quick) for n, k in SHAPES]
