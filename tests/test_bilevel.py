@@ -1,15 +1,17 @@
 """BilevelOptimizer and check_hypergrad (MATH.md sections 2 and 5)."""
+import contextlib
 import copy
 import io
 import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autobalance import ParametricCE
-from autobalance.bilevel import BilevelOptimizer, HyperStepResult, check_hypergrad
+from autobalance.bilevel import BilevelOptimizer, HyperStepResult, _HyperStepLayers, check_hypergrad
 from autobalance.objectives import BalancedCE, CrossEntropy, GroupBalancedCE
 
 K, D = 4, 5
@@ -143,28 +145,110 @@ def train(model, bopt, criterion, steps, data, val, hyper_log=None):
 class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.counts = {}
+        self.counts, self.double_backward_args = {}, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.counts[name] = self.counts.get(name, 0) + 1
+        if name == "autobalance.parametric_ce_double_backward":
+            self.double_backward_args.append(args)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_second_derivatives_go_through_the_fused_double_backward(backend):
     model = mlp()
-    bopt, criterion = make(model, ParametricCE(K, backend=backend), neumann_terms=3, power_iterations=2)
+    bopt, criterion = make(model, ParametricCE(K, backend=backend), neumann_terms=3, power_iterations=2,
+                           power_refresh_every=3)
     x, y = batches(0, 1)[0]
     criterion(model(x), y).backward()
     bopt.step()
-    # the first hyper-step: 2 power iterations + 3 Neumann terms + the mixed term, one call each;
-    # later ones warm-start the power iteration with a single step
-    for expected in (6, 5):
+    # one call per Hessian-vector product and one for the mixed term; the first hyper-step makes 2 power
+    # iterations + 3 Neumann terms + the mixed term, later ones 3 + 1, plus one warm-started power step
+    # at every 3rd hyper-step (power_refresh_every)
+    for expected in (6, 4, 4, 5, 4):
         with CountOps() as ops:
             bopt.hyper_step(model, [(x, y)], [(x, y)])
         calls = ops.counts.get("autobalance.parametric_ce_double_backward", 0)
         assert calls == (expected if backend == "fused" else 0), ops.counts
+        if backend == "fused":
+            # the mixed term (the last call) is d/dalpha <Uz, dl/dz> with Uz = J_theta p alone
+            u_logits, u_weight, u_scale, u_shift = ops.double_backward_args[-1][8:12]
+            assert u_logits.shape == (len(y), K) and u_weight is None and u_scale is None and u_shift is None
+
+
+class NoForwardADTanh(nn.Module):
+    """tanh through an autograd.Function with a backward but no forward-mode derivative (no ``jvp``)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.tanh(x)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            return grad * (1 - y * y)
+
+    def forward(self, x):
+        return self.Function.apply(x)
+
+
+def test_mixed_term_by_forward_mode_matches_reverse_over_reverse():
+    """The mixed term from a forward-mode J_theta p and the loss's second derivative
+    equals the one through the network's double backward, which is the fallback
+    for a model with a layer that has no forward-mode derivative."""
+    model = mlp(batch_norm=True, dtype=torch.float64)
+    fallback = copy.deepcopy(model)
+    fallback[1] = NoForwardADTanh()
+    results = []
+    for net in (model, fallback):
+        net(batches(0, 1, dtype=torch.float64)[0][0])  # batch statistics differ from the initial ones
+        bopt, _ = make(net, ParametricCE(K).double(), solver="cg", cg_iterations=4)
+        with torch.no_grad():
+            bopt.criterion.shift_param.copy_(0.1 * torch.arange(K, dtype=torch.float64))
+        results.append(bopt.hypergradient(net, batches(16, 2, dtype=torch.float64),
+                                          batches(17, 1, dtype=torch.float64)))
+        assert bopt._forward_ad == (net is model)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def hyper_step_layers_net(x, conv1_w, conv1_b, conv2_w, bn_w, bn_b, mean, var, mode=_HyperStepLayers):
+    """Convolutions (bias, stride, padding, dilation, groups), eval-mode BatchNorm and ReLU."""
+    with mode():
+        out = F.relu(F.conv2d(x, conv1_w, conv1_b, stride=(2, 1), padding=1, dilation=(1, 2)))
+        out = F.batch_norm(F.conv2d(out, conv2_w, None, padding=(1, 0), groups=2), mean, var, bn_w, bn_b, False,
+                           0.1, 1e-5)
+        out = F.conv1d(F.relu(out).flatten(2), conv2_w[..., 0], stride=2, groups=2)
+        return torch.tanh(out) ** 2
+
+
+def test_hyper_step_layers_have_pytorchs_values_and_derivatives():
+    """The hyper-step's convolution, eval-mode BatchNorm and ReLU: PyTorch's values and
+    gradients, and correct second and forward-mode derivatives."""
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    params = [randn(2, 2, 5, 6), randn(4, 2, 3, 3), randn(4), randn(4, 2, 3, 1), randn(4), randn(4)]
+    params = [p.requires_grad_(True) for p in params] + [randn(4), randn(4).exp()]
+    n = 5  # the differentiable arguments: x and the weights
+    ours, theirs = hyper_step_layers_net(*params), hyper_step_layers_net(*params, mode=contextlib.nullcontext)
+    assert torch.equal(ours, theirs)
+    nodes, stack = set(), [ours.grad_fn]
+    while stack:
+        node = stack.pop()
+        nodes.add(type(node).__name__)
+        stack += [f for f, _ in node.next_functions if f is not None]
+    assert {"_ConvBackward", "_EvalBatchNormBackward", "_ReLUBackward"} <= nodes, nodes
+    cotangent = randn(*ours.shape)
+    for a, b in zip(torch.autograd.grad(ours, params[:n + 1], cotangent),
+                    torch.autograd.grad(theirs, params[:n + 1], cotangent)):
+        assert torch.equal(a, b)
+    fn = lambda *args: hyper_step_layers_net(*args, *params[n + 1:])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params[:n + 1], check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, params[:n + 1])
 
 
 def test_schedule_warmup_then_every_n_steps_once_per_step():
@@ -222,7 +306,8 @@ def run_trajectory(stop_at=None, steps=10):
     """Trains with hyper-steps; with ``stop_at``, checkpoints there, rebuilds
     everything from scratch and resumes."""
     model = mlp(batch_norm=True)
-    bopt, criterion = make(model, warmup_steps=2, hyper_every=2)
+    # a power-iteration refresh at every other hyper-step: the checkpoint holds a reused estimate
+    bopt, criterion = make(model, warmup_steps=2, hyper_every=2, power_refresh_every=2)
     data, val = batches(3), batches(4)
     if stop_at is None:
         train(model, bopt, criterion, steps, data, val)
@@ -233,7 +318,7 @@ def run_trajectory(stop_at=None, steps=10):
     buffer.seek(0)
     saved = torch.load(buffer)
     model = mlp(seed=123, batch_norm=True)
-    bopt, criterion = make(model, ParametricCE(K), warmup_steps=2, hyper_every=2)
+    bopt, criterion = make(model, ParametricCE(K), warmup_steps=2, hyper_every=2, power_refresh_every=2)
     model.load_state_dict(saved["model"])
     bopt.load_state_dict(saved["bopt"])
     for t in range(stop_at, steps):  # the same data order as an uninterrupted run
@@ -415,6 +500,8 @@ def test_bad_arguments_raise_clear_errors():
         BilevelOptimizer(opt, criterion, BalancedCE(K), solver="newton")
     with pytest.raises(ValueError, match="`step_size`"):
         BilevelOptimizer(opt, criterion, BalancedCE(K), step_size=-1.0)
+    with pytest.raises(ValueError, match="`power_refresh_every` must be an int >= 1, got 0"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), power_refresh_every=0)
     with pytest.raises(ValueError, match="`hyper_every` must be an int >= 1, got 0"):
         BilevelOptimizer(opt, criterion, BalancedCE(K), hyper_every=0)
     with pytest.raises(ValueError, match="`hyper_optimizer` must hold exactly"):

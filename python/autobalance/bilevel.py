@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
+from torch.overrides import TorchFunctionMode
 
 from autobalance.losses import ParametricCE
 
@@ -118,6 +122,200 @@ def _ordered_mean_over_ranks(t, group):
     return total / len(parts)
 
 
+# ---- the hyper-step's layers: PyTorch's kernels, cheaper second derivatives
+#
+# PyTorch's generic double backward of a convolution runs less efficient kernels than its
+# backward, that of eval-mode BatchNorm is a long chain of full-size elementwise ops, and
+# that of ReLU materialises and propagates a full-size zero; together they are a large
+# part of each Hessian-vector product. During the hyper-step's passes ``_HyperStepLayers``
+# routes these layers through autograd Functions that compute the same values and
+# gradients with the same kernels, and whose derivatives are written out: the double
+# backward of a convolution is two convolutions and PyTorch's backward-data and
+# backward-weights kernels, and eval-mode BatchNorm, an affine map per channel, needs a
+# few elementwise passes. They also give the forward-mode derivatives (``jvp``) of the
+# mixed term. Third derivatives are not needed.
+
+def _per_channel(t, like):
+    return t.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _conv(x, weight, bias, args):
+    stride, padding, dilation, groups = args
+    return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def _conv_jvp(x, weight, t_x, t_weight, t_bias, args, shape):
+    """The convolution's derivative along ``(t_x, t_weight, t_bias)`` (each may be None)."""
+    return _sum([None if t_x is None else _conv(t_x, weight, None, args),
+                 None if t_weight is None else _conv(x, t_weight, None, args),
+                 None if t_bias is None else _per_channel(t_bias, x).expand(shape)])
+
+
+def _conv_backward(grad, x, weight, args, mask):
+    """PyTorch's convolution backward: ``(grad_x, grad_weight, grad_bias)``, None where ``mask`` is False."""
+    stride, padding, dilation, groups = args
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    out = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
+                                              [0] * len(stride), groups, list(mask))
+    return tuple(t if m else None for t, m in zip(out, mask))
+
+
+class _ConvBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, x, weight, args, mask):
+        ctx.save_for_backward(grad, x, weight)
+        ctx.args = args
+        ctx.set_materialize_grads(False)
+        return _conv_backward(grad, x, weight, args, mask)
+
+    @staticmethod
+    def backward(ctx, u_x, u_weight, u_bias):
+        grad, x, weight = ctx.saved_tensors
+        need, args = ctx.needs_input_grad, ctx.args
+        d_grad = d_x = d_weight = None
+        if need[0]:
+            d_grad = _conv_jvp(x, weight, u_x, u_weight, u_bias, args, grad.shape)
+        if need[1] and u_weight is not None:
+            d_x = _conv_backward(grad, x, u_weight, args, (True, False, False))[0]
+        if need[2] and u_x is not None:
+            d_weight = _conv_backward(grad, u_x, weight, args, (False, True, False))[1]
+        return d_grad, d_x, d_weight, None, None
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, args):
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.args = args
+        out = _conv(x, weight, bias, args)
+        ctx.shape = out.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return _ConvBackward.apply(grad, x, weight, ctx.args, tuple(ctx.needs_input_grad[:3])) + (None,)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_weight, t_bias, _):
+        x, weight = ctx.saved_tensors
+        return _conv_jvp(x, weight, t_x, t_weight, t_bias, ctx.args, ctx.shape)
+
+
+def _affine_map(x, mean, var, eps, weight, d_weight, d_bias, d_x):
+    """``r d_weight (x - mean) + d_bias + weight r d_x`` per channel, ``r = 1 / sqrt(var + eps)``:
+    eval-mode BatchNorm is ``y = weight r (x - mean) + bias``, linear in each of ``x``,
+    ``weight``, ``bias``, and this is its derivative along ``(d_x, d_weight, d_bias)``."""
+    out = torch.batch_norm(x, d_weight, d_bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    return torch.addcmul(out, d_x, _per_channel(weight * torch.rsqrt(var + eps), x))
+
+
+class _EvalBatchNormBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, x, weight, mean, var, eps):
+        ctx.save_for_backward(grad, x, weight, mean, var)
+        ctx.eps = eps
+        return tuple(torch.ops.aten.native_batch_norm_backward(grad, x, weight, mean, var, None, None, False, eps,
+                                                               [True, True, True]))
+
+    @staticmethod
+    def backward(ctx, u_x, u_weight, u_bias):
+        grad, x, weight, mean, var = ctx.saved_tensors
+        r = torch.rsqrt(var + ctx.eps)
+        need = ctx.needs_input_grad
+        d_grad = _affine_map(x, mean, var, ctx.eps, weight, u_weight, u_bias, u_x) if need[0] else None
+        d_x = grad * _per_channel(u_weight * r, x) if need[1] else None
+        d_weight = (u_x * grad).sum([d for d in range(x.dim()) if d != 1]) * r if need[2] else None
+        return d_grad, d_x, d_weight, None, None, None
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.eps = eps
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, var = ctx.saved_tensors
+        return _EvalBatchNormBackward.apply(grad, x, weight, mean, var, ctx.eps) + (None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_weight, t_bias, *_):
+        x, weight, mean, var = ctx.saved_tensors
+        zero = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
+        return _affine_map(x, mean, var, ctx.eps, weight, zero(t_weight, weight), zero(t_bias, weight), zero(t_x, x))
+
+
+class _ReLUBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, x):
+        ctx.save_for_backward(x)
+        return torch.ops.aten.threshold_backward(grad, x, 0)
+
+    @staticmethod
+    def backward(ctx, u):  # the mask does not depend on x (almost everywhere): no zero gradient for x
+        return torch.ops.aten.threshold_backward(u, ctx.saved_tensors[0], 0), None
+
+
+class _ReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReLUBackward.apply(grad, ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx, t_x):
+        return torch.ops.aten.threshold_backward(t_x, ctx.saved_tensors[0], 0)
+
+
+def _conv_layer(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    if isinstance(padding, str) or input.dim() != weight.dim():  # "same" / "valid"; unbatched input
+        return NotImplemented
+    dims = weight.dim() - 2
+    args = tuple(tuple(a) if isinstance(a, (tuple, list)) else (a,) * dims for a in (stride, padding, dilation))
+    return _Conv.apply(input, weight, bias, args + (groups,))
+
+
+def _batch_norm_layer(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                      eps=1e-5):
+    if training or any(t is None for t in (running_mean, running_var, weight, bias)):
+        return NotImplemented
+    return _EvalBatchNorm.apply(input, weight, bias, running_mean, running_var, eps)
+
+
+def _relu_layer(input, inplace=False):
+    return NotImplemented if inplace else _ReLU.apply(input)
+
+
+class _HyperStepLayers(TorchFunctionMode):
+    """Routes ``F.conv1d/2d/3d`` (numeric padding), ``F.batch_norm`` with running statistics
+    and affine parameters (``nn.BatchNorm*`` in eval mode) and ``F.relu`` (not in place)
+    through the autograd Functions above; anything else runs unchanged."""
+
+    LAYERS = {F.conv1d: _conv_layer, F.conv2d: _conv_layer, F.conv3d: _conv_layer,
+              F.batch_norm: _batch_norm_layer, F.relu: _relu_layer}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        layer = self.LAYERS.get(func)
+        out = NotImplemented if layer is None else layer(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
 @contextlib.contextmanager
 def _hyper_passes(model):
     """Runs the hyper-step's forward passes with every module of the model in
@@ -130,6 +328,9 @@ def _hyper_passes(model):
     - PyTorch's double backward of train-mode BatchNorm costs several times that
       of eval mode, where BatchNorm is a per-channel affine map.
 
+    The passes also run under ``_HyperStepLayers`` (cheaper second derivatives of
+    convolutions, BatchNorm and ReLU).
+
     Under DDP the passes also run in ``no_sync()``: DDP's gradient hooks do not
     fire for ``torch.autograd.grad``, and the hyper-step reduces explicitly.
     """
@@ -137,7 +338,7 @@ def _hyper_passes(model):
     model.eval()
     no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     try:
-        with no_sync, torch.enable_grad():
+        with no_sync, torch.enable_grad(), _HyperStepLayers():
             yield
     finally:
         for module, training in modes:
@@ -145,19 +346,24 @@ def _hyper_passes(model):
 
 
 class _TrainGradients:
-    """``grad_theta L_T`` of each training batch with its graph (``create_graph``),
-    giving the two second-order products of MATH.md section 5, averaged over the
-    batches (and over ranks under DDP):
+    """The two second-order products of MATH.md section 5 on the training batches,
+    averaged over the batches (and over ranks under DDP):
 
     - ``hvp(v) = H v + weight_decay * v`` (the wrapped optimizer's L2 term is part
-      of the inner problem), and
-    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``.
+      of the inner problem): reverse over reverse, through ``grad_theta L_T`` of
+      each batch built with its graph (``create_graph``);
+    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``. The loss depends on theta only
+      through the logits ``z``, so this is ``d/d alpha <dl/dz, u>`` with
+      ``u = J_theta p`` the network's Jacobian-vector product in logit space. ``u``
+      comes from one forward pass in forward-mode AD; the rest is a second
+      derivative of the loss alone, ``[N, K]``-sized (with ``ParametricCE(backend=
+      "fused")`` the fused double backward with the logit cotangent ``u``). Where a
+      layer of the model has no forward-mode derivative, it falls back to reverse
+      over reverse through ``grad_theta L_T``, like ``hvp``.
 
     Both are linear in the batches, so at most one batch's second-order graph is
     alive at a time: with several batches each product rebuilds each batch's
-    graph in turn; a single batch's graph is kept for the whole hyper-step.
-    With a ``ParametricCE`` criterion on the fused backend, both products go
-    through the fused ``parametric_ce_double_backward`` kernel.
+    graph in turn; a single batch's graph is kept for the solver's products.
     """
 
     def __init__(self, owner, model, batches, weight_decay, group):
@@ -166,12 +372,15 @@ class _TrainGradients:
         self.losses = []
         self._kept = None
 
+    def _record(self, loss):
+        _check_scalar(loss, "criterion")
+        if len(self.losses) < len(self.batches):  # the first pass over the batches
+            self.losses.append(float(loss.detach()))
+
     def _build(self, batch):
         inputs, target, grp = batch
         loss = _loss(self.owner.criterion, self.model(inputs), target, grp)
-        _check_scalar(loss, "criterion")
-        if len(self.losses) < len(self.batches):
-            self.losses.append(float(loss.detach()))
+        self._record(loss)
         return torch.autograd.grad(loss, self.owner._theta, create_graph=True, allow_unused=True)
 
     def _average(self, inputs, vector):
@@ -190,7 +399,33 @@ class _TrainGradients:
         hv = _mean_over_ranks(self._average(self.owner._theta, v), self.group)
         return hv if self.weight_decay is None else hv + self.weight_decay * v
 
+    def _logit_jvp(self, inputs, parts):
+        """``(z, J_theta p)`` of one batch by forward-mode AD (``None`` for a zero JVP)."""
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        names = {id(q): name for name, q in module.named_parameters()}
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {names[id(q)]: fwAD.make_dual(q, t) for q, t in zip(self.owner._theta, parts) if id(q) in names}
+            return tuple(fwAD.unpack_dual(functional_call(module, duals, (inputs,))))
+
+    def _mixed_term(self, batch, parts):
+        inputs, target, grp = batch
+        logits, jvp = self._logit_jvp(inputs, parts)
+        logits = logits.detach().requires_grad_(True)
+        loss = _loss(self.owner.criterion, logits, target, grp)
+        self._record(loss)
+        grad_logits = torch.autograd.grad(loss, logits, create_graph=True)[0]
+        if jvp is None:
+            return _flat([torch.zeros_like(a) for a in self.owner._hyper])
+        return _grad([grad_logits], self.owner._hyper, [jvp])
+
     def mixed(self, p):
+        if self.owner._forward_ad:
+            self._kept = None  # the solver's graph is not needed any more
+            parts = _split(p, self.owner._theta)
+            try:
+                return sum(self._mixed_term(batch, parts) for batch in self.batches) / len(self.batches)
+            except NotImplementedError:  # a layer without a forward-mode derivative
+                self.owner._forward_ad = False
         return self._average(self.owner._hyper, p)
 
 
@@ -235,17 +470,28 @@ class BilevelOptimizer(torch.optim.Optimizer):
     - ``"neumann"`` (default): ``J = neumann_terms`` terms of the Neumann series with
       step ``eta = step_size``; ``"auto"`` (default) sets ``eta = 1 / lambda_max(H)``,
       estimated by power iteration: ``power_iterations`` steps at the first hyper-step,
-      then one step per hyper-step warm-started from the previous eigenvector (the
-      "solver state"). The published configuration is ``step_size=1.0, neumann_terms=5``.
+      then one step warm-started from the previous eigenvector at every
+      ``power_refresh_every``-th hyper-step; the hyper-steps in between reuse the last
+      estimate (eigenvector and eigenvalue are the "solver state"). A refresh costs one
+      Hessian-vector product (about 2 training steps); ``power_refresh_every=1``
+      refreshes at every hyper-step. The estimate only needs to stay within a factor
+      of 2 of the true ``lambda_max`` for the series to converge (``0 < eta lambda < 2``).
+      The published configuration is ``step_size=1.0, neumann_terms=5``.
     - ``"cg"``: conjugate gradient on ``H p = grad_theta L_V``, at most ``cg_iterations``
       iterations, stopping at relative residual ``cg_tol`` or at non-positive curvature.
     - ``"first_order"``: ``p = eta grad_theta L_V`` (``H^-1 ~ eta I``, DARTS-style).
 
-    Each Hessian-vector product and the mixed term are one ``torch.autograd.grad``
-    through a ``create_graph=True`` gradient of the criterion's loss; with
-    ``ParametricCE(backend="fused")`` their loss part runs in the fused double
-    backward kernel. At most one training batch's second-order graph is alive at a
-    time.
+    **Cost** (one training batch): each Hessian-vector product is one ``torch.autograd.grad``
+    through a ``create_graph=True`` gradient of the training loss (built once). The
+    mixed term uses that the loss sees ``theta`` only through the logits ``z``:
+    ``d/dalpha <grad_theta L_T, p> = d/dalpha <dl/dz, J_theta p>``, with ``J_theta p`` from
+    one forward pass in forward-mode AD and the rest a second derivative of the loss
+    in logit space (models with a layer lacking forward-mode AD fall back to reverse
+    over reverse). With ``ParametricCE(backend="fused")`` the loss part of both runs in
+    the fused double backward kernel. So a Neumann hyper-step costs a validation
+    gradient, a training gradient with graph, ``J`` Hessian-vector products (plus one
+    every ``power_refresh_every`` hyper-steps) and one forward-mode pass. At most one
+    training batch's second-order graph is alive at a time.
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of MATH.md section 2); it
@@ -289,8 +535,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
                  hyper_optimizer: Optional[torch.optim.Optimizer] = None, warmup_steps: int = 0,
                  hyper_every: int = 20, solver: str = "neumann", neumann_terms: int = 5,
-                 step_size: Union[str, float] = "auto", power_iterations: int = 5, cg_iterations: int = 10,
-                 cg_tol: float = 1e-6, inner_params: Optional[Iterable[torch.Tensor]] = None,
+                 step_size: Union[str, float] = "auto", power_iterations: int = 5, power_refresh_every: int = 10,
+                 cg_iterations: int = 10, cg_tol: float = 1e-6, inner_params: Optional[Iterable[torch.Tensor]] = None,
                  max_hypergrad_norm: Optional[float] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -358,6 +604,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.solver, self.step_size = solver, step_size
         self.neumann_terms = _int(neumann_terms, "neumann_terms", 0)
         self.power_iterations = _int(power_iterations, "power_iterations", 1)
+        self.power_refresh_every = _int(power_refresh_every, "power_refresh_every", 1)
         self.cg_iterations = _int(cg_iterations, "cg_iterations", 1)
         if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < math.inf:
             raise ValueError(f"autobalance: `cg_tol` must be a float >= 0, got {cg_tol!r}")
@@ -371,6 +618,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self._last_hyper_step_at = -1
         self._eigenvector: Optional[torch.Tensor] = None
         self._eigenvalue: Optional[float] = None
+        self._forward_ad = True  # False once the model turned out to lack forward-mode derivatives
 
     # ---- the wrapped optimizer's interface
 
@@ -413,7 +661,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The wrapped and hyper-optimizers' states, the hyperparameters, the schedule
-        counters and the solver state (the power-iteration eigenvector)."""
+        counters and the solver state (the power-iteration eigenvector and eigenvalue)."""
         return {"optimizer": self.optimizer.state_dict(),
                 "hyper_optimizer": self.hyper_optimizer.state_dict(),
                 "hyperparameters": {n: p.detach().clone() for n, p in zip(self._hyper_names, self._hyper)},
@@ -451,9 +699,10 @@ class BilevelOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         hyper = "\n".join("    " + line for line in repr(self.hyper_optimizer).splitlines())
-        solver = {"neumann": f"neumann_terms={self.neumann_terms}, step_size={self.step_size!r}",
+        refresh = f", power_refresh_every={self.power_refresh_every}" if self.step_size == "auto" else ""
+        solver = {"neumann": f"neumann_terms={self.neumann_terms}, step_size={self.step_size!r}{refresh}",
                   "cg": f"cg_iterations={self.cg_iterations}, cg_tol={self.cg_tol}",
-                  "first_order": f"step_size={self.step_size!r}"}[self.solver]
+                  "first_order": f"step_size={self.step_size!r}{refresh}"}[self.solver]
         return (f"BilevelOptimizer(\n  optimizer:\n{inner}\n  hyper_optimizer:\n{hyper}\n"
                 f"  hyperparameters: {self._hyper_names}\n  objective: {self.objective!r}\n"
                 f"  solver={self.solver!r}, {solver}, theta={sum(p.numel() for p in self._theta)} weights\n"
@@ -525,8 +774,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
         return grad, float(loss.detach())
 
     def _power_iteration(self, hvp, like):
-        """``(eta, eigenvector)`` with ``eta = 1 / lambda``, ``lambda = |H u|`` for the unit
-        ``u`` after the power iterations (a lower bound on ``lambda_max``)."""
+        """``(lambda, u)``: ``lambda = |H u|`` for the unit ``u`` after the power iterations
+        (a lower bound on ``lambda_max``); ``(nan, None)`` if it is not positive and finite."""
         u = self._eigenvector
         iterations = 1
         if u is None or u.shape != like.shape:
@@ -541,21 +790,33 @@ class BilevelOptimizer(torch.optim.Optimizer):
         eigenvalue = float(eigenvalue)
         if not (math.isfinite(eigenvalue) and eigenvalue > 0):
             return math.nan, None
-        return 1.0 / eigenvalue, u
+        return eigenvalue, u
+
+    def _eta(self, hvp, like):
+        """``(eta, solver state)``: the fixed ``step_size``, or ``1 / lambda`` with ``lambda``
+        refreshed by power iteration at every ``power_refresh_every``-th hyper-step (and
+        whenever there is no estimate yet), else the saved one."""
+        state = (self._eigenvector, self._eigenvalue)
+        if self.step_size != "auto":
+            return float(self.step_size), state
+        u, eigenvalue = state
+        if u is None or u.shape != like.shape or eigenvalue is None or self.hyper_steps % self.power_refresh_every == 0:
+            eigenvalue, u = self._power_iteration(hvp, like)
+        return 1.0 / eigenvalue, (u, eigenvalue)
 
     def _solve(self, hvp, v):
-        """``(p, eta, eigenvector)`` with ``p ~ H^-1 v`` (MATH.md section 5)."""
+        """``(p, eta, solver state)`` with ``p ~ H^-1 v`` (MATH.md section 5)."""
         if self.solver == "cg":
-            return _conjugate_gradient(hvp, v, self.cg_iterations, self.cg_tol), None, self._eigenvector
-        eta, eigenvector = (float(self.step_size), self._eigenvector) if self.step_size != "auto" \
-            else self._power_iteration(hvp, v)
+            return _conjugate_gradient(hvp, v, self.cg_iterations, self.cg_tol), None, \
+                (self._eigenvector, self._eigenvalue)
+        eta, state = self._eta(hvp, v)
         if self.solver == "first_order":
-            return eta * v, eta, eigenvector
+            return eta * v, eta, state
         term, p = v, v.clone()
         for _ in range(self.neumann_terms):
             term = term - eta * hvp(term)
             p += term
-        return eta * p, eta, eigenvector
+        return eta * p, eta, state
 
     def _hypergradient(self, model, train_batches, val_batches):
         train = self._batches(train_batches, "train_batches")
@@ -568,11 +829,11 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 v, val_loss = v + grad, val_loss + loss / len(val)
             v = _mean_over_ranks(v / len(val), group)
             train_grads = _TrainGradients(self, model, train, self._weight_decay(), group)
-            p, eta, eigenvector = self._solve(train_grads.hvp, v)
+            p, eta, state = self._solve(train_grads.hvp, v)
             hypergrad = -train_grads.mixed(p)
             train_loss = sum(train_grads.losses) / len(train_grads.losses)
         hypergrad = _split(_ordered_mean_over_ranks(hypergrad, group), self._hyper)
-        return _fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, eta, eigenvector
+        return _fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, eta, state
 
     def hypergradient(self, model, train_batches, val_batches) -> List[torch.Tensor]:
         """The gauge-fixed hypergradient ``dL_V/dalpha`` (MATH.md section 5), one tensor per
@@ -588,7 +849,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if self.steps == 0:
             raise RuntimeError("autobalance: hyper_step before any training step; the hypergradient assumes weights "
                                "trained on the current loss (take at least one step(), see warmup_steps)")
-        hypergrad, train_loss, val_loss, eta, eigenvector = self._hypergradient(model, train_batches, val_batches)
+        hypergrad, train_loss, val_loss, eta, state = self._hypergradient(model, train_batches, val_batches)
         self._last_hyper_step_at = self.steps
         norm = float(torch.linalg.vector_norm(_flat(hypergrad)))
         if not math.isfinite(norm):
@@ -600,8 +861,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.hyper_optimizer.step()
         for p in self._hyper:
             p.grad = None
-        self._eigenvector = eigenvector
-        self._eigenvalue = None if eta is None or self.step_size != "auto" else 1.0 / eta
+        self._eigenvector, self._eigenvalue = state
         self.hyper_steps += 1
         return HyperStepResult(True, norm, train_loss, val_loss, eta)
 

@@ -90,7 +90,8 @@ def run(args):
     out = args.out or os.path.join("results", f"{args.experiment}-{args.dataset}")
     os.makedirs(out, exist_ok=True)
     config = recipes.TrainConfig(epochs=args.epochs, device=args.device)
-    search = recipes.SearchConfig()
+    search = recipes.SearchConfig(last_layer_only=args.theta == "last",
+                                  **({"hyper_every": args.hyper_every} if args.hyper_every else {}))
     results, start = [], time.perf_counter()
     progress = not args.no_progress
     for seed in range(args.seeds):
@@ -159,6 +160,9 @@ def main(argv=None):
     p.add_argument("--lam", type=float, default=0.1, help="groups: AutoBalance's validation loss "
                    "(1 - lam) CE + lam CE_deo")
     p.add_argument("--pareto-lams", default=None, help="groups: comma-separated lam values of the Pareto sweep")
+    p.add_argument("--theta", choices=("last", "all"), default="last",
+                   help="weights of the implicit-differentiation hypergradient: the last layer (default) or all")
+    p.add_argument("--hyper-every", type=int, default=None, help="training steps between hyper-steps (default 2)")
     p.add_argument("--out", default=None, help="results folder (default results/EXPERIMENT-DATASET)")
     p.add_argument("--quick", action="store_true", help="a small preset for smoke tests (under 2 minutes)")
     p.add_argument("--threads", type=int, default=None)
