@@ -45,7 +45,7 @@ def use_cuda():
 
 def extension():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-g0", "-std=c++17"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
+    cxx = ["-O3", "-g0"] + CPU_CAPABILITY_FLAGS[cpu_capability()]  # the C++ standard is torch's choice
     if not use_cuda():
         return CppExtension("autobalance_ext._C", sources, extra_compile_args={"cxx": cxx})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -54,7 +54,7 @@ def extension():
     # pip's CUDA 13 wheels keep headers that ATen/cuda/CUDAContext.h needs here.
     nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
     include_dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")))
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     return CUDAExtension("autobalance_ext._C", sources, include_dirs=include_dirs,
                          define_macros=[("WITH_CUDA", None)],
                          extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc})
