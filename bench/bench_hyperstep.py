@@ -26,6 +26,7 @@ with the fused backend, and fused faster than reference.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -113,6 +114,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = 1.5 * (args.terms + 2)
+    load_before = os.getloadavg()
     rows = []
     for name in args.models:
         fused, reference = measure(name, args)
@@ -129,7 +131,9 @@ def main():
     print(f"hyper-step cost, default solver (Neumann J={args.terms}, step 'auto', power refresh every "
           f"{args.refresh}), theta={args.theta}; batch {args.batch}, K={args.classes}, {torch.get_num_threads()} "
           f"threads, median of {args.repeats}; target <= {target:g} plain steps (fused, amortized)")
-    print("times: CPU ms; ratios: in plain fused training steps")
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"times: CPU ms; ratios: in plain fused training steps; load average (1, 5, 15 min) before "
+          f"{load['before']}, after {load['after']}")
     print(f"{'model':<10} {'backend':<10} {'plain':>7} {'hyper':>8} {'+refresh':>9} {'hyper/plain':>12} "
           f"{'+refresh':>9} {'amortized':>10} {'one HVP':>8}")
     for row in rows:
@@ -143,7 +147,7 @@ def main():
                   f"reference; target {'met' if row['meets_target'] else 'NOT met'}")
     with open(args.json, "w") as f:
         config = {**vars(args), "target_plain_steps": target, "torch": torch.__version__,
-                  "machine": platform.processor() or platform.machine()}
+                  "machine": platform.processor() or platform.machine(), "load_average": load}
         json.dump({"config": config, "results": rows}, f, indent=2)
     print(f"wrote {args.json}")
 

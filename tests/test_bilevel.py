@@ -241,7 +241,7 @@ def test_hyper_step_layers_have_pytorchs_values_and_derivatives():
     gradients, and correct second and forward-mode derivatives."""
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    params = [randn(2, 2, 5, 6), randn(4, 2, 3, 3), randn(4), randn(4, 2, 3, 1), randn(4), randn(4)]
+    params = [randn(1, 2, 5, 6), randn(4, 2, 3, 3), randn(4), randn(4, 2, 3, 1), randn(4), randn(4)]
     params = [p.requires_grad_(True) for p in params] + [randn(4), randn(4).exp()]
     n = 5  # the differentiable arguments: x and the weights
     ours, theirs = hyper_step_layers_net(*params), hyper_step_layers_net(*params, mode=contextlib.nullcontext)

@@ -40,8 +40,8 @@ def on_gpu(x):
 
 
 def rows_for(classes):
-    """Enough rows for several row chunks, few enough for the reference."""
-    return max(3, min(3000, 1_000_000 // classes))
+    """Enough rows for many row chunks at small K, few enough for the oracle."""
+    return max(3, min(3000, 300_000 // classes))
 
 
 def check_all_ops(p):
@@ -105,10 +105,10 @@ def test_cuda_kernels_are_built():
     assert autobalance_ext.has_cuda_kernels(), "rebuild with FORCE_CUDA=1"
 
 
-@pytest.mark.parametrize("kind", ["normal", "extreme"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("classes", CLASSES)
-def test_matches_reference(classes, dtype, kind):
+@pytest.mark.parametrize("classes,kind", [(k, "normal") for k in CLASSES]
+                         + [(k, "extreme") for k in (10, 1000, 8142)])
+def test_matches_reference(classes, kind, dtype):
     """K from 1 to 32000 (every kernel shape: lanes per row, column tiles,
     fused and two-pass double backward), G in 1..4, ignored rows, and logits
     of +-1e4 with `extreme`."""

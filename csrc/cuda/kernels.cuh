@@ -18,8 +18,8 @@
 // teams in a fixed tree order into its own slab of a [chunks, 3, G, K]
 // workspace (rows of group g are summed in pass g, so a slab needs no zero
 // fill), then sum_partials_kernel adds the slabs in chunk order. The number
-// of chunks is a function of the shape only, so results are bit-identical
-// from run to run.
+// of chunks depends only on N, K and the dtype (never on timing or the
+// device), so results are bit-identical from run to run.
 //
 // Everything accumulates in at::opmath_type (float32 for bfloat16/float16).
 // Column indices are int (the host checks K < 2^31); row offsets are int64.

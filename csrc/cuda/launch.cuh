@@ -27,7 +27,7 @@ using at::Tensor;
 
 // Row chunks (and so table-gradient slabs) per column tile: enough blocks to
 // fill a GPU, while every team gets a few rows to sum over. A function of the
-// shape only, so table gradients are bit-identical run to run.
+// shape (and dtype) only, so table gradients are bit-identical run to run.
 constexpr int64_t kTargetBlocks = 2048;
 constexpr int64_t kMinRowsPerTeam = 4;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // row_kernel loops past it
