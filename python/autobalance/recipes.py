@@ -52,12 +52,11 @@ class SearchConfig:
     fresh training batches and ``val_batches`` validation batches of
     ``val_batch_size``. The rest goes to :class:`BilevelOptimizer`. By
     default ``theta`` is the last layer (``model.fc``), which makes a
-    hyper-step cost less than a training step, so hyper-steps can be frequent;
-    ``last_layer_only=False`` uses every weight (about 16 training steps per
-    hyper-step on a CPU).
+    hyper-step cost less than a training step; ``last_layer_only=False`` uses
+    every weight (about 16 training steps per hyper-step on a CPU).
     """
     warmup_fraction: float = 0.4
-    hyper_every: int = 2
+    hyper_every: int = 20
     train_batches: int = 2
     val_batches: int = 1
     val_batch_size: int = 256
