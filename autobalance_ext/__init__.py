@@ -13,6 +13,8 @@ Ops (MATH.md sections 1, 3, 4), under ``torch.ops.autobalance``:
   table_grads)``
   -> ``(grad_grad_loss, grad_logits, grad_weight, grad_scale, grad_shift)``
 """
+import torch  # noqa: F401  (loads libc10/libtorch before _C)
+
 from . import _C  # noqa: F401  (registers the ops)
 from . import _registrations  # noqa: F401
 from ._checks import accumulate_dtype, check_inputs

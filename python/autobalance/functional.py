@@ -1,8 +1,6 @@
 """The parametric cross-entropy as a function (MATH.md section 1), on either
 backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
 ``"reference"`` (plain PyTorch, ``autobalance.reference``)."""
-import functools
-
 import torch
 
 import autobalance_ext
@@ -12,9 +10,8 @@ BACKENDS = ("fused", "reference")
 REDUCTIONS = ("none", "sum", "mean")
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_has_cuda():
-    return autobalance_ext.has_cuda_kernels()
+# A plain bool, read once, so torch.compile traces the check as a constant.
+_FUSED_HAS_CUDA = autobalance_ext.has_cuda_kernels()
 
 
 def _op(backend, device):
@@ -22,7 +19,7 @@ def _op(backend, device):
         return reference.parametric_ce
     if backend != "fused":
         raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if device.type == "cuda" and not _fused_has_cuda():
+    if device.type == "cuda" and not _FUSED_HAS_CUDA:
         raise RuntimeError("autobalance: this build has no CUDA kernels; rebuild with FORCE_CUDA=1 "
                            "(see README) or pass backend='reference'")
     return torch.ops.autobalance.parametric_ce
