@@ -63,13 +63,15 @@ inline void check_index(const at::Tensor& t, const char* name,
 }
 
 inline void check_per_row(const at::Tensor& t, const char* name,
-                          const Sizes& s, at::ScalarType acc) {
+                          const Sizes& s, at::ScalarType acc,
+                          const at::Tensor& logits) {
   TORCH_CHECK_TYPE(t.scalar_type() == acc, "autobalance: `", name,
                    "` must have dtype ", dtype_name(acc), ", got ",
                    dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
                     name, "` must have shape [N] = [", s.rows, "], got ",
                     t.sizes());
+  check_same_device(t, name, logits);
 }
 
 // Checks logits, target, group and the three tables; returns N, K, G.
@@ -110,6 +112,22 @@ inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
   check_same_device(weight, "weight", logits);
   check_same_device(scale, "scale", logits);
   check_same_device(shift, "shift", logits);
+  return s;
+}
+
+// check_inputs plus the backward's per-row inputs grad_loss and lse.
+inline Sizes check_backward_inputs(const at::Tensor& grad_loss,
+                                   const at::Tensor& logits,
+                                   const at::Tensor& target,
+                                   const std::optional<at::Tensor>& group,
+                                   const at::Tensor& weight,
+                                   const at::Tensor& scale,
+                                   const at::Tensor& shift,
+                                   const at::Tensor& lse) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  const auto acc = accumulate_type(logits.scalar_type());
+  check_per_row(grad_loss, "grad_loss", s, acc, logits);
+  check_per_row(lse, "lse", s, acc, logits);
   return s;
 }
 

@@ -263,10 +263,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, const Tensor& lse,
     int64_t ignore_index, bool table_grads) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  const auto acc = accumulate_type(logits.scalar_type());
-  check_per_row(grad_loss, "grad_loss", s, acc);
-  check_per_row(lse, "lse", s, acc);
+  const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
+                                        scale, shift, lse);
   Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
   Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
   Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
@@ -416,10 +414,8 @@ parametric_ce_double_backward_cpu(
     const std::optional<Tensor>& u_scale,
     const std::optional<Tensor>& u_shift, int64_t ignore_index,
     bool table_grads) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  const auto acc = accumulate_type(logits.scalar_type());
-  check_per_row(grad_loss, "grad_loss", s, acc);
-  check_per_row(lse, "lse", s, acc);
+  const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
+                                        scale, shift, lse);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   Tensor grad_grad_loss = at::empty({s.rows}, grad_loss.options());
   Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());

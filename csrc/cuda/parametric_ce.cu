@@ -48,13 +48,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cuda(
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, const Tensor& lse,
     int64_t ignore_index, bool table_grads) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  const auto acc = accumulate_type(logits.scalar_type());
-  check_per_row(grad_loss, "grad_loss", s, acc);
-  check_per_row(lse, "lse", s, acc);
-  // check_per_row does not look at devices; a host pointer must not reach a kernel.
-  check_same_device(grad_loss, "grad_loss", logits);
-  check_same_device(lse, "lse", logits);
+  const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
+                                        scale, shift, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
   Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());

@@ -21,12 +21,8 @@ parametric_ce_double_backward_cuda(
     const std::optional<Tensor>& u_scale,
     const std::optional<Tensor>& u_shift, int64_t ignore_index,
     bool table_grads) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  const auto acc = accumulate_type(logits.scalar_type());
-  check_per_row(grad_loss, "grad_loss", s, acc);
-  check_per_row(lse, "lse", s, acc);
-  check_same_device(grad_loss, "grad_loss", logits);
-  check_same_device(lse, "lse", logits);
+  const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
+                                        scale, shift, lse);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
