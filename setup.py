@@ -8,6 +8,7 @@ toolkit is found, or when FORCE_CUDA=1.
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -37,6 +38,16 @@ def cpu_capability():
     return chosen
 
 
+def openmp_flags():
+    """In an OpenMP build of torch, at::parallel_for is an inline
+    `#pragma omp parallel`: compiled without -fopenmp the kernels silently run
+    on one thread. The extension's libgomp.so.1 resolves to the copy torch has
+    already loaded (same soname), so there is one thread pool."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def use_cuda():
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -45,9 +56,12 @@ def use_cuda():
 
 def extension():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-g0"] + CPU_CAPABILITY_FLAGS[cpu_capability()]  # the C++ standard is torch's choice
+    # the C++ standard is torch's choice
+    cxx = ["-O3", "-g0"] + CPU_CAPABILITY_FLAGS[cpu_capability()] + openmp_flags()
+    link = openmp_flags()
     if not use_cuda():
-        return CppExtension("autobalance_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("autobalance_ext._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = []
@@ -57,7 +71,8 @@ def extension():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     return CUDAExtension("autobalance_ext._C", sources, include_dirs=include_dirs,
                          define_macros=[("WITH_CUDA", None)],
-                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
+                         extra_link_args=link)
 
 
 setup(

@@ -18,6 +18,10 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace autobalance {
+int64_t parallel_threads_cpu(int64_t rows, int64_t classes);  // cpu/parametric_ce.cpp
+}
+
 TORCH_LIBRARY(autobalance, m) {
   // -> (loss [N], lse [N]); MATH.md section 1.
   m.def(
@@ -41,4 +45,7 @@ TORCH_LIBRARY(autobalance, m) {
       "Tensor shift, Tensor lse, Tensor? u_logits, Tensor? u_weight, "
       "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Diagnostics: how many threads the CPU kernels' row loop uses.
+  m.def("_parallel_threads(int rows, int classes) -> int",
+        &autobalance::parallel_threads_cpu);
 }

@@ -384,6 +384,18 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
     assert a[3].abs().sum() > 0 and a[9].abs().sum() > 0
 
 
+def test_cpu_kernels_run_on_every_thread(restore_threads):
+    # at::parallel_for compiles to a no-op pragma without -fopenmp: the
+    # kernels would run on one thread whatever torch.set_num_threads says.
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch build does not use OpenMP")
+    torch.set_num_threads(2)
+    assert OPS._parallel_threads(4096, 100) == 2
+    assert OPS._parallel_threads(1, 100) == 1  # one row is one chunk
+    torch.set_num_threads(1)
+    assert OPS._parallel_threads(4096, 100) == 1
+
+
 def test_table_gradients_through_autograd_are_deterministic():
     p = make_problem(8, 3000, 21, 2, torch.float32, ignore_frac=0.1)
     results = []

@@ -17,6 +17,9 @@
 #include <array>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <type_traits>
 
 #include "../checks.h"
@@ -465,6 +468,21 @@ parametric_ce_double_backward_cpu(
 }
 
 }  // namespace
+
+// The number of distinct threads that run the row loop for rows x classes
+// (what the kernels' at::parallel_for actually gets; a build without OpenMP
+// flags silently gets 1).
+int64_t parallel_threads_cpu(int64_t rows, int64_t classes) {
+  TORCH_CHECK_VALUE(rows >= 0 && classes >= 1, "autobalance: expected rows >= 0 and classes >= 1, got ",
+                    rows, " and ", classes);
+  std::mutex mutex;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, rows, row_grain(classes), [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(ids.size());
+}
 
 TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce", &parametric_ce_cpu);
