@@ -55,7 +55,7 @@ def use_cuda():
 
 
 def extension():
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # the C++ standard is torch's choice
     cxx = ["-O3", "-g0"] + CPU_CAPABILITY_FLAGS[cpu_capability()] + openmp_flags()
     link = openmp_flags()

@@ -1,0 +1,211 @@
+// Autograd for the three ops, in C++ so that the training hot path never
+// enters Python: parametric_ce's backward is parametric_ce_backward, whose
+// backward is the fused parametric_ce_double_backward; a third derivative
+// raises. Registered under the Autograd key, so it serves every backend.
+//
+// Each backward calls the next op through the dispatcher (not below
+// autograd), so with create_graph=True the second derivatives are recorded
+// and later run through the fused double-backward kernel.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace autobalance {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+    const Tensor&, const Tensor&, int64_t);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
+using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const auto& forward_op() {
+  static const auto handle = op<ForwardSig>("autobalance::parametric_ce");
+  return handle;
+}
+const auto& backward_op() {
+  static const auto handle = op<BackwardSig>("autobalance::parametric_ce_backward");
+  return handle;
+}
+const auto& double_backward_op() {
+  static const auto handle =
+      op<DoubleBackwardSig>("autobalance::parametric_ce_double_backward");
+  return handle;
+}
+
+std::optional<Tensor> optional(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+Tensor value(const std::optional<Tensor>& t) {
+  return t.has_value() ? *t : Tensor();
+}
+
+// The node has one edge per defined tensor input, in argument order; an absent
+// optional `group` has none. `Edges` maps argument positions to edges.
+struct Edges {
+  AutogradContext* ctx;
+  int64_t group_at;  // the argument position of `group`
+
+  size_t edge(int64_t arg) const {
+    return arg > group_at ? arg - 1 + ctx->saved_data["has_group"].toBool() : arg;
+  }
+  bool needed(int64_t arg) const { return ctx->needs_input_grad(edge(arg)); }
+  Tensor keep(int64_t arg, Tensor t) const { return needed(arg) ? std::move(t) : Tensor(); }
+};
+
+// Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
+struct ParametricCE : torch::autograd::Function<ParametricCE> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits,
+                               const Tensor& target, const std::optional<Tensor>& group,
+                               const Tensor& weight, const Tensor& scale,
+                               const Tensor& shift, int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lse] = forward_op().call(logits, target, group, weight, scale,
+                                         shift, ignore_index);
+    // lse is a statistic for the backward, not a model output.
+    ctx->mark_non_differentiable({lse});
+    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["has_group"] = group.has_value() && group->defined();
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Edges e{ctx, 2};
+    const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
+    auto [dz, dW, dS, dL] = backward_op().call(
+        grads[0], s[0], s[1], optional(s[2]), s[3], s[4], s[5], s[6],
+        ctx->saved_data["ignore_index"].toInt(), table_grads);
+    return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
+            e.keep(5, dL), Tensor()};
+  }
+};
+
+// Arguments: grad_loss 0, logits 1, target 2, group 3, weight 4, scale 5,
+// shift 6, lse 7.
+struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_loss,
+                               const Tensor& logits, const Tensor& target,
+                               const std::optional<Tensor>& group, const Tensor& weight,
+                               const Tensor& scale, const Tensor& shift,
+                               const Tensor& lse, int64_t ignore_index,
+                               bool table_grads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dz, dW, dS, dL] =
+        backward_op().call(grad_loss, logits, target, group, weight,
+                           scale, shift, lse, ignore_index, table_grads);
+    ctx->save_for_backward({grad_loss, logits, target, value(group), weight, scale, shift, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["has_group"] = group.has_value() && group->defined();
+    ctx->saved_data["table_grads"] = table_grads;
+    ctx->set_materialize_grads(false);  // absent cotangents stay undefined: no [N, K] zeros
+    return {dz, dW, dS, dL};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list u) {
+    if (!ctx->saved_data["table_grads"].toBool()) {
+      // the table outputs were constant zeros
+      u[1] = u[2] = u[3] = Tensor();
+    }
+    variable_list none(10);
+    if (!u[0].defined() && !u[1].defined() && !u[2].defined() && !u[3].defined())
+      return none;
+    const auto s = ctx->get_saved_variables();
+    const Edges e{ctx, 3};
+    const bool table_grads = e.needed(4) || e.needed(5) || e.needed(6);
+    auto [dgamma, dz, dW, dS, dL] = double_backward_op().call(
+        s[0], s[1], s[2], optional(s[3]), s[4], s[5], s[6], s[7], optional(u[0]),
+        optional(u[1]), optional(u[2]), optional(u[3]),
+        ctx->saved_data["ignore_index"].toInt(), table_grads);
+    none[0] = e.keep(0, dgamma);
+    none[1] = e.keep(1, dz);
+    none[4] = e.keep(4, dW);
+    none[5] = e.keep(5, dS);
+    none[6] = e.keep(6, dL);
+    return none;
+  }
+};
+
+// Third derivatives are not needed by anything in the package.
+struct ParametricCEDoubleBackward
+    : torch::autograd::Function<ParametricCEDoubleBackward> {
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& grad_loss, const Tensor& logits,
+      const Tensor& target, const std::optional<Tensor>& group, const Tensor& weight,
+      const Tensor& scale, const Tensor& shift, const Tensor& lse,
+      const std::optional<Tensor>& u_logits, const std::optional<Tensor>& u_weight,
+      const std::optional<Tensor>& u_scale, const std::optional<Tensor>& u_shift,
+      int64_t ignore_index, bool table_grads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c, d, e] = double_backward_op().call(
+        grad_loss, logits, target, group, weight, scale, shift, lse, u_logits,
+        u_weight, u_scale, u_shift, ignore_index, table_grads);
+    return {a, b, c, d, e};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false,
+        "autobalance: third derivatives of the parametric cross-entropy are not "
+        "implemented; differentiate at most twice (create_graph=True once)");
+  }
+};
+
+std::tuple<Tensor, Tensor> parametric_ce_autograd(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
+    const Tensor& weight, const Tensor& scale, const Tensor& shift,
+    int64_t ignore_index) {
+  auto out = ParametricCE::apply(logits, target, group, weight, scale,
+                                 shift, ignore_index);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_autograd(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight, const Tensor& scale,
+    const Tensor& shift, const Tensor& lse, int64_t ignore_index, bool table_grads) {
+  auto out = ParametricCEBackward::apply(grad_loss, logits, target, group,
+                                         weight, scale, shift, lse, ignore_index,
+                                         table_grads);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>
+parametric_ce_double_backward_autograd(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight, const Tensor& scale,
+    const Tensor& shift, const Tensor& lse, const std::optional<Tensor>& u_logits,
+    const std::optional<Tensor>& u_weight, const std::optional<Tensor>& u_scale,
+    const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads) {
+  auto out = ParametricCEDoubleBackward::apply(
+      grad_loss, logits, target, group, weight, scale, shift, lse, u_logits,
+      u_weight, u_scale, u_shift, ignore_index, table_grads);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autobalance, Autograd, m) {
+  m.impl("parametric_ce", &parametric_ce_autograd);
+  m.impl("parametric_ce_backward", &parametric_ce_backward_autograd);
+  m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_autograd);
+}
+
+}  // namespace autobalance
