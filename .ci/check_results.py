@@ -23,6 +23,7 @@ def check(folder, experiment):
             value = run["metrics"][key]
             assert math.isfinite(value) and 0.0 <= value <= upper.get(key, 1.0), f"{run['method']}: {key} = {value}"
         assert run["seconds"] > 0
+        assert run["metrics"]["predicted_classes"] >= 1, run["method"]
     methods = {r["method"] for r in results["results"]}
     assert any(m.startswith("AutoBalance") for m in methods), methods
     multiple = results["autobalance_time_multiple"]

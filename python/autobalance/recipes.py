@@ -266,13 +266,18 @@ def _to(batch, device):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: data.ImageDataset, *, device="cpu", cell_weights=None,
              batch_size: int = 512) -> Dict[str, object]:
-    """Test metrics (``autobalance.metrics``) of ``model`` on ``dataset``."""
+    """Test metrics (``autobalance.metrics``) of ``model`` on ``dataset``, and
+    ``predicted_classes``: how many classes it predicts at all (a model that
+    predicts one class has a trivially zero DEO)."""
     model.eval()
     counts = ErrorCounts(num_classes=dataset.num_classes, num_groups=dataset.num_groups, cell_weights=cell_weights)
+    predicted = torch.zeros(dataset.num_classes, dtype=torch.long)
     for batch in data.BatchLoader(dataset, batch_size, shuffle=False):
         inputs, target, group = _to(batch, device)
-        counts.update(model(inputs).argmax(1), target, group)
-    return counts.compute()
+        prediction = model(inputs).argmax(1)
+        counts.update(prediction, target, group)
+        predicted += torch.bincount(prediction.cpu(), minlength=dataset.num_classes)
+    return {**counts.compute(), "predicted_classes": int((predicted > 0).sum())}
 
 
 def _train_cell_weights(dataset):

@@ -1,0 +1,52 @@
+"""The main job's scoring and tables: ``recipes.evaluate`` and ``report``."""
+import torch
+from torch import nn
+
+from autobalance import recipes, report
+from autobalance.data import ImageDataset
+
+
+class _Fixed(nn.Module):
+    """Predicts from the first pixel: the class it encodes, or always ``constant``."""
+
+    def __init__(self, classes, constant=None):
+        super().__init__()
+        self.classes, self.constant = classes, constant
+
+    def forward(self, x):
+        label = x[:, 0, 0, 0].long() if self.constant is None else torch.full((x.shape[0],), self.constant)
+        return nn.functional.one_hot(label, self.classes).float()
+
+
+def _grouped_set():
+    targets = torch.tensor([0, 0, 1, 1, 0, 1])
+    groups = torch.tensor([0, 1, 0, 1, 0, 1])
+    inputs = targets.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+    return ImageDataset(inputs, targets, groups, num_classes=2, num_groups=2)
+
+
+def test_evaluate_counts_the_predicted_classes():
+    test = _grouped_set()
+    right = recipes.evaluate(_Fixed(2), test)
+    assert right["predicted_classes"] == 2 and right["deo_error"] == 0 and right["group_balanced_error"] == 0
+    constant = recipes.evaluate(_Fixed(2, constant=1), test)
+    assert constant["predicted_classes"] == 1
+    assert constant["deo_error"] == 0 and constant["worst_cell_error"] == 1  # trivially fair, always wrong on y=0
+
+
+def _run(method, metrics):
+    return {"method": method, "seconds": 1.0, "metrics": metrics}
+
+
+def test_table_marks_single_class_predictors():
+    metrics = {"group_balanced_error": 0.5, "worst_cell_error": 1.0, "deo_error": 0.0, "standard_error": 0.2}
+    results = [_run("CE_deo", {**metrics, "predicted_classes": 1}),
+               _run("CE_deo", {**metrics, "predicted_classes": 2}),
+               _run("CE", {**metrics, "predicted_classes": 2})]
+    rows = report.summarise(results, "groups")
+    assert [r["single_class_runs"] for r in rows] == [1, 0]
+    table = report.markdown_table(rows, "groups")
+    assert "| CE_deo (†1) |" in table and "| CE |" in table
+    assert "trivially 0" in table
+    plain = report.markdown_table(report.summarise(results[2:], "groups"), "groups")
+    assert "†" not in plain
