@@ -39,3 +39,19 @@ def _parametric_ce_double_backward_fake(grad_loss, logits, target, group, weight
     classes = logits.shape[1]
     return ((grad_loss.new_empty((rows,)), logits.new_empty((rows, classes)))
             + tuple(weight.new_empty(weight.shape) for _ in range(3)))
+
+
+@torch.library.register_fake(_lib + "_parametric_ce_with_residual")
+def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shift, ignore_index):
+    loss, lse = _parametric_ce_fake(logits, target, group, weight, scale, shift, ignore_index)
+    return loss, lse, logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake(_lib + "_parametric_ce_backward_from_residual")
+def _parametric_ce_backward_from_residual_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
+                                               residual, ignore_index, table_grads):
+    if residual.shape != logits.shape or residual.dtype != logits.dtype:
+        raise ValueError(f"autobalance: `residual` must have the shape and dtype of logits "
+                         f"({list(logits.shape)}, {logits.dtype}), got {list(residual.shape)}, {residual.dtype}")
+    return _parametric_ce_backward_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
+                                        ignore_index, table_grads)

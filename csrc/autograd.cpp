@@ -29,6 +29,14 @@ using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const std::optional<Tensor>&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool);
 
+using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+    const Tensor&, const Tensor&, int64_t);
+using FromResidualSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    int64_t, bool);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -45,6 +53,16 @@ const auto& backward_op() {
 const auto& double_backward_op() {
   static const auto handle =
       op<DoubleBackwardSig>("autobalance::parametric_ce_double_backward");
+  return handle;
+}
+
+const auto& residual_op() {
+  static const auto handle = op<ResidualSig>("autobalance::_parametric_ce_with_residual");
+  return handle;
+}
+const auto& from_residual_op() {
+  static const auto handle =
+      op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual");
   return handle;
 }
 
@@ -70,17 +88,28 @@ struct Edges {
 };
 
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
+//
+// With `residual` (CPU, float32/float64 logits, some input needs a gradient)
+// the forward also keeps r = W_y (p - e_y), and a backward that is not
+// differentiated again (no create_graph) reads it instead of recomputing the
+// softmax: one exponential per logit for forward + backward instead of two.
 struct ParametricCE : torch::autograd::Function<ParametricCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& target, const std::optional<Tensor>& group,
                                const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, int64_t ignore_index) {
+                               const Tensor& shift, int64_t ignore_index, bool residual) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse] = forward_op().call(logits, target, group, weight, scale,
-                                         shift, ignore_index);
+    Tensor loss, lse, r;
+    if (residual) {
+      std::tie(loss, lse, r) =
+          residual_op().call(logits, target, group, weight, scale, shift, ignore_index);
+    } else {
+      std::tie(loss, lse) =
+          forward_op().call(logits, target, group, weight, scale, shift, ignore_index);
+    }
     // lse is a statistic for the backward, not a model output.
     ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse});
+    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, r});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
     return {loss, lse};
@@ -90,11 +119,16 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     const auto s = ctx->get_saved_variables();
     const Edges e{ctx, 2};
     const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
-    auto [dz, dW, dS, dL] = backward_op().call(
-        grads[0], s[0], s[1], optional(s[2]), s[3], s[4], s[5], s[6],
-        ctx->saved_data["ignore_index"].toInt(), table_grads);
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    // Grad mode is on exactly when this backward is differentiated again.
+    auto [dz, dW, dS, dL] =
+        s[7].defined() && !at::GradMode::is_enabled()
+            ? from_residual_op().call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
+                                      s[5], s[6], s[7], ignore_index, table_grads)
+            : backward_op().call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
+                                 s[5], s[6], ignore_index, table_grads);
     return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
-            e.keep(5, dL), Tensor()};
+            e.keep(5, dL), Tensor(), Tensor()};
   }
 };
 
@@ -172,8 +206,14 @@ std::tuple<Tensor, Tensor> parametric_ce_autograd(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
     int64_t ignore_index) {
-  auto out = ParametricCE::apply(logits, target, group, weight, scale,
-                                 shift, ignore_index);
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (logits.requires_grad() || weight.requires_grad() ||
+                           scale.requires_grad() || shift.requires_grad());
+  const bool residual = needs_grad && logits.device().is_cpu() &&
+                        (logits.scalar_type() == at::kFloat ||
+                         logits.scalar_type() == at::kDouble);
+  auto out = ParametricCE::apply(logits, target, group, weight, scale, shift,
+                                 ignore_index, residual);
   return {out[0], out[1]};
 }
 

@@ -45,6 +45,20 @@ TORCH_LIBRARY(autobalance, m) {
       "Tensor shift, Tensor lse, Tensor? u_logits, Tensor? u_weight, "
       "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // CPU, float32/float64: the forward that also returns the residual
+  // r = W_y (softmax(S z + L) - onehot(y)) [N, K], and the backward that uses
+  // it instead of recomputing the softmax (for a backward that is not itself
+  // differentiated). Same results as parametric_ce / parametric_ce_backward
+  // up to rounding.
+  m.def(
+      "_parametric_ce_with_residual(Tensor logits, Tensor target, Tensor? group, "
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_parametric_ce_backward_from_residual(Tensor grad_loss, Tensor logits, "
+      "Tensor target, Tensor? group, Tensor weight, Tensor scale, Tensor shift, "
+      "Tensor lse, Tensor residual, int ignore_index, bool table_grads) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Diagnostics: how many threads the CPU kernels' row loop uses.
   m.def("_parallel_threads(int rows, int classes) -> int",
         &autobalance::parallel_threads_cpu);

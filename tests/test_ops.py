@@ -95,6 +95,15 @@ def test_backward_matches_reference(dtype, data, table_grads, gamma_kind):
     assert_within(dz, ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits {p}")
     assert_all_zero(dz[_ignored(p)], "grad_logits of ignored rows")
     _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads, "backward")
+    if p.dtype in (torch.float32, torch.float64):  # the residual path (a backward not differentiated again)
+        loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+        r_loss, r_lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+        assert torch.equal(r_loss, loss) and torch.equal(r_lse, lse), "the residual forward changed loss or lse"
+        assert_all_zero(residual[_ignored(p)], "residual of ignored rows")
+        got = OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual, p.ignore_index, table_grads)
+        assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"residual grad_logits {p}")
+        assert_all_zero(got[0][_ignored(p)], "residual grad_logits of ignored rows")
+        _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads, "residual backward")
 
 
 # ----------------------------------------------------- double backward
@@ -293,6 +302,44 @@ def _opcheck_all_three(p, requires_grad=True):
 @pytest.mark.parametrize("p", _opcheck_samples())
 def test_opcheck(p):
     _opcheck_all_three(p)
+    if p.dtype in (torch.float32, torch.float64):
+        torch.library.opcheck(OPS._parametric_ce_with_residual, (*p.args(), p.ignore_index))
+        _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+        for table_grads in (True, False):
+            torch.library.opcheck(OPS._parametric_ce_backward_from_residual,
+                                  (cotangents(p)[0], *p.args(), lse, residual, p.ignore_index, table_grads))
+
+
+def _ops_run_by(fn):
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.function_events if e.name.startswith("autobalance::")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_backward_reads_the_residual_unless_differentiated_again(dtype):
+    p = make_problem(21, 30, 12, 2, dtype, ignore_frac=0.2)
+    z = p.logits.detach().clone().requires_grad_()
+    S = p.scale.detach().clone().requires_grad_()
+
+    def plain():
+        pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index).backward()
+
+    def twice():
+        loss = pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index)
+        dz, = torch.autograd.grad(loss, z, create_graph=True)
+        torch.autograd.grad((dz * dz).sum(), S)
+
+    uses_residual = dtype != torch.bfloat16  # float32/float64 on the CPU
+    ran = _ops_run_by(plain)
+    assert ("autobalance::_parametric_ce_backward_from_residual" in ran) == uses_residual, ran
+    assert ("autobalance::parametric_ce_backward" in ran) != uses_residual, ran
+    ran = _ops_run_by(twice)
+    assert {"autobalance::parametric_ce_backward", "autobalance::parametric_ce_double_backward"} <= ran, ran
+    assert "autobalance::_parametric_ce_backward_from_residual" not in ran, ran
+    with torch.no_grad():  # nothing needs a gradient: no residual is made
+        assert "autobalance::_parametric_ce_with_residual" not in _ops_run_by(
+            lambda: pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index))
 
 
 def test_opcheck_transposed_tables():
@@ -371,13 +418,19 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
         loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
         first = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
         second = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
-        return (loss, lse, *first, *second)
+        if dtype not in (torch.float32, torch.float64):
+            return (loss, lse, *first, *second)
+        _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+        from_residual = OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual,
+                                                                  p.ignore_index, True)
+        return (loss, lse, *first, *second, residual, *from_residual)
 
     torch.set_num_threads(2)
     a, b = run(), run()
     torch.set_num_threads(1)
     c = run()
-    names = ["loss", "lse", "dz", "dW", "dS", "dL", "dd_gamma", "dd_z", "dd_W", "dd_S", "dd_L"]
+    names = ["loss", "lse", "dz", "dW", "dS", "dL", "dd_gamma", "dd_z", "dd_W", "dd_S", "dd_L",
+             "residual", "r_dz", "r_dW", "r_dS", "r_dL"]
     for name, x, y, w in zip(names, a, b, c):
         assert torch.equal(x, y), f"{name} differs between two runs"
         assert torch.equal(x, w), f"{name} differs between 2 threads and 1 thread"
@@ -523,6 +576,14 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
         ref_dz = reference.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
         assert torch.isnan(ref_dz[4]).all()
         assert torch.isnan(dz[4]).all(), f"grad_logits of the NaN row: {dz[4]}"
+    if dtype in (torch.float32, torch.float64):  # the residual path: the same rows poisoned
+        _, _, clean_r = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+        r_loss, _, residual = OPS._parametric_ce_with_residual(bad, *p.args()[1:], p.ignore_index)
+        assert torch.equal(r_loss[others], clean_loss[others]) and torch.equal(residual[others], clean_r[others])
+        assert torch.isnan(residual[4]).all(), f"residual of the poisoned row: {residual[4]}"
+        dz = OPS._parametric_ce_backward_from_residual(gamma, bad, *p.args()[1:], lse, residual, p.ignore_index,
+                                                       True)[0]
+        assert torch.isnan(dz[4]).all() and torch.isfinite(dz[others]).all()
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -597,3 +658,16 @@ def test_backward_is_linear_in_grad_loss():
     c = OPS.parametric_ce_backward(2 * g1 - g2, *p.args(), lse, p.ignore_index, True)
     for x, y, w in zip(a, b, c):
         torch.testing.assert_close(w, 2 * x - y, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_ops_refuse_bad_arguments():
+    p = make_problem(3, 6, 5, 1, torch.float32, ignore_frac=0.0)
+    _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+    gamma = cotangents(p)[0]
+    with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
+        OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual[:, :4], p.ignore_index, True)
+    with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
+        OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual.double(), p.ignore_index, True)
+    half = make_problem(3, 6, 5, 1, torch.bfloat16, ignore_frac=0.0)
+    with pytest.raises(TypeError, match="float32 or float64 `logits`, got torch.bfloat16"):
+        OPS._parametric_ce_with_residual(*half.args(), half.ignore_index)

@@ -203,8 +203,11 @@ struct Inputs {
 // ---------------------------------------------------------------- forward
 
 // lse = log sum_k exp(S_k z_k + L_k), two passes (max, then sum of exp).
+// With `e`, the second pass also stores e_k = exp(S_k z_k + L_k - max);
+// returns {max, sum_k e_k}.
 template <typename acc_t>
-acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K) {
+std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t* L,
+                                    int64_t K, acc_t* e) {
   using V = Vec<acc_t>;
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V vmax(lowest);
@@ -218,9 +221,17 @@ acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K) {
   const V vm(m);
   for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
     const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
-    vsum = vsum + keep(fast_exp(a - vm), n, acc_t(0));
+    const V ek = fast_exp(a - vm);
+    if (e) ek.store(e + k, n);
+    vsum = vsum + keep(ek, n, acc_t(0));
   });
-  return m + std::log(reduce_sum(vsum));
+  return {m, reduce_sum(vsum)};
+}
+
+template <typename acc_t>
+acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K) {
+  const auto [m, sum] = row_exp_sum(z, S, L, K, static_cast<acc_t*>(nullptr));
+  return m + std::log(sum);
 }
 
 std::tuple<Tensor, Tensor> parametric_ce_cpu(
@@ -323,6 +334,125 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
               narrow(dz, dz_out + i * K, K);
             });
       });
+  return {grad_logits, grad_weight, grad_scale, grad_shift};
+}
+
+// ------------------------------------------- forward with the residual
+//
+// For a backward that is not differentiated again: the forward also stores
+// the residual r = W_y (p - e_y) (float32/float64 logits), so the backward
+// needs no exponential: dz = gamma S r, dL = sum gamma r, dS = sum gamma r z.
+
+void check_residual_dtype(const Tensor& logits) {
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "autobalance: the residual path takes float32 or float64 `logits`, got ",
+                   dtype_name(logits.scalar_type()));
+}
+
+std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  check_residual_dtype(logits);
+  Tensor loss = at::empty({s.rows}, weight.options());
+  Tensor lse = at::empty({s.rows}, weight.options());
+  Tensor residual = at::empty({s.rows, s.classes}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_with_residual_cpu", [&] {
+    using V = Vec<scalar_t>;
+    const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
+                                        ignore_index);
+    scalar_t* loss_p = loss.mutable_data_ptr<scalar_t>();
+    scalar_t* lse_p = lse.mutable_data_ptr<scalar_t>();
+    scalar_t* r_out = residual.mutable_data_ptr<scalar_t>();
+    const int64_t K = in.K;
+    at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const RowIndex ri = in.row(i);
+        scalar_t* r = r_out + i * K;
+        if (ri.ignored) {
+          loss_p[i] = lse_p[i] = 0;
+          std::fill(r, r + K, scalar_t(0));
+          continue;
+        }
+        const scalar_t* z = in.z + i * K;
+        const scalar_t* S = in.S + ri.g * K;
+        const scalar_t* L = in.L + ri.g * K;
+        const auto [m, sum] = row_exp_sum(z, S, L, K, r);
+        const scalar_t l = m + std::log(sum);
+        const scalar_t Wy = in.W[ri.g * K + ri.y];
+        lse_p[i] = l;
+        loss_p[i] = Wy * (l - (S[ri.y] * z[ri.y] + L[ri.y]));
+        // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+        const V c(nan_unless_finite(l, Wy / sum));
+        for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
+        r[ri.y] -= Wy;
+      }
+    });
+  });
+  return {loss, lse, residual};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, const Tensor& lse,
+    const Tensor& residual, int64_t ignore_index, bool table_grads) {
+  const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
+                                        scale, shift, lse);
+  check_residual_dtype(logits);
+  TORCH_CHECK_VALUE(residual.sizes() == logits.sizes() &&
+                        residual.scalar_type() == logits.scalar_type(),
+                    "autobalance: `residual` must have the shape and dtype of logits (",
+                    logits.sizes(), ", ", dtype_name(logits.scalar_type()), "), got ",
+                    residual.sizes(), ", ", dtype_name(residual.scalar_type()));
+  check_same_device(residual, "residual", logits);
+  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
+  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_backward_from_residual_cpu", [&] {
+    using V = Vec<scalar_t>;
+    const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
+                                        ignore_index);
+    const Tensor gamma_c = grad_loss.contiguous(), lse_c = lse.contiguous();
+    const Tensor r_c = residual.contiguous();
+    const scalar_t* gamma = gamma_c.const_data_ptr<scalar_t>();
+    const scalar_t* lse_p = lse_c.const_data_ptr<scalar_t>();
+    const scalar_t* r_in = r_c.const_data_ptr<scalar_t>();
+    scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
+    const int64_t K = in.K, table = in.G * K;
+    for_rows<scalar_t>(
+        in.N, in.G, K, 0, table_grads,
+        {grad_weight.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(),
+         grad_shift.mutable_data_ptr<scalar_t>()},
+        [&](int64_t i, scalar_t* partial, scalar_t*) {
+          const RowIndex ri = in.row(i);
+          scalar_t* dz = dz_out + i * K;
+          if (ri.ignored) {
+            std::fill(dz, dz + K, scalar_t(0));
+            return;
+          }
+          const scalar_t *z = in.z + i * K, *r = r_in + i * K;
+          const scalar_t* S = in.S + ri.g * K;
+          const V vg(gamma[i]);
+          scalar_t* dS = partial ? partial + table + ri.g * K : nullptr;
+          scalar_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
+          for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) {
+            const V rk = vg * load(r, k, n);
+            (load(S, k, n) * rk).store(dz + k, n);
+            if (partial) {
+              (load(dL, k, n) + rk).store(dL + k, n);
+              at::vec::fmadd(rk, load(z, k, n), load(dS, k, n)).store(dS + k, n);
+            }
+          });
+          if (partial) {
+            const int64_t y = ri.y;
+            const scalar_t a_y = S[y] * z[y] + in.L[ri.g * K + y];
+            partial[ri.g * K + y] += gamma[i] * (lse_p[i] - a_y);
+          }
+        });
+  });
   return {grad_logits, grad_weight, grad_scale, grad_shift};
 }
 
@@ -488,6 +618,8 @@ TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce", &parametric_ce_cpu);
   m.impl("parametric_ce_backward", &parametric_ce_backward_cpu);
   m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_cpu);
+  m.impl("_parametric_ce_with_residual", &parametric_ce_with_residual_cpu);
+  m.impl("_parametric_ce_backward_from_residual", &parametric_ce_backward_from_residual_cpu);
 }
 
 }  // namespace autobalance
