@@ -50,3 +50,14 @@ def test_table_marks_single_class_predictors():
     assert "trivially 0" in table
     plain = report.markdown_table(report.summarise(results[2:], "groups"), "groups")
     assert "†" not in plain
+
+
+def test_parameter_evolution_plot_per_cell(tmp_path):
+    tables = lambda t: {"scale": [[1.0, 1.0 + t], [1.0, 1.0 - t]], "shift": [[0.0, t], [-t, 0.0]]}  # noqa: E731
+    trace = [{"epoch": t, "tables": tables(0.1 * t)} for t in range(4)]
+    results = [{"method": "AutoBalance", "trace": trace}, {"method": "CE", "trace": []}]
+    path = tmp_path / "evolution.png"
+    report.plot_parameter_evolution(results, str(path))
+    assert path.stat().st_size > 0
+    report.plot_parameter_evolution([{"method": "CE", "trace": []}], str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()  # nothing searched: no figure

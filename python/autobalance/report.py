@@ -71,7 +71,8 @@ def _pyplot():
 def plot_parameter_evolution(results: List[dict], path: str, clusters: Sequence[int] = None) -> None:
     """Figure 3: the learned scale ``S`` (Δ) and shift ``l`` per class over the
     search, for each searched method's first seed (classes by training
-    frequency, most frequent first; mean over groups)."""
+    frequency, most frequent first). With groups, one line per (class, group)
+    cell."""
     searched = {}
     for r in results:
         if r["trace"] and r["trace"][0].get("tables") and r["method"] not in searched:
@@ -83,11 +84,14 @@ def plot_parameter_evolution(results: List[dict], path: str, clusters: Sequence[
     for row, (method, trace) in zip(axes, searched.items()):
         epochs = [t["epoch"] for t in trace]
         for ax, key, label in ((row[0], "scale", "Δ (scale S)"), (row[1], "shift", "l (shift L)")):
-            values = torch.tensor([t["tables"][key] for t in trace]).mean(1)  # [steps, K]
-            classes = values.shape[1]
+            values = torch.tensor([t["tables"][key] for t in trace])  # [steps, G, K]
+            groups, classes = values.shape[1:]
             colours = plt.cm.viridis(torch.linspace(0, 1, classes).tolist())
-            for k in range(classes):
-                ax.plot(epochs, values[:, k].tolist(), color=colours[k], label=f"class {k}")
+            for g in range(groups):
+                for k in range(classes):
+                    line = f"class {k}" if groups == 1 else f"class {k}, group {g}"
+                    ax.plot(epochs, values[:, g, k].tolist(), color=colours[k], label=line,
+                            linestyle=("-", "--", ":", "-.")[g % 4])
             ax.set_title(f"{method}: {label}", fontsize=9)
             ax.set_xlabel("epoch of the search phase")
         row[1].legend(fontsize=6, ncol=2, loc="best")
