@@ -138,21 +138,21 @@ def _per_channel(t, like):
     return t.view((1, -1) + (1,) * (like.dim() - 2))
 
 
-def _sum(terms):
-    terms = [t for t in terms if t is not None]
-    return sum(terms[1:], terms[0]) if terms else None
-
-
 def _conv(x, weight, bias, args):
     stride, padding, dilation, groups = args
     return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
 def _conv_jvp(x, weight, t_x, t_weight, t_bias, args, shape):
-    """The convolution's derivative along ``(t_x, t_weight, t_bias)`` (each may be None)."""
-    return _sum([None if t_x is None else _conv(t_x, weight, None, args),
-                 None if t_weight is None else _conv(x, t_weight, None, args),
-                 None if t_bias is None else _per_channel(t_bias, x).expand(shape)])
+    """The convolution's derivative along ``(t_x, t_weight, t_bias)`` (each may be None);
+    the bias tangent rides in one of the convolutions."""
+    out = None if t_weight is None else _conv(x, t_weight, t_bias, args)
+    if t_x is not None:
+        part = _conv(t_x, weight, t_bias if out is None else None, args)
+        out = part if out is None else out.add_(part)
+    if out is None and t_bias is not None:
+        out = _per_channel(t_bias, x).expand(shape)
+    return out
 
 
 def _conv_backward(grad, x, weight, args, mask):
@@ -226,11 +226,15 @@ class _EvalBatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, u_x, u_weight, u_bias):
         grad, x, weight, mean, var = ctx.saved_tensors
-        r = torch.rsqrt(var + ctx.eps)
         need = ctx.needs_input_grad
         d_grad = _affine_map(x, mean, var, ctx.eps, weight, u_weight, u_bias, u_x) if need[0] else None
-        d_x = grad * _per_channel(u_weight * r, x) if need[1] else None
-        d_weight = (u_x * grad).sum([d for d in range(x.dim()) if d != 1]) * r if need[2] else None
+        # d_x = grad u_weight r and d_weight = sum(grad u_x) r per channel, r = 1 / sqrt(var + eps):
+        # eval-mode BatchNorm's own backward with input u_x, weight u_weight and mean 0, in one pass.
+        d_x = d_weight = None
+        if need[1] or need[2]:
+            d_x, d_weight, _ = torch.ops.aten.native_batch_norm_backward(
+                grad, u_x, u_weight, torch.zeros_like(mean), var, None, None, False, ctx.eps,
+                [need[1], need[2], False])
         return d_grad, d_x, d_weight, None, None, None
 
 
