@@ -477,6 +477,31 @@ def test_non_finite_hypergradient_skips_the_step_and_is_counted():
     assert bopt.hyper_step(model, data[:1], val[:1]).applied
 
 
+def test_stale_eigenvalue_estimate_is_corrected_not_amplified():
+    model = mlp(dtype=torch.float64)
+    criterion = ParametricCE(K).double()
+    bopt, _ = make(model, criterion, hyper_every=1, power_refresh_every=1000)
+    data, val = batches(10, dtype=torch.float64), batches(11, dtype=torch.float64)
+    train(model, bopt, criterion, 3, data, val)
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
+    good = flat(bopt.hypergradient(model, data[:1], val[:1]))
+    lam = bopt._eigenvalue
+    # the same series with a stale estimate (eta 50x too large) and no check grows like 49^J
+    stale = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4), criterion,
+                             BalancedCE(K), step_size=50.0 / lam)
+    assert flat(stale.hypergradient(model, data[:1], val[:1])).norm() > 1e3 * good.norm()
+    bopt._eigenvalue = lam / 50
+    fixed = flat(bopt.hypergradient(model, data[:1], val[:1]))
+    assert bopt.step_size_corrections == 0 and bopt._eigenvalue == lam / 50  # hypergradient() changes nothing
+    # a valid (if different) step size: the truncated series differs a little from the fresh one
+    assert 0.2 < float(fixed.norm() / good.norm()) < 10.0
+    assert F.cosine_similarity(fixed, good, dim=0) > 0.8
+    result = bopt.hyper_step(model, data[:1], val[:1])
+    assert result.applied and 1 <= bopt.step_size_corrections <= BilevelOptimizer.MAX_STEP_SIZE_CORRECTIONS
+    assert 2 * lam / 50 < bopt._eigenvalue <= 1.0001 * lam
+    assert bopt.state_dict()["schedule"]["step_size_corrections"] == bopt.step_size_corrections
+
+
 def test_last_layer_as_theta():
     model = mlp()
     criterion = ParametricCE(K)

@@ -446,7 +446,12 @@ class BilevelOptimizer(torch.optim.Optimizer):
       estimate (eigenvector and eigenvalue are the "solver state"). A refresh costs one
       Hessian-vector product (about 2 training steps); ``power_refresh_every=1``
       refreshes at every hyper-step. The series converges as long as the true
-      ``lambda_max`` stays below twice the estimate (``0 < eta lambda_max < 2``).
+      ``lambda_max`` stays below twice the estimate (``0 < eta lambda_max < 2``); every
+      Hessian-vector product checks it: where ``|H u| / |u| > 2 / eta`` for a term ``u``
+      the estimate is stale, so ``lambda`` becomes that ratio (and ``u`` the eigenvector)
+      and the series restarts (at most ``MAX_STEP_SIZE_CORRECTIONS = 3`` times a
+      hyper-step; ``step_size_corrections`` counts them). Without this check a stale
+      estimate lets the series grow like ``|1 - eta lambda_max|^J``.
       The published configuration is ``step_size=1.0, neumann_terms=5``.
     - ``"cg"``: conjugate gradient on ``H p = grad_theta L_V``, at most ``cg_iterations``
       iterations, stopping at relative residual ``cg_tol`` or at non-positive curvature.
@@ -502,6 +507,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
         inner_params: ``theta``, a subset of ``optimizer``'s parameters (e.g. the last
             layer); default all of them that require grad.
     """
+
+    MAX_STEP_SIZE_CORRECTIONS = 3  # restarts of the Neumann series per hyper-step (see the class docstring)
 
     def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
                  hyper_optimizer: Optional[torch.optim.Optimizer] = None, warmup_steps: int = 0,
@@ -584,7 +591,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.hyper_every = _int(hyper_every, "hyper_every", 1)
         self.max_hypergrad_norm = _positive(max_hypergrad_norm, "max_hypergrad_norm", allow_none=True)
 
-        self.steps = self.hyper_steps = self.skipped_hyper_steps = 0
+        self.steps = self.hyper_steps = self.skipped_hyper_steps = self.step_size_corrections = 0
         self.frozen = False
         self._last_hyper_step_at = -1
         self._eigenvector: Optional[torch.Tensor] = None
@@ -638,6 +645,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 "hyperparameters": {n: p.detach().clone() for n, p in zip(self._hyper_names, self._hyper)},
                 "schedule": {"steps": self.steps, "hyper_steps": self.hyper_steps,
                              "skipped_hyper_steps": self.skipped_hyper_steps,
+                             "step_size_corrections": self.step_size_corrections,
                              "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen},
                 "solver": {"eigenvector": None if self._eigenvector is None else self._eigenvector.clone(),
                            "eigenvalue": self._eigenvalue}}
@@ -659,6 +667,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         schedule = state_dict["schedule"]
         self.steps, self.hyper_steps = schedule["steps"], schedule["hyper_steps"]
         self.skipped_hyper_steps = schedule["skipped_hyper_steps"]
+        self.step_size_corrections = schedule.get("step_size_corrections", 0)
         self._last_hyper_step_at = schedule["last_hyper_step_at"]
         vector = state_dict["solver"]["eigenvector"]
         self._eigenvector = None if vector is None else vector.to(self._theta[0].device).clone()
@@ -679,7 +688,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 f"  solver={self.solver!r}, {solver}, theta={sum(p.numel() for p in self._theta)} weights\n"
                 f"  warmup_steps={self.warmup_steps}, hyper_every={self.hyper_every}, steps={self.steps}, "
                 f"hyper_steps={self.hyper_steps}, skipped_hyper_steps={self.skipped_hyper_steps}, "
-                f"frozen={self.frozen}\n)")
+                f"step_size_corrections={self.step_size_corrections}, frozen={self.frozen}\n)")
 
     # ---- schedule
 
@@ -779,15 +788,26 @@ class BilevelOptimizer(torch.optim.Optimizer):
         """``(p, eta, solver state)`` with ``p ~ H^-1 v`` (MATH.md section 5)."""
         if self.solver == "cg":
             return _conjugate_gradient(hvp, v, self.cg_iterations, self.cg_tol), None, \
-                (self._eigenvector, self._eigenvalue)
+                (self._eigenvector, self._eigenvalue, 0)
         eta, state = self._eta(hvp, v)
         if self.solver == "first_order":
-            return eta * v, eta, state
-        term, p = v, v.clone()
-        for _ in range(self.neumann_terms):
-            term = term - eta * hvp(term)
+            return eta * v, eta, (*state, 0)
+        term, p, j, corrections = v, v.clone(), 0, 0
+        while j < self.neumann_terms:
+            h = hvp(term)
+            if self.step_size == "auto" and corrections < self.MAX_STEP_SIZE_CORRECTIONS:
+                # |H u| / |u| <= lambda_max for any u: a ratio above 2 / eta shows a direction in
+                # which (I - eta H) expands, i.e. a stale lambda. Restart with that ratio as lambda.
+                norm = float(term.norm())
+                ratio = float(h.norm()) / norm if norm > 0 else 0.0
+                if math.isfinite(ratio) and eta * ratio > 2.0:
+                    eta, state, corrections = 1.0 / ratio, (term / norm, ratio), corrections + 1
+                    term, p, j = v, v.clone(), 0
+                    continue
+            term = term - eta * h
             p += term
-        return eta * p, eta, state
+            j += 1
+        return eta * p, eta, (*state[:2], corrections)
 
     def _hypergradient(self, model, train_batches, val_batches):
         train = self._batches(train_batches, "train_batches")
@@ -832,7 +852,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.hyper_optimizer.step()
         for p in self._hyper:
             p.grad = None
-        self._eigenvector, self._eigenvalue = state
+        self._eigenvector, self._eigenvalue, corrections = state
+        self.step_size_corrections += corrections
         self.hyper_steps += 1
         return HyperStepResult(True, norm, train_loss, val_loss, eta)
 

@@ -249,7 +249,8 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
                     model, [_to(next(train_stream), device) for _ in range(search.train_batches)],
                     [_to(next(val_stream), device) for _ in range(search.val_batches)])
                 trace.append({"epoch": epoch + (i + 1) / len(loader), "val_objective": float(result.val_loss),
-                              "applied": bool(result.applied), "tables": _table_snapshot(criterion)})
+                              "applied": bool(result.applied), "hypergrad_norm": float(result.hypergrad_norm),
+                              "tables": _table_snapshot(criterion)})
         if bar is not None:
             bar.update(1)
     if bar is not None:
