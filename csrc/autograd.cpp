@@ -93,6 +93,10 @@ struct Edges {
 // the forward also keeps r = W_y (p - e_y), and a backward that is not
 // differentiated again (no create_graph) reads it instead of recomputing the
 // softmax: one exponential per logit for forward + backward instead of two.
+// That pays while the [N, K] buffers stay in cache; beyond kResidualMaxElements
+// logits, reading r back costs more than recomputing the exponentials
+// (bench/bench_ops.py: 4096 x 100 gains ~20%, 4096 x 1000 loses ~7%).
+constexpr int64_t kResidualMaxElements = int64_t(1) << 20;
 struct ParametricCE : torch::autograd::Function<ParametricCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& target, const std::optional<Tensor>& group,
@@ -210,6 +214,7 @@ std::tuple<Tensor, Tensor> parametric_ce_autograd(
                           (logits.requires_grad() || weight.requires_grad() ||
                            scale.requires_grad() || shift.requires_grad());
   const bool residual = needs_grad && logits.device().is_cpu() &&
+                        logits.numel() <= kResidualMaxElements &&
                         (logits.scalar_type() == at::kFloat ||
                          logits.scalar_type() == at::kDouble);
   auto out = ParametricCE::apply(logits, target, group, weight, scale, shift,

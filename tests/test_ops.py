@@ -337,6 +337,10 @@ def test_backward_reads_the_residual_unless_differentiated_again(dtype):
     ran = _ops_run_by(twice)
     assert {"autobalance::parametric_ce_backward", "autobalance::parametric_ce_double_backward"} <= ran, ran
     assert "autobalance::_parametric_ce_backward_from_residual" not in ran, ran
+    big = make_problem(22, 1100, 1000, 1, dtype, ignore_frac=0.0)  # over 2^20 logits: recomputed instead
+    zb = big.logits.detach().clone().requires_grad_()
+    ran = _ops_run_by(lambda: pce(zb, big.target, big.weight, big.scale, big.shift).backward())
+    assert "autobalance::parametric_ce_backward" in ran and "autobalance::_parametric_ce_with_residual" not in ran
     with torch.no_grad():  # nothing needs a gradient: no residual is made
         assert "autobalance::_parametric_ce_with_residual" not in _ops_run_by(
             lambda: pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index))
