@@ -213,7 +213,10 @@ std::tuple<Tensor, Tensor> parametric_ce_autograd(
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (logits.requires_grad() || weight.requires_grad() ||
                            scale.requires_grad() || shift.requires_grad());
+  // (Symbolic shapes, under torch.compile's dynamic tracing, take the plain path
+  // rather than a guard on N K.)
   const bool residual = needs_grad && logits.device().is_cpu() &&
+                        !logits.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
                         logits.numel() <= kResidualMaxElements &&
                         (logits.scalar_type() == at::kFloat ||
                          logits.scalar_type() == at::kDouble);
