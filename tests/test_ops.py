@@ -675,3 +675,26 @@ def test_residual_ops_refuse_bad_arguments():
     half = make_problem(3, 6, 5, 1, torch.bfloat16, ignore_frac=0.0)
     with pytest.raises(TypeError, match="float32 or float64 `logits`, got torch.bfloat16"):
         OPS._parametric_ce_with_residual(*half.args(), half.ignore_index)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1, 7, 8, 9, 15, 16, 17, 31, 33, 100, 129])
+def test_every_row_tail_against_reference(K, dtype):
+    """Row lengths around the vector widths (8 or 16 float32 lanes, 4 or 8
+    float64 lanes): full chunks, a last chunk that overlaps the one before, and
+    rows shorter than one vector."""
+    p = make_problem(K, 37, K, 2, dtype, ignore_frac=0.1)
+    gamma = cotangents(p)[0]
+    loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    ref_loss, ref_lse = reference.parametric_ce(*p.args(), p.ignore_index)
+    o = Oracle(p, gamma)
+    assert_within(loss, ref_loss, tolerance(o.mag_loss, p.dtype), f"loss K={K}")
+    ref = reference.parametric_ce_backward(gamma, *p.args(), ref_lse, p.ignore_index, True)
+    outs = [OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)]
+    if dtype in (torch.float32, torch.float64):
+        _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+        outs.append(OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual, p.ignore_index,
+                                                              True))
+    for got in outs:
+        assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits K={K}")
+        _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, True, f"K={K}")

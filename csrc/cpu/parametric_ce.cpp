@@ -52,6 +52,37 @@ inline Vec<T> keep(const Vec<T>& v, int64_t n, T fill) {
   return n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(fill), v, n);
 }
 
+// For K >= W every chunk is a full vector: the last starts at K - W and shares
+// its first lanes with the chunk before (no masked tail: ~20% faster at
+// K = 100). f(k, n, fresh) gets fresh = nullptr, or, for that last chunk, a
+// 0/1 vector that is 0 on the shared lanes: sums must count each lane once
+// (`counted`), while maxima and stores of the same values need nothing. For
+// K < W, one masked chunk of n = K lanes (as for_chunks).
+template <typename T>
+Vec<T> fresh_lanes(int64_t K) {
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t shared = (K >= W && K % W) ? W - K % W : 0;
+  T f[W];
+  for (int64_t j = 0; j < W; ++j) f[j] = j < shared ? T(0) : T(1);
+  return Vec<T>::loadu(f);
+}
+
+template <typename T, typename F>
+inline void for_lanes(int64_t K, const Vec<T>& fresh, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T>* all = nullptr;
+  if (K < W) return f(int64_t(0), K, all);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) f(k, W, all);
+  if (k < K) f(K - W, W, &fresh);
+}
+
+// v with the lanes this chunk must not count set to 0.
+template <typename T>
+inline Vec<T> counted(const Vec<T>& v, int64_t n, const Vec<T>* fresh) {
+  return fresh ? v * *fresh : keep(v, n, T(0));
+}
+
 template <typename T>
 inline Vec<T> fast_exp(const Vec<T>& x) {
   return x.exp_u20();
@@ -205,13 +236,14 @@ struct Inputs {
 // lse = log sum_k exp(S_k z_k + L_k), two passes (max, then sum of exp).
 // With `e`, the second pass also stores e_k = exp(S_k z_k + L_k - max);
 // returns {max, sum_k e_k}.
+// `fresh` is fresh_lanes<acc_t>(K).
 template <typename acc_t>
 std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t* L,
-                                    int64_t K, acc_t* e) {
+                                    int64_t K, acc_t* e, const Vec<acc_t>& fresh) {
   using V = Vec<acc_t>;
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V vmax(lowest);
-  for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+  for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V*) {
     const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
     vmax = at::vec::maximum(vmax, keep(a, n, lowest));
   });
@@ -219,18 +251,19 @@ std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t*
       [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
   V vsum(acc_t(0));
   const V vm(m);
-  for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+  for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
     const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
     const V ek = fast_exp(a - vm);
     if (e) ek.store(e + k, n);
-    vsum = vsum + keep(ek, n, acc_t(0));
+    vsum = vsum + counted(ek, n, f);
   });
   return {m, reduce_sum(vsum)};
 }
 
 template <typename acc_t>
-acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K) {
-  const auto [m, sum] = row_exp_sum(z, S, L, K, static_cast<acc_t*>(nullptr));
+acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K,
+              const Vec<acc_t>& fresh) {
+  const auto [m, sum] = row_exp_sum(z, S, L, K, static_cast<acc_t*>(nullptr), fresh);
   return m + std::log(sum);
 }
 
@@ -250,6 +283,7 @@ std::tuple<Tensor, Tensor> parametric_ce_cpu(
         acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
         acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
         const int64_t K = in.K;
+        const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
         at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
           std::unique_ptr<acc_t[]> buf(new acc_t[K]);
           for (int64_t i = begin; i < end; ++i) {
@@ -261,7 +295,7 @@ std::tuple<Tensor, Tensor> parametric_ce_cpu(
             const acc_t* z = widen(in.z + i * K, buf.get(), K);
             const acc_t* S = in.S + r.g * K;
             const acc_t* L = in.L + r.g * K;
-            const acc_t l = row_lse(z, S, L, K);
+            const acc_t l = row_lse(z, S, L, K, fresh);
             lse_p[i] = l;
             loss_p[i] = in.W[r.g * K + r.y] * (l - (S[r.y] * z[r.y] + L[r.y]));
           }
@@ -294,6 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
         const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
         scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
         const int64_t K = in.K, table = in.G * K;
+        const V fresh = fresh_lanes<acc_t>(K);
         for_rows<acc_t>(
             in.N, in.G, K, 2 * K, table_grads,
             {grad_weight.mutable_data_ptr<acc_t>(), grad_scale.mutable_data_ptr<acc_t>(),
@@ -315,13 +350,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
               acc_t* dW = partial ? partial + r.g * K : nullptr;
               acc_t* dS = partial ? partial + table + r.g * K : nullptr;
               acc_t* dL = partial ? partial + 2 * table + r.g * K : nullptr;
-              for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+              for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
                 const V Sk = load(S, k, n), zk = load(z, k, n);
                 const V rk = vc * fast_exp(at::vec::fmadd(Sk, zk, load(L, k, n)) - vl);
                 (Sk * rk).store(dz + k, n);
                 if (partial) {
-                  (load(dL, k, n) + rk).store(dL + k, n);
-                  at::vec::fmadd(rk, zk, load(dS, k, n)).store(dS + k, n);
+                  const V once = f ? rk * *f : rk;
+                  (load(dL, k, n) + once).store(dL + k, n);
+                  at::vec::fmadd(once, zk, load(dS, k, n)).store(dS + k, n);
                 }
               });
               const int64_t y = r.y;
@@ -366,6 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
     scalar_t* lse_p = lse.mutable_data_ptr<scalar_t>();
     scalar_t* r_out = residual.mutable_data_ptr<scalar_t>();
     const int64_t K = in.K;
+    const V fresh = fresh_lanes<scalar_t>(K);
     at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const RowIndex ri = in.row(i);
@@ -378,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
         const scalar_t* z = in.z + i * K;
         const scalar_t* S = in.S + ri.g * K;
         const scalar_t* L = in.L + ri.g * K;
-        const auto [m, sum] = row_exp_sum(z, S, L, K, r);
+        const auto [m, sum] = row_exp_sum(z, S, L, K, r, fresh);
         const scalar_t l = m + std::log(sum);
         const scalar_t Wy = in.W[ri.g * K + ri.y];
         lse_p[i] = l;
@@ -422,6 +459,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
     const scalar_t* r_in = r_c.const_data_ptr<scalar_t>();
     scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
     const int64_t K = in.K, table = in.G * K;
+    const V fresh = fresh_lanes<scalar_t>(K);
     for_rows<scalar_t>(
         in.N, in.G, K, 0, table_grads,
         {grad_weight.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(),
@@ -438,12 +476,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
           const V vg(gamma[i]);
           scalar_t* dS = partial ? partial + table + ri.g * K : nullptr;
           scalar_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
-          for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) {
+          for_lanes<scalar_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
             const V rk = vg * load(r, k, n);
             (load(S, k, n) * rk).store(dz + k, n);
             if (partial) {
-              (load(dL, k, n) + rk).store(dL + k, n);
-              at::vec::fmadd(rk, load(z, k, n), load(dS, k, n)).store(dS + k, n);
+              const V once = f ? rk * *f : rk;
+              (load(dL, k, n) + once).store(dL + k, n);
+              at::vec::fmadd(once, load(z, k, n), load(dS, k, n)).store(dS + k, n);
             }
           });
           if (partial) {
