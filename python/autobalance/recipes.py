@@ -52,7 +52,7 @@ class SearchConfig:
     fresh training batches and ``val_batches`` validation batches of
     ``val_batch_size``. The rest goes to :class:`BilevelOptimizer`. By
     default ``theta`` is the last layer (``model.fc``), which makes a
-    hyper-step cost less than a training step; ``last_layer_only=False`` uses
+    hyper-step cost one to two training steps; ``last_layer_only=False`` uses
     every weight (about 10 training steps per hyper-step for the small CNN and 14 for
     ResNet-32 on a CPU; bench/bench_hyperstep.py).
     """
