@@ -42,28 +42,22 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-const auto& forward_op() {
-  static const auto handle = op<ForwardSig>("autobalance::parametric_ce");
-  return handle;
-}
-const auto& backward_op() {
-  static const auto handle = op<BackwardSig>("autobalance::parametric_ce_backward");
-  return handle;
-}
-const auto& double_backward_op() {
-  static const auto handle =
+// The ops' dispatcher handles, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<ForwardSig> forward = op<ForwardSig>("autobalance::parametric_ce");
+  c10::TypedOperatorHandle<BackwardSig> backward =
+      op<BackwardSig>("autobalance::parametric_ce_backward");
+  c10::TypedOperatorHandle<DoubleBackwardSig> double_backward =
       op<DoubleBackwardSig>("autobalance::parametric_ce_double_backward");
-  return handle;
-}
-
-const auto& residual_op() {
-  static const auto handle = op<ResidualSig>("autobalance::_parametric_ce_with_residual");
-  return handle;
-}
-const auto& from_residual_op() {
-  static const auto handle =
+  c10::TypedOperatorHandle<ResidualSig> residual =
+      op<ResidualSig>("autobalance::_parametric_ce_with_residual");
+  c10::TypedOperatorHandle<FromResidualSig> from_residual =
       op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual");
-  return handle;
+};
+
+const Ops& ops() {
+  static const Ops handles;
+  return handles;
 }
 
 std::optional<Tensor> optional(const Tensor& t) {
@@ -106,10 +100,10 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     Tensor loss, lse, r;
     if (residual) {
       std::tie(loss, lse, r) =
-          residual_op().call(logits, target, group, weight, scale, shift, ignore_index);
+          ops().residual.call(logits, target, group, weight, scale, shift, ignore_index);
     } else {
       std::tie(loss, lse) =
-          forward_op().call(logits, target, group, weight, scale, shift, ignore_index);
+          ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
     }
     // lse is a statistic for the backward, not a model output.
     ctx->mark_non_differentiable({lse});
@@ -127,9 +121,9 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     // Grad mode is on exactly when this backward is differentiated again.
     auto [dz, dW, dS, dL] =
         s[7].defined() && !at::GradMode::is_enabled()
-            ? from_residual_op().call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
+            ? ops().from_residual.call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
                                       s[5], s[6], s[7], ignore_index, table_grads)
-            : backward_op().call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
+            : ops().backward.call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
                                  s[5], s[6], ignore_index, table_grads);
     return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
             e.keep(5, dL), Tensor(), Tensor()};
@@ -147,7 +141,7 @@ struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
                                bool table_grads) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dz, dW, dS, dL] =
-        backward_op().call(grad_loss, logits, target, group, weight,
+        ops().backward.call(grad_loss, logits, target, group, weight,
                            scale, shift, lse, ignore_index, table_grads);
     ctx->save_for_backward({grad_loss, logits, target, value(group), weight, scale, shift, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -168,7 +162,7 @@ struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
     const auto s = ctx->get_saved_variables();
     const Edges e{ctx, 3};
     const bool table_grads = e.needed(4) || e.needed(5) || e.needed(6);
-    auto [dgamma, dz, dW, dS, dL] = double_backward_op().call(
+    auto [dgamma, dz, dW, dS, dL] = ops().double_backward.call(
         s[0], s[1], s[2], optional(s[3]), s[4], s[5], s[6], s[7], optional(u[0]),
         optional(u[1]), optional(u[2]), optional(u[3]),
         ctx->saved_data["ignore_index"].toInt(), table_grads);
@@ -192,7 +186,7 @@ struct ParametricCEDoubleBackward
       const std::optional<Tensor>& u_scale, const std::optional<Tensor>& u_shift,
       int64_t ignore_index, bool table_grads) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [a, b, c, d, e] = double_backward_op().call(
+    auto [a, b, c, d, e] = ops().double_backward.call(
         grad_loss, logits, target, group, weight, scale, shift, lse, u_logits,
         u_weight, u_scale, u_shift, ignore_index, table_grads);
     return {a, b, c, d, e};

@@ -187,6 +187,22 @@ def problems(**kwargs):
     return st.integers(0, 2**32 - 1).map(lambda seed: random_problem(random.Random(seed), **kwargs))
 
 
+POISONS = ["nan", "inf_at_target", "all_neg_inf"]
+
+
+def poisoned_logits(p: Problem, row: int, poison: str) -> torch.Tensor:
+    """``p.logits`` with one row made non-finite: a NaN, +inf at the target, or all -inf."""
+    bad = p.logits.clone()
+    if poison == "nan":
+        bad[row, 7] = float("nan")
+    elif poison == "inf_at_target":
+        bad[row, p.target[row]] = float("inf")
+    else:
+        assert poison == "all_neg_inf", poison
+        bad[row] = float("-inf")
+    return bad
+
+
 def cotangents(p: Problem, present=(True, True, True, True), salt=3, layout="contiguous"):
     """Random (gamma, Uz, UW, US, UL) for ``p``; absent ones are None."""
     gen = p.generator(salt)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import autobalance
 import autobalance_ext
-from conftest import (FLOAT_DTYPES, OPS, Oracle, acc_dtype, assert_all_zero, assert_within,
-                      cotangents, make_problem, reference, tolerance)
+from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_zero, assert_within,
+                      cotangents, make_problem, poisoned_logits, reference, tolerance)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -182,17 +182,11 @@ def test_all_rows_ignored():
         assert_all_zero(t, "outputs with every row ignored")
 
 
-@pytest.mark.parametrize("poison", ["nan", "inf_at_target", "all_neg_inf"])
+@pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_non_finite_logits_poison_only_their_row(dtype, poison):
     p = on_gpu(make_problem(9, 12, 40, 1, dtype, ignore_frac=0.0, use_group=False))
-    bad = p.logits.clone()
-    if poison == "nan":
-        bad[4, 7] = float("nan")
-    elif poison == "inf_at_target":
-        bad[4, p.target[4]] = float("inf")
-    else:
-        bad[4] = float("-inf")
+    bad = poisoned_logits(p, 4, poison)
     clean_loss, clean_lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     loss, lse = OPS.parametric_ce(bad, *p.args()[1:], p.ignore_index)
     others = torch.arange(p.N, device="cuda") != 4

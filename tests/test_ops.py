@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import autobalance
-from conftest import (FLOAT_DTYPES, OPS, Oracle, acc_dtype, assert_all_zero, assert_within,
-                      cotangents, examples, make_problem, problems, reference, tolerance)
+from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_zero, assert_within,
+                      cotangents, examples, make_problem, poisoned_logits, problems, reference, tolerance)
 
 pce = autobalance.parametric_cross_entropy
 
@@ -553,17 +553,11 @@ def test_identity_tables_reproduce_cross_entropy(reduction, ignore_index, backen
     torch.testing.assert_close(gW[0], ew, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("poison", ["nan", "inf_at_target", "all_neg_inf"])
+@pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_non_finite_logits_poison_only_their_row(dtype, poison):
     p = make_problem(9, 12, 40, 1, dtype, ignore_frac=0.0, use_group=False)
-    bad = p.logits.clone()
-    if poison == "nan":
-        bad[4, 7] = float("nan")
-    elif poison == "inf_at_target":
-        bad[4, p.target[4]] = float("inf")
-    else:
-        bad[4] = float("-inf")
+    bad = poisoned_logits(p, 4, poison)
     clean_loss, clean_lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     loss, lse = OPS.parametric_ce(bad, *p.args()[1:], p.ignore_index)
     others = torch.arange(p.N) != 4

@@ -233,9 +233,8 @@ struct Inputs {
 
 // ---------------------------------------------------------------- forward
 
-// lse = log sum_k exp(S_k z_k + L_k), two passes (max, then sum of exp).
-// With `e`, the second pass also stores e_k = exp(S_k z_k + L_k - max);
-// returns {max, sum_k e_k}.
+// {m, sum_k exp(S_k z_k + L_k - m)} with m the row's max, in two passes, so
+// lse = m + log(sum). With `e`, the second pass also stores the exponentials.
 // `fresh` is fresh_lanes<acc_t>(K).
 template <typename acc_t>
 std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t* L,
@@ -260,21 +259,28 @@ std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t*
   return {m, reduce_sum(vsum)};
 }
 
-template <typename acc_t>
-acc_t row_lse(const acc_t* z, const acc_t* S, const acc_t* L, int64_t K,
-              const Vec<acc_t>& fresh) {
-  const auto [m, sum] = row_exp_sum(z, S, L, K, static_cast<acc_t*>(nullptr), fresh);
-  return m + std::log(sum);
+// The residual path takes float32/float64 logits only (r is kept in their dtype).
+void check_residual_dtype(const Tensor& logits) {
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "autobalance: the residual path takes float32 or float64 `logits`, got ",
+                   dtype_name(logits.scalar_type()));
 }
 
-std::tuple<Tensor, Tensor> parametric_ce_cpu(
+// (loss, lse) and, with `with_residual`, the residual r = W_y (p - e_y) [N, K]
+// that a backward not differentiated again reads instead of recomputing the
+// softmax (so that backward needs no exponential: dz = gamma S r,
+// dL = sum gamma r, dS = sum gamma r z); else an undefined tensor.
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index,
+    bool with_residual) {
   const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  if (with_residual) check_residual_dtype(logits);
   const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   Tensor loss = at::empty({s.rows}, acc_opts);
   Tensor lse = at::empty({s.rows}, acc_opts);
+  Tensor residual = with_residual ? at::empty({s.rows, s.classes}, acc_opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -282,29 +288,75 @@ std::tuple<Tensor, Tensor> parametric_ce_cpu(
                                          shift, s, ignore_index);
         acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
         acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+        acc_t* r_out = with_residual ? residual.mutable_data_ptr<acc_t>() : nullptr;
         const int64_t K = in.K;
         const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
         at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
           std::unique_ptr<acc_t[]> buf(new acc_t[K]);
           for (int64_t i = begin; i < end; ++i) {
-            const RowIndex r = in.row(i);
-            if (r.ignored) {
+            const RowIndex ri = in.row(i);
+            acc_t* r = r_out ? r_out + i * K : nullptr;
+            if (ri.ignored) {
               loss_p[i] = lse_p[i] = 0;
+              if (r) std::fill(r, r + K, acc_t(0));
               continue;
             }
             const acc_t* z = widen(in.z + i * K, buf.get(), K);
-            const acc_t* S = in.S + r.g * K;
-            const acc_t* L = in.L + r.g * K;
-            const acc_t l = row_lse(z, S, L, K, fresh);
+            const acc_t* S = in.S + ri.g * K;
+            const acc_t* L = in.L + ri.g * K;
+            const auto [m, sum] = row_exp_sum(z, S, L, K, r, fresh);
+            const acc_t l = m + std::log(sum);
+            const acc_t Wy = in.W[ri.g * K + ri.y];
             lse_p[i] = l;
-            loss_p[i] = in.W[r.g * K + r.y] * (l - (S[r.y] * z[r.y] + L[r.y]));
+            loss_p[i] = Wy * (l - (S[ri.y] * z[ri.y] + L[ri.y]));
+            if (r) {
+              // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+              const Vec<acc_t> c(nan_unless_finite(l, Wy / sum));
+              for_chunks<acc_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
+              r[ri.y] -= Wy;
+            }
           }
         });
       });
-  return {loss, lse};
+  return {loss, lse, residual};
+}
+
+std::tuple<Tensor, Tensor> parametric_ce_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  return forward_cpu(logits, target, group, weight, scale, shift, ignore_index, true);
 }
 
 // --------------------------------------------------------------- backward
+
+// grad_logits [N, K] and the zeroed grad_weight, grad_scale, grad_shift [G, K].
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_outputs(const Sizes& s,
+                                                            const Tensor& logits,
+                                                            const Tensor& weight) {
+  return {at::empty({s.rows, s.classes}, logits.options()),
+          at::zeros({s.groups, s.classes}, weight.options()),
+          at::zeros({s.groups, s.classes}, weight.options()),
+          at::zeros({s.groups, s.classes}, weight.options())};
+}
+
+// dL += r and dS += r z over one chunk, each lane once (`fresh` as in for_lanes;
+// a short chunk's masked stores leave its padding out).
+template <typename T>
+inline void add_table_grads(T* dL, T* dS, int64_t k, int64_t n, const Vec<T>& rk,
+                            const Vec<T>& zk, const Vec<T>* fresh) {
+  const Vec<T> once = fresh ? rk * *fresh : rk;
+  (load(dL, k, n) + once).store(dL + k, n);
+  at::vec::fmadd(once, zk, load(dS, k, n)).store(dS + k, n);
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
@@ -313,10 +365,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
     int64_t ignore_index, bool table_grads) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
-  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
-  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_logits, grad_weight, grad_scale, grad_shift;
+  std::tie(grad_logits, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -354,11 +404,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
                 const V Sk = load(S, k, n), zk = load(z, k, n);
                 const V rk = vc * fast_exp(at::vec::fmadd(Sk, zk, load(L, k, n)) - vl);
                 (Sk * rk).store(dz + k, n);
-                if (partial) {
-                  const V once = f ? rk * *f : rk;
-                  (load(dL, k, n) + once).store(dL + k, n);
-                  at::vec::fmadd(once, zk, load(dS, k, n)).store(dS + k, n);
-                }
+                if (partial) add_table_grads(dL, dS, k, n, rk, zk, f);
               });
               const int64_t y = r.y;
               dz[y] -= S[y] * c;
@@ -373,62 +419,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
   return {grad_logits, grad_weight, grad_scale, grad_shift};
 }
 
-// ------------------------------------------- forward with the residual
-//
-// For a backward that is not differentiated again: the forward also stores
-// the residual r = W_y (p - e_y) (float32/float64 logits), so the backward
-// needs no exponential: dz = gamma S r, dL = sum gamma r, dS = sum gamma r z.
-
-void check_residual_dtype(const Tensor& logits) {
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-                   "autobalance: the residual path takes float32 or float64 `logits`, got ",
-                   dtype_name(logits.scalar_type()));
-}
-
-std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
-    const Tensor& logits, const Tensor& target,
-    const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  check_residual_dtype(logits);
-  Tensor loss = at::empty({s.rows}, weight.options());
-  Tensor lse = at::empty({s.rows}, weight.options());
-  Tensor residual = at::empty({s.rows, s.classes}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_with_residual_cpu", [&] {
-    using V = Vec<scalar_t>;
-    const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
-                                        ignore_index);
-    scalar_t* loss_p = loss.mutable_data_ptr<scalar_t>();
-    scalar_t* lse_p = lse.mutable_data_ptr<scalar_t>();
-    scalar_t* r_out = residual.mutable_data_ptr<scalar_t>();
-    const int64_t K = in.K;
-    const V fresh = fresh_lanes<scalar_t>(K);
-    at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const RowIndex ri = in.row(i);
-        scalar_t* r = r_out + i * K;
-        if (ri.ignored) {
-          loss_p[i] = lse_p[i] = 0;
-          std::fill(r, r + K, scalar_t(0));
-          continue;
-        }
-        const scalar_t* z = in.z + i * K;
-        const scalar_t* S = in.S + ri.g * K;
-        const scalar_t* L = in.L + ri.g * K;
-        const auto [m, sum] = row_exp_sum(z, S, L, K, r, fresh);
-        const scalar_t l = m + std::log(sum);
-        const scalar_t Wy = in.W[ri.g * K + ri.y];
-        lse_p[i] = l;
-        loss_p[i] = Wy * (l - (S[ri.y] * z[ri.y] + L[ri.y]));
-        // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
-        const V c(nan_unless_finite(l, Wy / sum));
-        for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
-        r[ri.y] -= Wy;
-      }
-    });
-  });
-  return {loss, lse, residual};
-}
+// ------------------------------------------ backward from the residual
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
@@ -444,10 +435,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
                     logits.sizes(), ", ", dtype_name(logits.scalar_type()), "), got ",
                     residual.sizes(), ", ", dtype_name(residual.scalar_type()));
   check_same_device(residual, "residual", logits);
-  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
-  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_logits, grad_weight, grad_scale, grad_shift;
+  std::tie(grad_logits, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_backward_from_residual_cpu", [&] {
     using V = Vec<scalar_t>;
     const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
@@ -479,11 +468,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
           for_lanes<scalar_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
             const V rk = vg * load(r, k, n);
             (load(S, k, n) * rk).store(dz + k, n);
-            if (partial) {
-              const V once = f ? rk * *f : rk;
-              (load(dL, k, n) + once).store(dL + k, n);
-              at::vec::fmadd(once, load(z, k, n), load(dS, k, n)).store(dS + k, n);
-            }
+            if (partial) add_table_grads(dL, dS, k, n, rk, load(z, k, n), f);
           });
           if (partial) {
             const int64_t y = ri.y;
@@ -590,10 +575,8 @@ parametric_ce_double_backward_cpu(
                                         scale, shift, lse);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   Tensor grad_grad_loss = at::empty({s.rows}, grad_loss.options());
-  Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());
-  Tensor grad_weight = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_scale = at::zeros({s.groups, s.classes}, weight.options());
-  Tensor grad_shift = at::zeros({s.groups, s.classes}, weight.options());
+  Tensor grad_logits, grad_weight, grad_scale, grad_shift;
+  std::tie(grad_logits, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight);
   const bool has_uz = u_logits.has_value();
   const bool has_ut = u_scale.has_value() || u_shift.has_value();
   // A missing one of US/UL is zero; the pair shares one kernel path.

@@ -42,6 +42,14 @@ class HyperStepResult(NamedTuple):
     step_size: Optional[float]
 
 
+class _SolverState(NamedTuple):
+    """The power-iteration estimate a hyper-step leaves for the next ones, and how often
+    this hyper-step corrected the Neumann step size."""
+    eigenvector: Optional[torch.Tensor]
+    eigenvalue: Optional[float]
+    corrections: int = 0
+
+
 def _flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -774,38 +782,40 @@ class BilevelOptimizer(torch.optim.Optimizer):
         """``(eta, solver state)``: the fixed ``step_size``, or ``1 / lambda`` with ``lambda``
         refreshed by power iteration at every ``power_refresh_every``-th hyper-step (and
         whenever there is no estimate yet), else the saved one."""
-        state = (self._eigenvector, self._eigenvalue)
+        state = _SolverState(self._eigenvector, self._eigenvalue)
         if self.step_size != "auto":
             return float(self.step_size), state
-        u, eigenvalue = state
-        if u is None or u.shape != like.shape or eigenvalue is None or self.hyper_steps % self.power_refresh_every == 0:
+        if (state.eigenvector is None or state.eigenvector.shape != like.shape or state.eigenvalue is None
+                or self.hyper_steps % self.power_refresh_every == 0):
             eigenvalue, u = self._power_iteration(hvp, like)
-        return 1.0 / eigenvalue, (u, eigenvalue)
+            state = _SolverState(u, eigenvalue)
+        return 1.0 / state.eigenvalue, state
 
     def _solve(self, hvp, v):
         """``(p, eta, solver state)`` with ``p ~ H^-1 v`` (MATH.md section 5)."""
         if self.solver == "cg":
             return _conjugate_gradient(hvp, v, self.cg_iterations, self.cg_tol), None, \
-                (self._eigenvector, self._eigenvalue, 0)
+                _SolverState(self._eigenvector, self._eigenvalue)
         eta, state = self._eta(hvp, v)
         if self.solver == "first_order":
-            return eta * v, eta, (*state, 0)
-        term, p, j, corrections = v, v.clone(), 0, 0
+            return eta * v, eta, state
+        term, p, j = v, v.clone(), 0
         while j < self.neumann_terms:
             h = hvp(term)
-            if self.step_size == "auto" and corrections < self.MAX_STEP_SIZE_CORRECTIONS:
+            if self.step_size == "auto" and state.corrections < self.MAX_STEP_SIZE_CORRECTIONS:
                 # |H u| / |u| <= lambda_max for any u: a ratio above 2 / eta shows a direction in
                 # which (I - eta H) expands, i.e. a stale lambda. Restart with that ratio as lambda.
-                norm = float(term.norm())
-                ratio = float(h.norm()) / norm if norm > 0 else 0.0
+                # (A zero term gives inf or nan: no restart. One host sync per product.)
+                ratio = float(torch.linalg.vector_norm(h) / torch.linalg.vector_norm(term))
                 if math.isfinite(ratio) and eta * ratio > 2.0:
-                    eta, state, corrections = 1.0 / ratio, (term / norm, ratio), corrections + 1
+                    eta = 1.0 / ratio
+                    state = _SolverState(term / term.norm(), ratio, state.corrections + 1)
                     term, p, j = v, v.clone(), 0
                     continue
             term = term - eta * h
             p += term
             j += 1
-        return eta * p, eta, (*state[:2], corrections)
+        return eta * p, eta, state
 
     def _hypergradient(self, model, train_batches, val_batches):
         train = self._batches(train_batches, "train_batches")
@@ -850,8 +860,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.hyper_optimizer.step()
         for p in self._hyper:
             p.grad = None
-        self._eigenvector, self._eigenvalue, corrections = state
-        self.step_size_corrections += corrections
+        self._eigenvector, self._eigenvalue = state.eigenvector, state.eigenvalue
+        self.step_size_corrections += state.corrections
         self.hyper_steps += 1
         return HyperStepResult(True, norm, train_loss, val_loss, eta)
 
