@@ -47,11 +47,12 @@ def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shif
     return loss, lse, logits.new_empty(logits.shape)
 
 
-@torch.library.register_fake(_lib + "_parametric_ce_backward_from_residual")
+@torch.library.register_fake(_lib + "_parametric_ce_backward_from_residual_")
 def _parametric_ce_backward_from_residual_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
                                                residual, ignore_index, table_grads):
+    """Overwrites `residual` with grad_logits; returns the three table gradients."""
     if residual.shape != logits.shape or residual.dtype != logits.dtype:
         raise ValueError(f"autobalance: `residual` must have the shape and dtype of logits "
                          f"({list(logits.shape)}, {logits.dtype}), got {list(residual.shape)}, {residual.dtype}")
     return _parametric_ce_backward_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
-                                        ignore_index, table_grads)
+                                        ignore_index, table_grads)[1:]

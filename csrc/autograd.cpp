@@ -7,7 +7,9 @@
 // autograd), so with create_graph=True the second derivatives are recorded
 // and later run through the fused double-backward kernel.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 namespace autobalance {
@@ -32,9 +34,9 @@ using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, int64_t);
-using FromResidualSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+using FromResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
     int64_t, bool);
 
 template <typename Sig>
@@ -52,7 +54,7 @@ struct Ops {
   c10::TypedOperatorHandle<ResidualSig> residual =
       op<ResidualSig>("autobalance::_parametric_ce_with_residual");
   c10::TypedOperatorHandle<FromResidualSig> from_residual =
-      op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual");
+      op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual_");
 };
 
 const Ops& ops() {
@@ -81,6 +83,26 @@ struct Edges {
   Tensor keep(int64_t arg, Tensor t) const { return needed(arg) ? std::move(t) : Tensor(); }
 };
 
+// How parametric_ce_reduced reduces the per-row losses (parametric_ce: kNone).
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+// Per-cell counts of the rows that are not ignored, [G * K] in the tables'
+// dtype: the mean's denominator is <counts, W>, differentiable in W. Whole
+// numbers added in floating point: exact and deterministic.
+Tensor cell_counts(const Tensor& target, const std::optional<Tensor>& group,
+                   const Tensor& weight, int64_t ignore_index) {
+  const Tensor valid = target.ne(ignore_index);
+  Tensor cell = group.has_value() && group->defined()
+                    ? target.add(*group, weight.sym_size(1))
+                    : target;
+  return at::zeros_symint({weight.sym_numel()}, weight.options())
+      .index_add_(0, cell.masked_fill(valid.logical_not(), 0), valid.to(weight.scalar_type()));
+}
+
+Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
+  return counts.dot(weight.reshape(-1));
+}
+
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
 //
 // With `residual` (CPU, float32/float64 logits, some input needs a gradient)
@@ -90,12 +112,16 @@ struct Edges {
 // That pays while the [N, K] buffers stay in cache; beyond kResidualMaxElements
 // logits, reading r back costs more than recomputing the exponentials
 // (bench/bench_ops.py: 4096 x 100 gains ~20%, 4096 x 1000 loses ~7%).
+//
+// With a `reduction` the node returns the sum or the weighted mean of the
+// per-row losses itself (one autograd node instead of half a dozen small ones).
 constexpr int64_t kResidualMaxElements = int64_t(1) << 20;
 struct ParametricCE : torch::autograd::Function<ParametricCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& target, const std::optional<Tensor>& group,
                                const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, int64_t ignore_index, bool residual) {
+                               const Tensor& shift, int64_t ignore_index, bool residual,
+                               int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor loss, lse, r;
     if (residual) {
@@ -105,12 +131,22 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       std::tie(loss, lse) =
           ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
     }
+    Tensor out = loss;
+    if (reduction != kNone) {
+      out = loss.sum();
+      if (reduction == kMean) {
+        const Tensor counts = cell_counts(target, group, weight, ignore_index);
+        out = out.div(weight_sum(counts, weight));
+        ctx->saved_data["counts"] = counts;
+      }
+    }
     // lse is a statistic for the backward, not a model output.
     ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, r});
+    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, r, out});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
-    return {loss, lse};
+    ctx->saved_data["reduction"] = reduction;
+    return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -118,15 +154,33 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     const Edges e{ctx, 2};
     const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // The per-row cotangent: d out / d loss_i is 1 (sum) or 1 / <counts, W> (mean).
+    Tensor gamma = grads[0], counts, denominator;
+    if (reduction == kMean) {
+      counts = ctx->saved_data["counts"].toTensor();
+      denominator = weight_sum(counts, s[3]);
+      gamma = gamma.div(denominator);
+    }
+    if (reduction != kNone) gamma = gamma.expand_as(s[6]);
+    Tensor dz, dW, dS, dL;
     // Grad mode is on exactly when this backward is differentiated again.
-    auto [dz, dW, dS, dL] =
-        s[7].defined() && !at::GradMode::is_enabled()
-            ? ops().from_residual.call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
-                                      s[5], s[6], s[7], ignore_index, table_grads)
-            : ops().backward.call(grads[0], s[0], s[1], optional(s[2]), s[3], s[4],
-                                 s[5], s[6], ignore_index, table_grads);
+    if (s[7].defined() && !at::GradMode::is_enabled()) {
+      // dz overwrites r, which is this node's own buffer and is freed after
+      // this backward, unless the graph is kept (retain_graph=True) for another.
+      dz = torch::autograd::get_current_graph_task_keep_graph() ? s[7].clone() : s[7];
+      std::tie(dW, dS, dL) = ops().from_residual.call(gamma, s[0], s[1], optional(s[2]), s[3],
+                                                      s[4], s[5], s[6], dz, ignore_index, table_grads);
+    } else {
+      std::tie(dz, dW, dS, dL) = ops().backward.call(gamma, s[0], s[1], optional(s[2]), s[3],
+                                                     s[4], s[5], s[6], ignore_index, table_grads);
+    }
+    if (reduction == kMean && e.needed(3)) {
+      // the denominator's share: d(sum / D)/dW = -(out / D) counts
+      dW = dW.sub(grads[0].mul(s[8]).div(denominator).mul(counts.view_as(dW)));
+    }
     return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
-            e.keep(5, dL), Tensor(), Tensor()};
+            e.keep(5, dL), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -200,10 +254,10 @@ struct ParametricCEDoubleBackward
   }
 };
 
-std::tuple<Tensor, Tensor> parametric_ce_autograd(
-    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
-    const Tensor& weight, const Tensor& scale, const Tensor& shift,
-    int64_t ignore_index) {
+variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
+                                  const std::optional<Tensor>& group, const Tensor& weight,
+                                  const Tensor& scale, const Tensor& shift,
+                                  int64_t ignore_index, int64_t reduction) {
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (logits.requires_grad() || weight.requires_grad() ||
                            scale.requires_grad() || shift.requires_grad());
@@ -214,9 +268,37 @@ std::tuple<Tensor, Tensor> parametric_ce_autograd(
                         logits.numel() <= kResidualMaxElements &&
                         (logits.scalar_type() == at::kFloat ||
                          logits.scalar_type() == at::kDouble);
-  auto out = ParametricCE::apply(logits, target, group, weight, scale, shift,
-                                 ignore_index, residual);
+  return ParametricCE::apply(logits, target, group, weight, scale, shift, ignore_index,
+                             residual, reduction);
+}
+
+std::tuple<Tensor, Tensor> parametric_ce_autograd(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
+    const Tensor& weight, const Tensor& scale, const Tensor& shift,
+    int64_t ignore_index) {
+  auto out = apply_parametric_ce(logits, target, group, weight, scale, shift, ignore_index, kNone);
   return {out[0], out[1]};
+}
+
+Tensor parametric_ce_reduced_autograd(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
+    const Tensor& weight, const Tensor& scale, const Tensor& shift,
+    int64_t ignore_index, bool mean) {
+  return apply_parametric_ce(logits, target, group, weight, scale, shift, ignore_index,
+                             mean ? kMean : kSum)[0];
+}
+
+// Below autograd (and for FakeTensor tracing), the reduced op in terms of the
+// per-row op.
+Tensor parametric_ce_reduced_composite(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
+    const Tensor& weight, const Tensor& scale, const Tensor& shift,
+    int64_t ignore_index, bool mean) {
+  const Tensor total =
+      std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index))
+          .sum();
+  return mean ? total.div(weight_sum(cell_counts(target, group, weight, ignore_index), weight))
+              : total;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_autograd(
@@ -246,8 +328,13 @@ parametric_ce_double_backward_autograd(
 
 TORCH_LIBRARY_IMPL(autobalance, Autograd, m) {
   m.impl("parametric_ce", &parametric_ce_autograd);
+  m.impl("parametric_ce_reduced", &parametric_ce_reduced_autograd);
   m.impl("parametric_ce_backward", &parametric_ce_backward_autograd);
   m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(autobalance, CompositeExplicitAutograd, m) {
+  m.impl("parametric_ce_reduced", &parametric_ce_reduced_composite);
 }
 
 }  // namespace autobalance

@@ -28,6 +28,13 @@ TORCH_LIBRARY(autobalance, m) {
       "parametric_ce(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
       "-> (Tensor, Tensor)");
+  // -> the 0-dim sum of the per-row losses, or with `mean` their weighted mean
+  // sum_i loss_i / sum_i W[g_i, y_i] over the rows not ignored (MATH.md
+  // section 1). One autograd node, in the accumulation dtype.
+  m.def(
+      "parametric_ce_reduced(Tensor logits, Tensor target, Tensor? group, "
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean) "
+      "-> Tensor");
   // -> (grad_logits [N,K], grad_weight, grad_scale, grad_shift [G,K]);
   // MATH.md section 3. With table_grads=False the three table gradients are
   // returned as zeros and not computed.
@@ -48,17 +55,18 @@ TORCH_LIBRARY(autobalance, m) {
   // CPU, float32/float64: the forward that also returns the residual
   // r = W_y (softmax(S z + L) - onehot(y)) [N, K], and the backward that uses
   // it instead of recomputing the softmax (for a backward that is not itself
-  // differentiated). Same results as parametric_ce / parametric_ce_backward
-  // up to rounding.
+  // differentiated). That backward overwrites `residual` with grad_logits and
+  // returns (grad_weight, grad_scale, grad_shift). Same results as
+  // parametric_ce / parametric_ce_backward up to rounding.
   m.def(
       "_parametric_ce_with_residual(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "_parametric_ce_backward_from_residual(Tensor grad_loss, Tensor logits, "
+      "_parametric_ce_backward_from_residual_(Tensor grad_loss, Tensor logits, "
       "Tensor target, Tensor? group, Tensor weight, Tensor scale, Tensor shift, "
-      "Tensor lse, Tensor residual, int ignore_index, bool table_grads) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor lse, Tensor(a!) residual, int ignore_index, bool table_grads) "
+      "-> (Tensor, Tensor, Tensor)");
   // Diagnostics: how many threads the CPU kernels' row loop uses.
   m.def("_parallel_threads(int rows, int classes) -> int",
         &autobalance::parallel_threads_cpu);

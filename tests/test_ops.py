@@ -16,6 +16,14 @@ from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_
 pce = autobalance.parametric_cross_entropy
 
 
+def _from_residual(gamma, *args):
+    """The in-place residual backward on a copy of the residual, as
+    (grad_logits, grad_weight, grad_scale, grad_shift)."""
+    *rest, residual, ignore_index, table_grads = args
+    dz = residual.clone()
+    return (dz, *OPS._parametric_ce_backward_from_residual_(gamma, *rest, dz, ignore_index, table_grads))
+
+
 def _forward(p, impl):
     return impl.parametric_ce(*p.args(), p.ignore_index)
 
@@ -100,7 +108,7 @@ def test_backward_matches_reference(dtype, data, table_grads, gamma_kind):
         r_loss, r_lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
         assert torch.equal(r_loss, loss) and torch.equal(r_lse, lse), "the residual forward changed loss or lse"
         assert_all_zero(residual[_ignored(p)], "residual of ignored rows")
-        got = OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual, p.ignore_index, table_grads)
+        got = _from_residual(gamma, *p.args(), lse, residual, p.ignore_index, table_grads)
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"residual grad_logits {p}")
         assert_all_zero(got[0][_ignored(p)], "residual grad_logits of ignored rows")
         _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads, "residual backward")
@@ -281,13 +289,16 @@ def _opcheck_samples():
     return samples
 
 
-def _opcheck_all_three(p, requires_grad=True):
+def _opcheck_public_ops(p, requires_grad=True):
     def leaf(t):
         return t.detach().clone().requires_grad_(requires_grad)
 
     z, W, S, L = [leaf(x) for x in (p.logits, *p.tables())]
     args = (z, p.target, p.group, W, S, L)
     torch.library.opcheck(OPS.parametric_ce, (*args, p.ignore_index))
+    # (the mean of no rows is NaN, which opcheck's comparisons do not accept)
+    for mean in (False, True) if (p.target != p.ignore_index).any() else (False,):
+        torch.library.opcheck(OPS.parametric_ce_reduced, (*args, p.ignore_index, mean))
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     gamma = leaf(cotangents(p)[0])
     for table_grads in (True, False):
@@ -301,12 +312,12 @@ def _opcheck_all_three(p, requires_grad=True):
 
 @pytest.mark.parametrize("p", _opcheck_samples())
 def test_opcheck(p):
-    _opcheck_all_three(p)
+    _opcheck_public_ops(p)
     if p.dtype in (torch.float32, torch.float64):
         torch.library.opcheck(OPS._parametric_ce_with_residual, (*p.args(), p.ignore_index))
         _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
         for table_grads in (True, False):
-            torch.library.opcheck(OPS._parametric_ce_backward_from_residual,
+            torch.library.opcheck(OPS._parametric_ce_backward_from_residual_,
                                   (cotangents(p)[0], *p.args(), lse, residual, p.ignore_index, table_grads))
 
 
@@ -332,11 +343,11 @@ def test_backward_reads_the_residual_unless_differentiated_again(dtype):
 
     uses_residual = dtype != torch.bfloat16  # float32/float64 on the CPU
     ran = _ops_run_by(plain)
-    assert ("autobalance::_parametric_ce_backward_from_residual" in ran) == uses_residual, ran
+    assert ("autobalance::_parametric_ce_backward_from_residual_" in ran) == uses_residual, ran
     assert ("autobalance::parametric_ce_backward" in ran) != uses_residual, ran
     ran = _ops_run_by(twice)
     assert {"autobalance::parametric_ce_backward", "autobalance::parametric_ce_double_backward"} <= ran, ran
-    assert "autobalance::_parametric_ce_backward_from_residual" not in ran, ran
+    assert "autobalance::_parametric_ce_backward_from_residual_" not in ran, ran
     big = make_problem(22, 1100, 1000, 1, dtype, ignore_frac=0.0)  # over 2^20 logits: recomputed instead
     zb = big.logits.detach().clone().requires_grad_()
     ran = _ops_run_by(lambda: pce(zb, big.target, big.weight, big.scale, big.shift).backward())
@@ -346,12 +357,43 @@ def test_backward_reads_the_residual_unless_differentiated_again(dtype):
             lambda: pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_residual_backward_with_retain_graph(dtype):
+    """The residual backward writes grad_logits over the node's residual, which
+    must survive a backward with retain_graph=True for the next one."""
+    p = make_problem(23, 40, 17, 2, dtype, ignore_frac=0.2)
+    leaves = [t.detach().clone().requires_grad_() for t in (p.logits, p.weight, p.scale, p.shift)]
+
+    def loss():
+        z, W, S, L = leaves
+        return pce(z, p.target, W, S, L, p.group, ignore_index=p.ignore_index, reduction="sum")
+
+    expected = torch.autograd.grad(loss(), leaves)
+    kept = loss()
+    first = torch.autograd.grad(kept, leaves, retain_graph=True)
+    second = torch.autograd.grad(kept, leaves)
+    for name, e, a, b in zip("zWSL", expected, first, second):
+        assert torch.equal(a, e) and torch.equal(b, e), f"grad of {name} changed across retained backwards"
+
+
+def test_residual_backward_into_a_strided_residual():
+    p = make_problem(24, 9, 6, 1, torch.float64, ignore_frac=0.2)
+    gamma = cotangents(p)[0]
+    _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
+    expected = _from_residual(gamma, *p.args(), lse, residual, p.ignore_index, True)
+    strided = residual.t().contiguous().t()
+    tables = OPS._parametric_ce_backward_from_residual_(gamma, *p.args(), lse, strided, p.ignore_index, True)
+    assert not strided.is_contiguous()
+    for e, a in zip(expected, (strided, *tables)):
+        assert torch.equal(e, a)
+
+
 def test_opcheck_transposed_tables():
     """Tables are documented as [G, K] tensors of any layout; the fake kernels must
     report the strides the CPU kernels produce (else torch.compile asserts)."""
     p = make_problem(4, 6, 5, 2, torch.float32, ignore_frac=0.3, table_layout="transposed")
     assert not p.weight.is_contiguous()
-    _opcheck_all_three(p)
+    _opcheck_public_ops(p)
 
 
 # ------------------------------------------------------ torch.compile
@@ -425,7 +467,7 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
         if dtype not in (torch.float32, torch.float64):
             return (loss, lse, *first, *second)
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-        from_residual = OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual,
+        from_residual = _from_residual(gamma, *p.args(), lse, residual,
                                                                   p.ignore_index, True)
         return (loss, lse, *first, *second, residual, *from_residual)
 
@@ -579,7 +621,7 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
         r_loss, _, residual = OPS._parametric_ce_with_residual(bad, *p.args()[1:], p.ignore_index)
         assert torch.equal(r_loss[others], clean_loss[others]) and torch.equal(residual[others], clean_r[others])
         assert torch.isnan(residual[4]).all(), f"residual of the poisoned row: {residual[4]}"
-        dz = OPS._parametric_ce_backward_from_residual(gamma, bad, *p.args()[1:], lse, residual, p.ignore_index,
+        dz = _from_residual(gamma, bad, *p.args()[1:], lse, residual, p.ignore_index,
                                                        True)[0]
         assert torch.isnan(dz[4]).all() and torch.isfinite(dz[others]).all()
 
@@ -663,9 +705,9 @@ def test_residual_ops_refuse_bad_arguments():
     _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
     gamma = cotangents(p)[0]
     with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
-        OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual[:, :4], p.ignore_index, True)
+        _from_residual(gamma, *p.args(), lse, residual[:, :4], p.ignore_index, True)
     with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
-        OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual.double(), p.ignore_index, True)
+        _from_residual(gamma, *p.args(), lse, residual.double(), p.ignore_index, True)
     half = make_problem(3, 6, 5, 1, torch.bfloat16, ignore_frac=0.0)
     with pytest.raises(TypeError, match="float32 or float64 `logits`, got torch.bfloat16"):
         OPS._parametric_ce_with_residual(*half.args(), half.ignore_index)
@@ -687,7 +729,7 @@ def test_every_row_tail_against_reference(K, dtype):
     outs = [OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)]
     if dtype in (torch.float32, torch.float64):
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-        outs.append(OPS._parametric_ce_backward_from_residual(gamma, *p.args(), lse, residual, p.ignore_index,
+        outs.append(_from_residual(gamma, *p.args(), lse, residual, p.ignore_index,
                                                               True))
     for got in outs:
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits K={K}")

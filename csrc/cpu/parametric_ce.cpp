@@ -185,14 +185,17 @@ void for_rows(int64_t N, int64_t G, int64_t K, int64_t scratch_size,
         row_fn(i, partial, scratch.get());
     }
   });
-  at::parallel_for(0, 3 * table, 4096, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) table_out[c / table][c % table] = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t* partial = partials.get() + b * 3 * table;
-      for (int64_t c = c0; c < c1; ++c)
-        table_out[c / table][c % table] += partial[c];
-    }
-  });
+  // Table by table (no index division in the inner loop).
+  for (int64_t t = 0; t < 3; ++t) {
+    acc_t* out = table_out[t];
+    at::parallel_for(0, table, 4096, [&](int64_t c0, int64_t c1) {
+      std::fill(out + c0, out + c1, acc_t(0));
+      for (int64_t b = 0; b < blocks; ++b) {
+        const acc_t* partial = partials.get() + (b * 3 + t) * table;
+        for (int64_t c = c0; c < c1; ++c) out[c] += partial[c];
+      }
+    });
+  }
 }
 
 // Contiguous inputs and raw pointers shared by the three kernels.
@@ -338,11 +341,13 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
 
 // --------------------------------------------------------------- backward
 
-// grad_logits [N, K] and the zeroed grad_weight, grad_scale, grad_shift [G, K].
+// grad_logits [N, K] (undefined unless `with_logits`) and the zeroed
+// grad_weight, grad_scale, grad_shift [G, K].
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_outputs(const Sizes& s,
                                                             const Tensor& logits,
-                                                            const Tensor& weight) {
-  return {at::empty({s.rows, s.classes}, logits.options()),
+                                                            const Tensor& weight,
+                                                            bool with_logits = true) {
+  return {with_logits ? at::empty({s.rows, s.classes}, logits.options()) : Tensor(),
           at::zeros({s.groups, s.classes}, weight.options()),
           at::zeros({s.groups, s.classes}, weight.options()),
           at::zeros({s.groups, s.classes}, weight.options())};
@@ -421,11 +426,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
 
 // ------------------------------------------ backward from the residual
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
+// Overwrites `residual` with grad_logits (so the backward allocates no [N, K]
+// buffer) and returns the three table gradients.
+std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, const Tensor& lse,
-    const Tensor& residual, int64_t ignore_index, bool table_grads) {
+    Tensor& residual, int64_t ignore_index, bool table_grads) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
   check_residual_dtype(logits);
@@ -435,40 +442,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
                     logits.sizes(), ", ", dtype_name(logits.scalar_type()), "), got ",
                     residual.sizes(), ", ", dtype_name(residual.scalar_type()));
   check_same_device(residual, "residual", logits);
-  Tensor grad_logits, grad_weight, grad_scale, grad_shift;
-  std::tie(grad_logits, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight);
+  Tensor grad_weight, grad_scale, grad_shift;
+  std::tie(std::ignore, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight, false);
+  Tensor r_c = residual.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_backward_from_residual_cpu", [&] {
     using V = Vec<scalar_t>;
     const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
                                         ignore_index);
     const Tensor gamma_c = grad_loss.contiguous(), lse_c = lse.contiguous();
-    const Tensor r_c = residual.contiguous();
     const scalar_t* gamma = gamma_c.const_data_ptr<scalar_t>();
     const scalar_t* lse_p = lse_c.const_data_ptr<scalar_t>();
-    const scalar_t* r_in = r_c.const_data_ptr<scalar_t>();
-    scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
+    scalar_t* r_io = r_c.mutable_data_ptr<scalar_t>();
     const int64_t K = in.K, table = in.G * K;
-    const V fresh = fresh_lanes<scalar_t>(K);
     for_rows<scalar_t>(
         in.N, in.G, K, 0, table_grads,
         {grad_weight.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(),
          grad_shift.mutable_data_ptr<scalar_t>()},
         [&](int64_t i, scalar_t* partial, scalar_t*) {
           const RowIndex ri = in.row(i);
-          scalar_t* dz = dz_out + i * K;
+          scalar_t* r = r_io + i * K;  // read as r, written as dz
           if (ri.ignored) {
-            std::fill(dz, dz + K, scalar_t(0));
+            std::fill(r, r + K, scalar_t(0));
             return;
           }
-          const scalar_t *z = in.z + i * K, *r = r_in + i * K;
+          const scalar_t* z = in.z + i * K;
           const scalar_t* S = in.S + ri.g * K;
           const V vg(gamma[i]);
           scalar_t* dS = partial ? partial + table + ri.g * K : nullptr;
           scalar_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
-          for_lanes<scalar_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
+          // Disjoint chunks (a masked tail, not for_lanes' overlapping last
+          // chunk): each lane of r is read before it is overwritten.
+          for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) {
             const V rk = vg * load(r, k, n);
-            (load(S, k, n) * rk).store(dz + k, n);
-            if (partial) add_table_grads(dL, dS, k, n, rk, load(z, k, n), f);
+            if (partial) add_table_grads<scalar_t>(dL, dS, k, n, rk, load(z, k, n), nullptr);
+            (load(S, k, n) * rk).store(r + k, n);
           });
           if (partial) {
             const int64_t y = ri.y;
@@ -477,7 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_
           }
         });
   });
-  return {grad_logits, grad_weight, grad_scale, grad_shift};
+  if (!r_c.is_same(residual)) residual.copy_(r_c);
+  return {grad_weight, grad_scale, grad_shift};
 }
 
 // -------------------------------------------------------- double backward
@@ -641,7 +649,7 @@ TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce_backward", &parametric_ce_backward_cpu);
   m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_cpu);
   m.impl("_parametric_ce_with_residual", &parametric_ce_with_residual_cpu);
-  m.impl("_parametric_ce_backward_from_residual", &parametric_ce_backward_from_residual_cpu);
+  m.impl("_parametric_ce_backward_from_residual_", &parametric_ce_backward_from_residual_cpu);
 }
 
 }  // namespace autobalance

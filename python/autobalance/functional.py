@@ -53,6 +53,9 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
     acc = autobalance_ext.accumulate_dtype(logits.dtype)
     weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                             for t in (weight, scale, shift))
+    if backend == "fused" and reduction != "none":  # one autograd node for loss and reduction
+        return torch.ops.autobalance.parametric_ce_reduced(logits, target, group, weight, scale, shift,
+                                                           ignore_index, reduction == "mean")
     loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
     if reduction == "none":
         return loss
@@ -65,7 +68,9 @@ def _weight_sum(weight, target, group, ignore_index):
     """``sum_i W[g_i, y_i]`` over the rows that are not ignored: the ``mean``
     denominator, as ``<counts, W>`` with the per-cell row counts (so it is
     differentiable in ``weight``, with a cheap backward). The counts are
-    whole numbers added in floating point, hence exact and deterministic."""
+    whole numbers added in floating point, hence exact and deterministic.
+    (The fused backend does the same in C++: ``cell_counts`` in
+    ``csrc/autograd.cpp``.)"""
     valid = target != ignore_index
     cell = target if group is None else group * weight.shape[1] + target
     counts = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
