@@ -47,6 +47,13 @@ def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shif
     return loss, lse, logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake(_lib + "_parametric_ce_with_gradient")
+def _parametric_ce_with_gradient_fake(logits, target, group, weight, scale, shift, ignore_index, table_grads):
+    loss, lse, grad_logits = _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shift,
+                                                               ignore_index)
+    return (loss, lse, grad_logits) + tuple(weight.new_empty(weight.shape) for _ in range(3))
+
+
 @torch.library.register_fake(_lib + "_parametric_ce_backward_from_residual_")
 def _parametric_ce_backward_from_residual_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
                                                residual, ignore_index, table_grads):

@@ -34,6 +34,9 @@ using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, int64_t);
+using WithGradientSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+    const Tensor&, const Tensor&, int64_t, bool);
 using FromResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
@@ -53,6 +56,8 @@ struct Ops {
       op<DoubleBackwardSig>("autobalance::parametric_ce_double_backward");
   c10::TypedOperatorHandle<ResidualSig> residual =
       op<ResidualSig>("autobalance::_parametric_ce_with_residual");
+  c10::TypedOperatorHandle<WithGradientSig> with_gradient =
+      op<WithGradientSig>("autobalance::_parametric_ce_with_gradient");
   c10::TypedOperatorHandle<FromResidualSig> from_residual =
       op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual_");
 };
@@ -105,44 +110,53 @@ Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
 
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
 //
-// With `residual` (CPU, float32/float64 logits, some input needs a gradient)
-// the forward also keeps r = W_y (p - e_y), and a backward that is not
-// differentiated again (no create_graph) reads it instead of recomputing the
-// softmax: one exponential per logit for forward + backward instead of two.
-// That pays while the [N, K] buffers stay in cache; beyond kResidualMaxElements
-// logits, reading r back costs more than recomputing the exponentials
-// (bench/bench_ops.py: 4096 x 100 gains ~20%, 4096 x 1000 loses ~7%).
-//
-// With a `reduction` the node returns the sum or the weighted mean of the
+// With `reduction` the node returns the sum or the weighted mean of the
 // per-row losses itself (one autograd node instead of half a dozen small ones).
+//
+// With `fast` (CPU, float32/float64 logits, some input needs a gradient) the
+// forward does part of the backward's work while the row is in cache, for a
+// backward that is not differentiated again (no create_graph):
+// - a sum or mean computes the gradients of the sum (_parametric_ce_with_gradient),
+//   and the backward only scales them (not at all for a sum's usual gradient 1);
+// - per-row losses keep the residual r = W_y (p - e_y), and the backward reads
+//   it instead of recomputing the softmax: one exponential per logit for
+//   forward + backward instead of two. That pays while the [N, K] buffers stay
+//   in cache; beyond kResidualMaxElements logits, reading r back costs more
+//   than recomputing the exponentials (4096 x 1000 lost ~7%).
+// A backward with create_graph recomputes through the differentiable
+// parametric_ce_backward op instead.
 constexpr int64_t kResidualMaxElements = int64_t(1) << 20;
 struct ParametricCE : torch::autograd::Function<ParametricCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& target, const std::optional<Tensor>& group,
                                const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, int64_t ignore_index, bool residual,
+                               const Tensor& shift, int64_t ignore_index, bool fast,
                                int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor loss, lse, r;
-    if (residual) {
-      std::tie(loss, lse, r) =
+    Tensor loss, lse, kept, dW, dS, dL;  // kept: the residual or grad_logits
+    if (fast && reduction != kNone) {
+      const bool table_grads = weight.requires_grad() || scale.requires_grad() || shift.requires_grad();
+      std::tie(loss, lse, kept, dW, dS, dL) = ops().with_gradient.call(
+          logits, target, group, weight, scale, shift, ignore_index, table_grads);
+    } else if (fast) {
+      std::tie(loss, lse, kept) =
           ops().residual.call(logits, target, group, weight, scale, shift, ignore_index);
     } else {
       std::tie(loss, lse) =
           ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
     }
     Tensor out = loss;
-    if (reduction != kNone) {
-      out = loss.sum();
-      if (reduction == kMean) {
-        const Tensor counts = cell_counts(target, group, weight, ignore_index);
-        out = out.div(weight_sum(counts, weight));
-        ctx->saved_data["counts"] = counts;
-      }
+    if (reduction != kNone) out = loss.sum();
+    if (reduction == kMean) {
+      // (after the kernel, which has checked the indices)
+      const Tensor counts = cell_counts(target, group, weight, ignore_index);
+      out = out.div(weight_sum(counts, weight));
+      ctx->saved_data["counts"] = counts;
     }
     // lse is a statistic for the backward, not a model output.
     ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, r, out});
+    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, kept, out,
+                            dW, dS, dL});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
     ctx->saved_data["reduction"] = reduction;
@@ -155,25 +169,42 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    // The per-row cotangent: d out / d loss_i is 1 (sum) or 1 / <counts, W> (mean).
+    // Grad mode is on exactly when this backward is differentiated again.
+    const bool use_kept = s[7].defined() && !at::GradMode::is_enabled();
+    // The kept buffers are this node's own and are freed after this backward,
+    // unless the graph is kept (retain_graph=True) for another: then copies.
+    const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
+    auto own = [&](const Tensor& t) { return keep_graph ? t.clone() : t; };
+    Tensor dz, dW, dS, dL;
+    // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
     Tensor gamma = grads[0], counts, denominator;
     if (reduction == kMean) {
       counts = ctx->saved_data["counts"].toTensor();
       denominator = weight_sum(counts, s[3]);
       gamma = gamma.div(denominator);
     }
-    if (reduction != kNone) gamma = gamma.expand_as(s[6]);
-    Tensor dz, dW, dS, dL;
-    // Grad mode is on exactly when this backward is differentiated again.
-    if (s[7].defined() && !at::GradMode::is_enabled()) {
-      // dz overwrites r, which is this node's own buffer and is freed after
-      // this backward, unless the graph is kept (retain_graph=True) for another.
-      dz = torch::autograd::get_current_graph_task_keep_graph() ? s[7].clone() : s[7];
-      std::tie(dW, dS, dL) = ops().from_residual.call(gamma, s[0], s[1], optional(s[2]), s[3],
-                                                      s[4], s[5], s[6], dz, ignore_index, table_grads);
+    if (use_kept && reduction != kNone) {
+      // The forward made the gradients of the sum; scale them (not at all for
+      // the usual gradient 1 of a sum).
+      dz = own(s[7]);
+      dW = own(s[9]);
+      dS = own(s[10]);
+      dL = own(s[11]);
+      if (reduction == kMean || gamma.item<double>() != 1.0) {
+        for (Tensor* t : {&dz, &dW, &dS, &dL})
+          if (t->defined()) t->mul_(gamma);
+      }
     } else {
-      std::tie(dz, dW, dS, dL) = ops().backward.call(gamma, s[0], s[1], optional(s[2]), s[3],
-                                                     s[4], s[5], s[6], ignore_index, table_grads);
+      if (reduction != kNone) gamma = gamma.expand_as(s[6]);
+      if (use_kept) {
+        // dz overwrites the residual r
+        dz = own(s[7]);
+        std::tie(dW, dS, dL) = ops().from_residual.call(gamma, s[0], s[1], optional(s[2]), s[3],
+                                                        s[4], s[5], s[6], dz, ignore_index, table_grads);
+      } else {
+        std::tie(dz, dW, dS, dL) = ops().backward.call(gamma, s[0], s[1], optional(s[2]), s[3],
+                                                       s[4], s[5], s[6], ignore_index, table_grads);
+      }
     }
     if (reduction == kMean && e.needed(3)) {
       // the denominator's share: d(sum / D)/dW = -(out / D) counts
@@ -263,13 +294,16 @@ variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
                            scale.requires_grad() || shift.requires_grad());
   // (Symbolic shapes, under torch.compile's dynamic tracing, take the plain path
   // rather than a guard on N K.)
-  const bool residual = needs_grad && logits.device().is_cpu() &&
-                        !logits.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
-                        logits.numel() <= kResidualMaxElements &&
-                        (logits.scalar_type() == at::kFloat ||
-                         logits.scalar_type() == at::kDouble);
+  // Eager tensors only: not under FakeTensor / functionalization tracing.
+  const bool traced = logits.key_set().has(c10::DispatchKey::Python) ||
+                      logits.key_set().has(c10::DispatchKey::Functionalize);
+  const bool fast = needs_grad && !traced && logits.device().is_cpu() &&
+                    !logits.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+                    (reduction != kNone || logits.numel() <= kResidualMaxElements) &&
+                    (logits.scalar_type() == at::kFloat ||
+                     logits.scalar_type() == at::kDouble);
   return ParametricCE::apply(logits, target, group, weight, scale, shift, ignore_index,
-                             residual, reduction);
+                             fast, reduction);
 }
 
 std::tuple<Tensor, Tensor> parametric_ce_autograd(

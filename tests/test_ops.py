@@ -200,6 +200,33 @@ def test_autograd_first_and_second_derivatives_match_reference(p, reduction, nee
         close(a, b, f"d<v, dloss/dz> / d {name}")
 
 
+@settings(max_examples=examples(30))
+@given(problems(dtypes=(torch.float64, torch.float32), max_n=80, big_k=False, kinds=("normal", "tied"), min_n=1),
+       st.sampled_from(["none", "sum", "mean"]),
+       st.sampled_from([(True, True, True, True), (True, False, False, False), (False, True, True, True),
+                        (True, False, True, False)]),
+       st.sampled_from([1.0, 0.37]))
+def test_plain_backward_matches_reference(p, reduction, needs, upstream):
+    """A backward that is not differentiated again (the CPU kernels' kept
+    residual or forward-made gradients), with the usual upstream gradient 1 and
+    another, fused vs reference."""
+    if reduction == "mean":
+        assume(bool((~_ignored(p)).any()))
+
+    def grads(backend):
+        leaves = _leaves(p, needs)
+        z, W, S, L = leaves
+        loss = pce(z, p.target, W, S, L, p.group, reduction=reduction, ignore_index=p.ignore_index,
+                   backend=backend)
+        (upstream * (loss.sum() if reduction == "none" else loss)).backward()
+        return [x.grad for x in leaves if x.requires_grad]
+
+    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
+    for got, ref in zip(grads("fused"), grads("reference")):
+        scale = 1.0 + ref.abs().max().item()
+        torch.testing.assert_close(got, ref, rtol=rel, atol=rel * scale)
+
+
 def test_table_gradients_without_logit_gradients():
     """Only the tables require grad (a hyper-step on fixed features)."""
     p = make_problem(15, 40, 9, 3, torch.float32, ignore_frac=0.2)
@@ -327,46 +354,60 @@ def _ops_run_by(fn):
     return {e.name for e in prof.function_events if e.name.startswith("autobalance::")}
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_backward_reads_the_residual_unless_differentiated_again(dtype):
+def test_backward_uses_what_the_forward_kept_unless_differentiated_again(dtype, reduction):
+    """CPU float32/float64: per-row losses keep the residual for the backward; a
+    sum or mean computes its gradients in the forward and its backward runs no
+    kernel. create_graph=True recomputes through the differentiable ops."""
     p = make_problem(21, 30, 12, 2, dtype, ignore_frac=0.2)
     z = p.logits.detach().clone().requires_grad_()
     S = p.scale.detach().clone().requires_grad_()
 
-    def plain():
-        pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index).backward()
+    def loss():
+        out = pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index, reduction=reduction)
+        return out.sum() if reduction == "none" else out
 
     def twice():
-        loss = pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index)
-        dz, = torch.autograd.grad(loss, z, create_graph=True)
+        dz, = torch.autograd.grad(loss(), z, create_graph=True)
         torch.autograd.grad((dz * dz).sum(), S)
 
-    uses_residual = dtype != torch.bfloat16  # float32/float64 on the CPU
-    ran = _ops_run_by(plain)
-    assert ("autobalance::_parametric_ce_backward_from_residual_" in ran) == uses_residual, ran
-    assert ("autobalance::parametric_ce_backward" in ran) != uses_residual, ran
+    fast = dtype != torch.bfloat16  # float32/float64 on the CPU
+    kept = {"none": "autobalance::_parametric_ce_with_residual",
+            "mean": "autobalance::_parametric_ce_with_gradient"}[reduction]
+    ran = _ops_run_by(lambda: loss().backward())
+    assert (kept in ran) == fast, ran
+    assert ("autobalance::_parametric_ce_backward_from_residual_" in ran) == (fast and reduction == "none"), ran
+    assert ("autobalance::parametric_ce_backward" in ran) != fast, ran
     ran = _ops_run_by(twice)
     assert {"autobalance::parametric_ce_backward", "autobalance::parametric_ce_double_backward"} <= ran, ran
     assert "autobalance::_parametric_ce_backward_from_residual_" not in ran, ran
-    big = make_problem(22, 1100, 1000, 1, dtype, ignore_frac=0.0)  # over 2^20 logits: recomputed instead
+    big = make_problem(22, 1100, 1000, 1, dtype, ignore_frac=0.0)  # over 2^20 logits
     zb = big.logits.detach().clone().requires_grad_()
-    ran = _ops_run_by(lambda: pce(zb, big.target, big.weight, big.scale, big.shift).backward())
-    assert "autobalance::parametric_ce_backward" in ran and "autobalance::_parametric_ce_with_residual" not in ran
-    with torch.no_grad():  # nothing needs a gradient: no residual is made
-        assert "autobalance::_parametric_ce_with_residual" not in _ops_run_by(
-            lambda: pce(z, p.target, p.weight, S, p.shift, p.group, ignore_index=p.ignore_index))
+    ran = _ops_run_by(lambda: pce(zb, big.target, big.weight, big.scale, big.shift, reduction=reduction).sum()
+                      .backward())
+    if reduction == "none":  # reading a residual back would cost more than recomputing
+        assert "autobalance::parametric_ce_backward" in ran and kept not in ran
+    else:  # the whole gradient is made in the forward at any size
+        assert (kept in ran) == fast, ran
+    with torch.no_grad():  # nothing needs a gradient: nothing is kept
+        assert kept not in _ops_run_by(loss)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_residual_backward_with_retain_graph(dtype):
-    """The residual backward writes grad_logits over the node's residual, which
-    must survive a backward with retain_graph=True for the next one."""
+def test_backward_with_retain_graph(dtype, reduction, upstream):
+    """The CPU backward writes its results over what the forward kept (the
+    residual, or the gradients of a sum or mean), which must survive a backward
+    with retain_graph=True for the next one."""
     p = make_problem(23, 40, 17, 2, dtype, ignore_frac=0.2)
     leaves = [t.detach().clone().requires_grad_() for t in (p.logits, p.weight, p.scale, p.shift)]
 
     def loss():
         z, W, S, L = leaves
-        return pce(z, p.target, W, S, L, p.group, ignore_index=p.ignore_index, reduction="sum")
+        out = pce(z, p.target, W, S, L, p.group, ignore_index=p.ignore_index, reduction=reduction)
+        return upstream * (out.sum() if reduction == "none" else out)
 
     expected = torch.autograd.grad(loss(), leaves)
     kept = loss()

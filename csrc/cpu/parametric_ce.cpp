@@ -269,78 +269,6 @@ void check_residual_dtype(const Tensor& logits) {
                    dtype_name(logits.scalar_type()));
 }
 
-// (loss, lse) and, with `with_residual`, the residual r = W_y (p - e_y) [N, K]
-// that a backward not differentiated again reads instead of recomputing the
-// softmax (so that backward needs no exponential: dz = gamma S r,
-// dL = sum gamma r, dS = sum gamma r z); else an undefined tensor.
-std::tuple<Tensor, Tensor, Tensor> forward_cpu(
-    const Tensor& logits, const Tensor& target,
-    const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index,
-    bool with_residual) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  if (with_residual) check_residual_dtype(logits);
-  const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  Tensor loss = at::empty({s.rows}, acc_opts);
-  Tensor lse = at::empty({s.rows}, acc_opts);
-  Tensor residual = with_residual ? at::empty({s.rows, s.classes}, acc_opts) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
-                                         shift, s, ignore_index);
-        acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
-        acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
-        acc_t* r_out = with_residual ? residual.mutable_data_ptr<acc_t>() : nullptr;
-        const int64_t K = in.K;
-        const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
-        at::parallel_for(0, in.N, row_grain(K), [&](int64_t begin, int64_t end) {
-          std::unique_ptr<acc_t[]> buf(new acc_t[K]);
-          for (int64_t i = begin; i < end; ++i) {
-            const RowIndex ri = in.row(i);
-            acc_t* r = r_out ? r_out + i * K : nullptr;
-            if (ri.ignored) {
-              loss_p[i] = lse_p[i] = 0;
-              if (r) std::fill(r, r + K, acc_t(0));
-              continue;
-            }
-            const acc_t* z = widen(in.z + i * K, buf.get(), K);
-            const acc_t* S = in.S + ri.g * K;
-            const acc_t* L = in.L + ri.g * K;
-            const auto [m, sum] = row_exp_sum(z, S, L, K, r, fresh);
-            const acc_t l = m + std::log(sum);
-            const acc_t Wy = in.W[ri.g * K + ri.y];
-            lse_p[i] = l;
-            loss_p[i] = Wy * (l - (S[ri.y] * z[ri.y] + L[ri.y]));
-            if (r) {
-              // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
-              const Vec<acc_t> c(nan_unless_finite(l, Wy / sum));
-              for_chunks<acc_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
-              r[ri.y] -= Wy;
-            }
-          }
-        });
-      });
-  return {loss, lse, residual};
-}
-
-std::tuple<Tensor, Tensor> parametric_ce_cpu(
-    const Tensor& logits, const Tensor& target,
-    const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
-  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, false);
-  return {std::get<0>(out), std::get<1>(out)};
-}
-
-std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
-    const Tensor& logits, const Tensor& target,
-    const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
-  return forward_cpu(logits, target, group, weight, scale, shift, ignore_index, true);
-}
-
-// --------------------------------------------------------------- backward
-
 // grad_logits [N, K] (undefined unless `with_logits`) and the zeroed
 // grad_weight, grad_scale, grad_shift [G, K].
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_outputs(const Sizes& s,
@@ -362,6 +290,130 @@ inline void add_table_grads(T* dL, T* dS, int64_t k, int64_t n, const Vec<T>& rk
   (load(dL, k, n) + once).store(dL + k, n);
   at::vec::fmadd(once, zk, load(dS, k, n)).store(dS + k, n);
 }
+
+// dz = gamma S r over one row, written over r, and (with `dL`, `dS`) the row's
+// share of the table gradients dL += gamma r, dS += gamma r z. Disjoint chunks
+// (a masked tail, not for_lanes' overlapping last chunk): each lane of r is
+// read before it is overwritten.
+template <typename T>
+inline void row_gradient_over_residual(T* r, const T* z, const T* S, T gamma, int64_t K,
+                                       T* dL, T* dS) {
+  const Vec<T> vg(gamma);
+  for_chunks<T>(K, [&](int64_t k, int64_t n) {
+    const Vec<T> rk = vg * load(r, k, n);
+    if (dL) add_table_grads<T>(dL, dS, k, n, rk, load(z, k, n), nullptr);
+    (load(S, k, n) * rk).store(r + k, n);
+  });
+}
+
+// What the forward keeps besides (loss, lse).
+enum class Keep {
+  kNothing,
+  // the residual r = W_y (p - e_y) [N, K] that a backward not differentiated
+  // again reads instead of recomputing the softmax (that backward then needs
+  // no exponential: dz = gamma S r, dL = sum gamma r, dS = sum gamma r z);
+  kResidual,
+  // the gradients of sum_i loss_i: grad_logits [N, K] and, with table_grads,
+  // grad_weight, grad_scale, grad_shift [G, K] (the backward of a sum or mean
+  // then only scales them).
+  kGradient,
+};
+
+// (loss, lse, residual or grad_logits, grad_weight, grad_scale, grad_shift);
+// tensors a mode does not make are undefined.
+std::array<Tensor, 6> forward_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index,
+    Keep keep, bool table_grads = false) {
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  if (keep != Keep::kNothing) check_residual_dtype(logits);
+  table_grads = table_grads && keep == Keep::kGradient;
+  const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  std::array<Tensor, 6> out;
+  out[0] = at::empty({s.rows}, acc_opts);
+  out[1] = at::empty({s.rows}, acc_opts);
+  if (keep != Keep::kNothing) out[2] = at::empty({s.rows, s.classes}, acc_opts);
+  if (table_grads) std::tie(std::ignore, out[3], out[4], out[5]) = backward_outputs(s, logits, weight, false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
+                                         shift, s, ignore_index);
+        acc_t* loss_p = out[0].mutable_data_ptr<acc_t>();
+        acc_t* lse_p = out[1].mutable_data_ptr<acc_t>();
+        acc_t* r_out = out[2].defined() ? out[2].mutable_data_ptr<acc_t>() : nullptr;
+        const int64_t K = in.K, table = in.G * K;
+        const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
+        std::array<acc_t*, 3> tables{};
+        if (table_grads) {
+          tables = {out[3].mutable_data_ptr<acc_t>(), out[4].mutable_data_ptr<acc_t>(),
+                    out[5].mutable_data_ptr<acc_t>()};
+        }
+        for_rows<acc_t>(in.N, in.G, K, K, table_grads, tables,
+                        [&](int64_t i, acc_t* partial, acc_t* buf) {
+          const RowIndex ri = in.row(i);
+          acc_t* r = r_out ? r_out + i * K : nullptr;
+          if (ri.ignored) {
+            loss_p[i] = lse_p[i] = 0;
+            if (r) std::fill(r, r + K, acc_t(0));
+            return;
+          }
+          const acc_t* z = widen(in.z + i * K, buf, K);
+          const acc_t* S = in.S + ri.g * K;
+          const acc_t* L = in.L + ri.g * K;
+          const auto [m, sum] = row_exp_sum(z, S, L, K, r, fresh);
+          const acc_t l = m + std::log(sum);
+          const acc_t Wy = in.W[ri.g * K + ri.y];
+          const acc_t a_y = S[ri.y] * z[ri.y] + L[ri.y];
+          lse_p[i] = l;
+          loss_p[i] = Wy * (l - a_y);
+          if (!r) return;
+          // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+          const Vec<acc_t> c(nan_unless_finite(l, Wy / sum));
+          for_chunks<acc_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
+          r[ri.y] -= Wy;
+          if (keep != Keep::kGradient) return;
+          acc_t* dS = partial ? partial + table + ri.g * K : nullptr;
+          acc_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
+          row_gradient_over_residual(r, z, S, acc_t(1), K, dL, dS);
+          if (partial) partial[ri.g * K + ri.y] += l - a_y;
+        });
+      });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> parametric_ce_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kNothing);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kResidual);
+  return {out[0], out[1], out[2]};
+}
+
+// With table_grads false the three table gradients are zeros.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> parametric_ce_with_gradient_cpu(
+    const Tensor& logits, const Tensor& target,
+    const std::optional<Tensor>& group, const Tensor& weight,
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index, bool table_grads) {
+  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index,
+                         Keep::kGradient, table_grads);
+  if (!table_grads) {
+    const Sizes s{logits.size(0), logits.size(1), weight.size(0)};
+    std::tie(std::ignore, out[3], out[4], out[5]) = backward_outputs(s, logits, weight, false);
+  }
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+// --------------------------------------------------------------- backward
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
@@ -446,7 +498,6 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
   std::tie(std::ignore, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight, false);
   Tensor r_c = residual.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "parametric_ce_backward_from_residual_cpu", [&] {
-    using V = Vec<scalar_t>;
     const Inputs<scalar_t, scalar_t> in(logits, target, group, weight, scale, shift, s,
                                         ignore_index);
     const Tensor gamma_c = grad_loss.contiguous(), lse_c = lse.contiguous();
@@ -467,16 +518,9 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
           }
           const scalar_t* z = in.z + i * K;
           const scalar_t* S = in.S + ri.g * K;
-          const V vg(gamma[i]);
           scalar_t* dS = partial ? partial + table + ri.g * K : nullptr;
           scalar_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
-          // Disjoint chunks (a masked tail, not for_lanes' overlapping last
-          // chunk): each lane of r is read before it is overwritten.
-          for_chunks<scalar_t>(K, [&](int64_t k, int64_t n) {
-            const V rk = vg * load(r, k, n);
-            if (partial) add_table_grads<scalar_t>(dL, dS, k, n, rk, load(z, k, n), nullptr);
-            (load(S, k, n) * rk).store(r + k, n);
-          });
+          row_gradient_over_residual(r, z, S, gamma[i], K, dL, dS);
           if (partial) {
             const int64_t y = ri.y;
             const scalar_t a_y = S[y] * z[y] + in.L[ri.g * K + y];
@@ -649,6 +693,7 @@ TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce_backward", &parametric_ce_backward_cpu);
   m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_cpu);
   m.impl("_parametric_ce_with_residual", &parametric_ce_with_residual_cpu);
+  m.impl("_parametric_ce_with_gradient", &parametric_ce_with_gradient_cpu);
   m.impl("_parametric_ce_backward_from_residual_", &parametric_ce_backward_from_residual_cpu);
 }
 
