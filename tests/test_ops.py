@@ -346,6 +346,7 @@ def test_opcheck(p):
         for table_grads in (True, False):
             torch.library.opcheck(OPS._parametric_ce_backward_from_residual_,
                                   (cotangents(p)[0], *p.args(), lse, residual, p.ignore_index, table_grads))
+            torch.library.opcheck(OPS._parametric_ce_with_gradient, (*p.args(), p.ignore_index, table_grads))
 
 
 def _ops_run_by(fn):
@@ -510,14 +511,15 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
         from_residual = _from_residual(gamma, *p.args(), lse, residual,
                                                                   p.ignore_index, True)
-        return (loss, lse, *first, *second, residual, *from_residual)
+        with_gradient = OPS._parametric_ce_with_gradient(*p.args(), p.ignore_index, True)
+        return (loss, lse, *first, *second, residual, *from_residual, *with_gradient)
 
     torch.set_num_threads(2)
     a, b = run(), run()
     torch.set_num_threads(1)
     c = run()
     names = ["loss", "lse", "dz", "dW", "dS", "dL", "dd_gamma", "dd_z", "dd_W", "dd_S", "dd_L",
-             "residual", "r_dz", "r_dW", "r_dS", "r_dL"]
+             "residual", "r_dz", "r_dW", "r_dS", "r_dL", "g_loss", "g_lse", "g_dz", "g_dW", "g_dS", "g_dL"]
     for name, x, y, w in zip(names, a, b, c):
         assert torch.equal(x, y), f"{name} differs between two runs"
         assert torch.equal(x, w), f"{name} differs between 2 threads and 1 thread"
@@ -775,3 +777,13 @@ def test_every_row_tail_against_reference(K, dtype):
     for got in outs:
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits K={K}")
         _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, True, f"K={K}")
+    if dtype in (torch.float32, torch.float64):  # the forward that makes the gradients of the sum
+        ones = torch.ones_like(gamma)
+        o = Oracle(p, ones)
+        for table_grads in (True, False):
+            ref = reference.parametric_ce_backward(ones, *p.args(), ref_lse, p.ignore_index, table_grads)
+            got = OPS._parametric_ce_with_gradient(*p.args(), p.ignore_index, table_grads)
+            assert torch.equal(got[0], loss) and torch.equal(got[1], lse), "the gradient forward changed loss or lse"
+            assert_within(got[2], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"with_gradient dz K={K}")
+            _check_table_outputs(got[3:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads,
+                                 f"with_gradient K={K}")
