@@ -47,11 +47,13 @@ def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shif
     return loss, lse, logits.new_empty(logits.shape)
 
 
-@torch.library.register_fake(_lib + "_parametric_ce_with_gradient")
-def _parametric_ce_with_gradient_fake(logits, target, group, weight, scale, shift, ignore_index, table_grads):
+@torch.library.register_fake(_lib + "_parametric_ce_reduced_with_gradient")
+def _parametric_ce_reduced_with_gradient_fake(logits, target, group, weight, scale, shift, ignore_index, mean,
+                                              table_grads):
     loss, lse, grad_logits = _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shift,
                                                                ignore_index)
-    return (loss, lse, grad_logits) + tuple(weight.new_empty(weight.shape) for _ in range(3))
+    return ((loss, lse, weight.new_empty((weight.numel(),)), grad_logits)
+            + tuple(weight.new_empty(weight.shape) for _ in range(3)))
 
 
 @torch.library.register_fake(_lib + "_parametric_ce_backward_from_residual_")

@@ -34,9 +34,9 @@ using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, int64_t);
-using WithGradientSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+using WithGradientSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-    const Tensor&, const Tensor&, int64_t, bool);
+    const Tensor&, const Tensor&, int64_t, bool, bool);
 using FromResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
@@ -57,7 +57,7 @@ struct Ops {
   c10::TypedOperatorHandle<ResidualSig> residual =
       op<ResidualSig>("autobalance::_parametric_ce_with_residual");
   c10::TypedOperatorHandle<WithGradientSig> with_gradient =
-      op<WithGradientSig>("autobalance::_parametric_ce_with_gradient");
+      op<WithGradientSig>("autobalance::_parametric_ce_reduced_with_gradient");
   c10::TypedOperatorHandle<FromResidualSig> from_residual =
       op<FromResidualSig>("autobalance::_parametric_ce_backward_from_residual_");
 };
@@ -116,8 +116,9 @@ Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
 // With `fast` (CPU, float32/float64 logits, some input needs a gradient) the
 // forward does part of the backward's work while the row is in cache, for a
 // backward that is not differentiated again (no create_graph):
-// - a sum or mean computes the gradients of the sum (_parametric_ce_with_gradient),
-//   and the backward only scales them (not at all for a sum's usual gradient 1);
+// - a sum or mean is computed with its gradients and the cell counts
+//   (_parametric_ce_reduced_with_gradient), and the backward only scales the
+//   gradients by its incoming gradient (usually 1: nothing to do);
 // - per-row losses keep the residual r = W_y (p - e_y), and the backward reads
 //   it instead of recomputing the softmax: one exponential per logit for
 //   forward + backward instead of two. That pays while the [N, K] buffers stay
@@ -133,23 +134,26 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
                                const Tensor& shift, int64_t ignore_index, bool fast,
                                int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor loss, lse, kept, dW, dS, dL;  // kept: the residual or grad_logits
+    Tensor out, lse, kept, counts, dW, dS, dL;  // kept: the residual or grad_logits
     if (fast && reduction != kNone) {
+      // the loss with the gradients of its sum or mean, and the cell counts
       const bool table_grads = weight.requires_grad() || scale.requires_grad() || shift.requires_grad();
-      std::tie(loss, lse, kept, dW, dS, dL) = ops().with_gradient.call(
-          logits, target, group, weight, scale, shift, ignore_index, table_grads);
+      std::tie(out, lse, counts, kept, dW, dS, dL) = ops().with_gradient.call(
+          logits, target, group, weight, scale, shift, ignore_index, reduction == kMean,
+          table_grads);
     } else if (fast) {
-      std::tie(loss, lse, kept) =
+      std::tie(out, lse, kept) =
           ops().residual.call(logits, target, group, weight, scale, shift, ignore_index);
     } else {
-      std::tie(loss, lse) =
+      std::tie(out, lse) =
           ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
     }
-    Tensor out = loss;
-    if (reduction != kNone) out = loss.sum();
+    // The reduction as in parametric_ce_reduced_composite (the same bits
+    // whichever path made the per-row losses).
+    if (reduction != kNone) out = out.sum();
     if (reduction == kMean) {
       // (after the kernel, which has checked the indices)
-      const Tensor counts = cell_counts(target, group, weight, ignore_index);
+      if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
       out = out.div(weight_sum(counts, weight));
       ctx->saved_data["counts"] = counts;
     }
@@ -176,25 +180,25 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
     auto own = [&](const Tensor& t) { return keep_graph ? t.clone() : t; };
     Tensor dz, dW, dS, dL;
-    // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
-    Tensor gamma = grads[0], counts, denominator;
-    if (reduction == kMean) {
-      counts = ctx->saved_data["counts"].toTensor();
-      denominator = weight_sum(counts, s[3]);
-      gamma = gamma.div(denominator);
-    }
     if (use_kept && reduction != kNone) {
-      // The forward made the gradients of the sum; scale them (not at all for
-      // the usual gradient 1 of a sum).
+      // The forward made the gradients of `out`; scale them by the incoming
+      // gradient (usually 1: nothing to do).
       dz = own(s[7]);
       dW = own(s[9]);
       dS = own(s[10]);
       dL = own(s[11]);
-      if (reduction == kMean || gamma.item<double>() != 1.0) {
+      if (grads[0].item<double>() != 1.0) {
         for (Tensor* t : {&dz, &dW, &dS, &dL})
-          if (t->defined()) t->mul_(gamma);
+          if (t->defined()) t->mul_(grads[0]);
       }
     } else {
+      // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
+      Tensor gamma = grads[0], counts, denominator;
+      if (reduction == kMean) {
+        counts = ctx->saved_data["counts"].toTensor();
+        denominator = weight_sum(counts, s[3]);
+        gamma = gamma.div(denominator);
+      }
       if (reduction != kNone) gamma = gamma.expand_as(s[6]);
       if (use_kept) {
         // dz overwrites the residual r
@@ -205,10 +209,10 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
         std::tie(dz, dW, dS, dL) = ops().backward.call(gamma, s[0], s[1], optional(s[2]), s[3],
                                                        s[4], s[5], s[6], ignore_index, table_grads);
       }
-    }
-    if (reduction == kMean && e.needed(3)) {
-      // the denominator's share: d(sum / D)/dW = -(out / D) counts
-      dW = dW.sub(grads[0].mul(s[8]).div(denominator).mul(counts.view_as(dW)));
+      if (reduction == kMean && e.needed(3)) {
+        // the denominator's share: d(sum / D)/dW = -(out / D) counts
+        dW = dW.sub(grads[0].mul(s[8]).div(denominator).mul(counts.view_as(dW)));
+      }
     }
     return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
             e.keep(5, dL), Tensor(), Tensor(), Tensor()};

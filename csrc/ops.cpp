@@ -62,14 +62,16 @@ TORCH_LIBRARY(autobalance, m) {
       "_parametric_ce_with_residual(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
       "-> (Tensor, Tensor, Tensor)");
-  // CPU, float32/float64: the forward that also returns the gradients of
-  // sum_i loss_i, (loss, lse, grad_logits, grad_weight, grad_scale,
-  // grad_shift); the table gradients are zeros unless table_grads. For the
-  // backward of a sum or mean that is not differentiated again.
+  // CPU, float32/float64: parametric_ce with the gradients of its sum (or
+  // with `mean` its weighted mean), for a backward that is not differentiated
+  // again. -> (loss [N], lse [N],
+  // counts [G*K] (rows per (group, class) cell, not ignored), grad_logits
+  // [N,K], grad_weight, grad_scale, grad_shift [G,K]); the table gradients are
+  // zeros unless table_grads.
   m.def(
-      "_parametric_ce_with_gradient(Tensor logits, Tensor target, Tensor? group, "
-      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, "
-      "bool table_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "_parametric_ce_reduced_with_gradient(Tensor logits, Tensor target, Tensor? group, "
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean, "
+      "bool table_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_parametric_ce_backward_from_residual_(Tensor grad_loss, Tensor logits, "
       "Tensor target, Tensor? group, Tensor weight, Tensor scale, Tensor shift, "

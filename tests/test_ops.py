@@ -346,7 +346,9 @@ def test_opcheck(p):
         for table_grads in (True, False):
             torch.library.opcheck(OPS._parametric_ce_backward_from_residual_,
                                   (cotangents(p)[0], *p.args(), lse, residual, p.ignore_index, table_grads))
-            torch.library.opcheck(OPS._parametric_ce_with_gradient, (*p.args(), p.ignore_index, table_grads))
+            for mean in (False, True) if (p.target != p.ignore_index).any() else (False,):
+                torch.library.opcheck(OPS._parametric_ce_reduced_with_gradient,
+                                      (*p.args(), p.ignore_index, mean, table_grads))
 
 
 def _ops_run_by(fn):
@@ -375,7 +377,7 @@ def test_backward_uses_what_the_forward_kept_unless_differentiated_again(dtype, 
 
     fast = dtype != torch.bfloat16  # float32/float64 on the CPU
     kept = {"none": "autobalance::_parametric_ce_with_residual",
-            "mean": "autobalance::_parametric_ce_with_gradient"}[reduction]
+            "mean": "autobalance::_parametric_ce_reduced_with_gradient"}[reduction]
     ran = _ops_run_by(lambda: loss().backward())
     assert (kept in ran) == fast, ran
     assert ("autobalance::_parametric_ce_backward_from_residual_" in ran) == (fast and reduction == "none"), ran
@@ -511,7 +513,8 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
         from_residual = _from_residual(gamma, *p.args(), lse, residual,
                                                                   p.ignore_index, True)
-        with_gradient = OPS._parametric_ce_with_gradient(*p.args(), p.ignore_index, True)
+        with_gradient = [t for mean in (False, True)
+                         for t in OPS._parametric_ce_reduced_with_gradient(*p.args(), p.ignore_index, mean, True)]
         return (loss, lse, *first, *second, residual, *from_residual, *with_gradient)
 
     torch.set_num_threads(2)
@@ -519,7 +522,8 @@ def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
     torch.set_num_threads(1)
     c = run()
     names = ["loss", "lse", "dz", "dW", "dS", "dL", "dd_gamma", "dd_z", "dd_W", "dd_S", "dd_L",
-             "residual", "r_dz", "r_dW", "r_dS", "r_dL", "g_loss", "g_lse", "g_dz", "g_dW", "g_dS", "g_dL"]
+             "residual", "r_dz", "r_dW", "r_dS", "r_dL", *[f"{r}_{t}" for r in ("sum", "mean")
+                                                     for t in ("loss", "lse", "counts", "dz", "dW", "dS", "dL")]]
     for name, x, y, w in zip(names, a, b, c):
         assert torch.equal(x, y), f"{name} differs between two runs"
         assert torch.equal(x, w), f"{name} differs between 2 threads and 1 thread"
@@ -777,13 +781,30 @@ def test_every_row_tail_against_reference(K, dtype):
     for got in outs:
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits K={K}")
         _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, True, f"K={K}")
-    if dtype in (torch.float32, torch.float64):  # the forward that makes the gradients of the sum
-        ones = torch.ones_like(gamma)
-        o = Oracle(p, ones)
-        for table_grads in (True, False):
-            ref = reference.parametric_ce_backward(ones, *p.args(), ref_lse, p.ignore_index, table_grads)
-            got = OPS._parametric_ce_with_gradient(*p.args(), p.ignore_index, table_grads)
-            assert torch.equal(got[0], loss) and torch.equal(got[1], lse), "the gradient forward changed loss or lse"
-            assert_within(got[2], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"with_gradient dz K={K}")
-            _check_table_outputs(got[3:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads,
-                                 f"with_gradient K={K}")
+    if dtype in (torch.float32, torch.float64):  # the reduced forward that makes its gradients
+        _check_reduced_with_gradient(p)
+
+
+def _check_reduced_with_gradient(p):
+    """_parametric_ce_reduced_with_gradient against the reference's autograd."""
+    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
+    valid = p.target != p.ignore_index
+    cells = (p.target if p.group is None else p.group * p.K + p.target)[valid]
+    counts = torch.bincount(cells, minlength=p.G * p.K).to(p.acc)
+    for mean, table_grads in itertools.product((False, True), (True, False)):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.logits, *p.tables())]
+        ref = pce(leaves[0], p.target, *leaves[1:], p.group, ignore_index=p.ignore_index,
+                  reduction="mean" if mean else "sum", backend="reference")
+        ref_grads = torch.autograd.grad(ref, leaves)
+        got = OPS._parametric_ce_reduced_with_gradient(*p.args(), p.ignore_index, mean, table_grads)
+        assert torch.equal(got[2], counts), "cell counts"
+        what = f"reduced_with_gradient mean={mean} table_grads={table_grads} {p}"
+        loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+        assert torch.equal(got[0], loss) and torch.equal(got[1], lse), "loss and lse"
+        for name, g, r in zip(("dz", "dW", "dS", "dL"), got[3:], ref_grads):
+            if name in ("dW", "dS", "dL") and not table_grads:
+                assert_all_zero(g, f"{what}: {name}")
+                continue
+            scale = 1.0 + r.abs().max().item()
+            torch.testing.assert_close(g, r.detach(), rtol=rel, atol=rel * scale,
+                                       msg=lambda m: f"{what}: {name}: {m}")

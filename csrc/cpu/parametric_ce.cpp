@@ -313,42 +313,65 @@ enum class Keep {
   // again reads instead of recomputing the softmax (that backward then needs
   // no exponential: dz = gamma S r, dL = sum gamma r, dS = sum gamma r z);
   kResidual,
-  // the gradients of sum_i loss_i: grad_logits [N, K] and, with table_grads,
-  // grad_weight, grad_scale, grad_shift [G, K] (the backward of a sum or mean
-  // then only scales them).
+  // the gradients of the reduced loss (the sum, or with `mean` the weighted
+  // mean): grad_logits [N, K] and, with table_grads, grad_weight, grad_scale,
+  // grad_shift [G, K] (the backward then only scales them by its incoming
+  // gradient, usually 1), plus the per-cell row counts.
   kGradient,
 };
 
-// (loss, lse, residual or grad_logits, grad_weight, grad_scale, grad_shift);
-// tensors a mode does not make are undefined.
-std::array<Tensor, 6> forward_cpu(
+struct ForwardOut {
+  Tensor loss, lse;  // [N]
+  Tensor kept;       // the residual or grad_logits [N, K]
+  Tensor grad_weight, grad_scale, grad_shift;  // [G, K]
+  Tensor counts;  // [G * K]
+};
+
+ForwardOut forward_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index,
-    Keep keep, bool table_grads = false) {
+    Keep keep, bool mean = false, bool table_grads = false) {
   const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
   if (keep != Keep::kNothing) check_residual_dtype(logits);
-  table_grads = table_grads && keep == Keep::kGradient;
+  const bool gradient = keep == Keep::kGradient;
+  table_grads = table_grads && gradient;
   const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  std::array<Tensor, 6> out;
-  out[0] = at::empty({s.rows}, acc_opts);
-  out[1] = at::empty({s.rows}, acc_opts);
-  if (keep != Keep::kNothing) out[2] = at::empty({s.rows, s.classes}, acc_opts);
-  if (table_grads) std::tie(std::ignore, out[3], out[4], out[5]) = backward_outputs(s, logits, weight, false);
+  ForwardOut out;
+  out.loss = at::empty({s.rows}, acc_opts);
+  out.lse = at::empty({s.rows}, acc_opts);
+  if (keep != Keep::kNothing) out.kept = at::empty({s.rows, s.classes}, acc_opts);
+  if (gradient) {
+    std::tie(std::ignore, out.grad_weight, out.grad_scale, out.grad_shift) =
+        backward_outputs(s, logits, weight, false);
+    out.counts = at::zeros({s.groups * s.classes}, acc_opts);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const Inputs<scalar_t, acc_t> in(logits, target, group, weight, scale,
                                          shift, s, ignore_index);
-        acc_t* loss_p = out[0].mutable_data_ptr<acc_t>();
-        acc_t* lse_p = out[1].mutable_data_ptr<acc_t>();
-        acc_t* r_out = out[2].defined() ? out[2].mutable_data_ptr<acc_t>() : nullptr;
+        acc_t* loss_p = out.loss.mutable_data_ptr<acc_t>();
+        acc_t* lse_p = out.lse.mutable_data_ptr<acc_t>();
+        acc_t* r_out = out.kept.defined() ? out.kept.mutable_data_ptr<acc_t>() : nullptr;
         const int64_t K = in.K, table = in.G * K;
+        // With `gradient`: the per-cell counts (checking every index first) and
+        // the factor a = d reduced / d loss_i (1 / sum_i W[g_i, y_i] for a mean).
+        acc_t a = 1, denominator = 0;
+        if (gradient) {
+          acc_t* counts = out.counts.mutable_data_ptr<acc_t>();
+          for (int64_t i = 0; i < in.N; ++i) {
+            const RowIndex ri = in.row(i);
+            if (!ri.ignored) counts[ri.g * K + ri.y] += 1;
+          }
+          for (int64_t c = 0; c < table; ++c) denominator += counts[c] * in.W[c];
+          if (mean) a = acc_t(1) / denominator;
+        }
         const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
         std::array<acc_t*, 3> tables{};
         if (table_grads) {
-          tables = {out[3].mutable_data_ptr<acc_t>(), out[4].mutable_data_ptr<acc_t>(),
-                    out[5].mutable_data_ptr<acc_t>()};
+          tables = {out.grad_weight.mutable_data_ptr<acc_t>(), out.grad_scale.mutable_data_ptr<acc_t>(),
+                    out.grad_shift.mutable_data_ptr<acc_t>()};
         }
         for_rows<acc_t>(in.N, in.G, K, K, table_grads, tables,
                         [&](int64_t i, acc_t* partial, acc_t* buf) {
@@ -373,12 +396,23 @@ std::array<Tensor, 6> forward_cpu(
           const Vec<acc_t> c(nan_unless_finite(l, Wy / sum));
           for_chunks<acc_t>(K, [&](int64_t k, int64_t n) { (c * load(r, k, n)).store(r + k, n); });
           r[ri.y] -= Wy;
-          if (keep != Keep::kGradient) return;
+          if (!gradient) return;
           acc_t* dS = partial ? partial + table + ri.g * K : nullptr;
           acc_t* dL = partial ? partial + 2 * table + ri.g * K : nullptr;
-          row_gradient_over_residual(r, z, S, acc_t(1), K, dL, dS);
-          if (partial) partial[ri.g * K + ri.y] += l - a_y;
+          row_gradient_over_residual(r, z, S, a, K, dL, dS);
+          if (partial) partial[ri.g * K + ri.y] += a * (l - a_y);
         });
+        if (gradient && mean && table_grads) {
+          // the denominator's share of d mean / dW: -(mean / D) counts, with
+          // the sum in row order (in double): deterministic whatever the
+          // thread count
+          double total = 0;
+          for (int64_t i = 0; i < in.N; ++i) total += loss_p[i];
+          const acc_t share = acc_t(total) / denominator / denominator;
+          const acc_t* counts = out.counts.const_data_ptr<acc_t>();
+          acc_t* dW = out.grad_weight.mutable_data_ptr<acc_t>();
+          for (int64_t c = 0; c < table; ++c) dW[c] -= share * counts[c];
+        }
       });
   return out;
 }
@@ -388,7 +422,7 @@ std::tuple<Tensor, Tensor> parametric_ce_cpu(
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
   auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kNothing);
-  return {out[0], out[1]};
+  return {out.loss, out.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
@@ -396,21 +430,20 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_with_residual_cpu(
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
   auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kResidual);
-  return {out[0], out[1], out[2]};
+  return {out.loss, out.lse, out.kept};
 }
 
 // With table_grads false the three table gradients are zeros.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> parametric_ce_with_gradient_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+parametric_ce_reduced_with_gradient_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index, bool table_grads) {
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index, bool mean,
+    bool table_grads) {
   auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index,
-                         Keep::kGradient, table_grads);
-  if (!table_grads) {
-    const Sizes s{logits.size(0), logits.size(1), weight.size(0)};
-    std::tie(std::ignore, out[3], out[4], out[5]) = backward_outputs(s, logits, weight, false);
-  }
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+                         Keep::kGradient, mean, table_grads);
+  return {out.loss, out.lse, out.counts, out.kept, out.grad_weight, out.grad_scale,
+          out.grad_shift};
 }
 
 // --------------------------------------------------------------- backward
@@ -693,7 +726,7 @@ TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce_backward", &parametric_ce_backward_cpu);
   m.impl("parametric_ce_double_backward", &parametric_ce_double_backward_cpu);
   m.impl("_parametric_ce_with_residual", &parametric_ce_with_residual_cpu);
-  m.impl("_parametric_ce_with_gradient", &parametric_ce_with_gradient_cpu);
+  m.impl("_parametric_ce_reduced_with_gradient", &parametric_ce_reduced_with_gradient_cpu);
   m.impl("_parametric_ce_backward_from_residual_", &parametric_ce_backward_from_residual_cpu);
 }
 
