@@ -12,6 +12,10 @@ REDUCTIONS = ("none", "sum", "mean")
 
 # A plain bool, read once, so torch.compile traces the check as a constant.
 _FUSED_HAS_CUDA = autobalance_ext.has_cuda_kernels()
+# The fused ops' overloads, looked up once (each lookup through torch.ops costs
+# microseconds on every call).
+_FUSED = torch.ops.autobalance.parametric_ce.default
+_FUSED_REDUCED = torch.ops.autobalance.parametric_ce_reduced.default
 
 
 def _op(backend, device):
@@ -22,7 +26,7 @@ def _op(backend, device):
     if device.type == "cuda" and not _FUSED_HAS_CUDA:
         raise RuntimeError("autobalance: this build has no CUDA kernels; rebuild with FORCE_CUDA=1 "
                            "(see README) or pass backend='reference'")
-    return torch.ops.autobalance.parametric_ce
+    return _FUSED
 
 
 def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *,
@@ -51,11 +55,10 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
     op = _op(backend, logits.device)
     acc = autobalance_ext.accumulate_dtype(logits.dtype)
-    weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                            for t in (weight, scale, shift))
-    if backend == "fused" and reduction != "none":  # one autograd node for loss and reduction
-        return torch.ops.autobalance.parametric_ce_reduced(logits, target, group, weight, scale, shift,
-                                                           ignore_index, reduction == "mean")
+    weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != acc
+                            else t for t in (weight, scale, shift))
+    if op is _FUSED and reduction != "none":  # one autograd node for loss and reduction
+        return _FUSED_REDUCED(logits, target, group, weight, scale, shift, ignore_index, reduction == "mean")
     loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
     if reduction == "none":
         return loss
