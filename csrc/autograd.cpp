@@ -108,6 +108,20 @@ Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
   return counts.dot(weight.reshape(-1));
 }
 
+// The per-row losses reduced (sum, or mean = sum / <counts, W>) the same way on
+// every path, so the reduced loss has the same bits whichever kernel made the
+// losses. For a mean, undefined `counts` are computed here (after the kernel,
+// which has checked the indices).
+Tensor reduce_losses(const Tensor& loss, int64_t reduction, Tensor& counts, const Tensor& target,
+                     const std::optional<Tensor>& group, const Tensor& weight,
+                     int64_t ignore_index) {
+  if (reduction == kNone) return loss;
+  const Tensor total = loss.sum();
+  if (reduction == kSum) return total;
+  if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
+  return total.div(weight_sum(counts, weight));
+}
+
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
 //
 // With `reduction` the node returns the sum or the weighted mean of the
@@ -148,15 +162,8 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       std::tie(out, lse) =
           ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
     }
-    // The reduction as in parametric_ce_reduced_composite (the same bits
-    // whichever path made the per-row losses).
-    if (reduction != kNone) out = out.sum();
-    if (reduction == kMean) {
-      // (after the kernel, which has checked the indices)
-      if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
-      out = out.div(weight_sum(counts, weight));
-      ctx->saved_data["counts"] = counts;
-    }
+    out = reduce_losses(out, reduction, counts, target, group, weight, ignore_index);
+    if (reduction == kMean) ctx->saved_data["counts"] = counts;
     // lse is a statistic for the backward, not a model output.
     ctx->mark_non_differentiable({lse});
     ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, kept, out,
@@ -332,11 +339,10 @@ Tensor parametric_ce_reduced_composite(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
     int64_t ignore_index, bool mean) {
-  const Tensor total =
-      std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index))
-          .sum();
-  return mean ? total.div(weight_sum(cell_counts(target, group, weight, ignore_index), weight))
-              : total;
+  Tensor counts;
+  return reduce_losses(
+      std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index)),
+      mean ? kMean : kSum, counts, target, group, weight, ignore_index);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_autograd(

@@ -155,6 +155,16 @@ def _leaves(p, needs):
     return [z] + tabs
 
 
+def _assert_close_to_reference(got, ref, p, what, floor=0.0):
+    """Fused vs reference through autograd: relative tolerance 1e-11 (float64) or
+    2e-5, and an absolute one scaled by 1 + max(|ref|, floor)."""
+    assert got.dtype == ref.dtype, what
+    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
+    ref = ref.detach().double()
+    scale = 1.0 + max(ref.abs().max().item() if ref.numel() else 0.0, floor)
+    torch.testing.assert_close(got.detach().double(), ref, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+
 def _e2e(p, backend, reduction, needs, w_out, v):
     leaves = _leaves(p, needs)
     z, W, S, L = leaves
@@ -184,7 +194,6 @@ def test_autograd_first_and_second_derivatives_match_reference(p, reduction, nee
     v = torch.randn(p.N, p.K, generator=gen, dtype=torch.float64)
     got = _e2e(p, "fused", reduction, needs, w_out, v)
     ref = _e2e(p, "reference", reduction, needs, w_out, v)
-    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
     names = [n for n, need in zip(("logits", "weight", "scale", "shift"), needs) if need]
 
     # The size of the terms a second derivative adds up, |w W S (S v)| per row: its
@@ -192,17 +201,11 @@ def test_autograd_first_and_second_derivatives_match_reference(p, reduction, nee
     w = w_out.abs().max().item() if reduction == "none" else 1.0
     terms = 2 * w * p.weight.abs().max().item() * p.scale.abs().max().item() ** 2 * v.abs().max().item()
 
-    def close(a, b, what, floor=0.0):
-        assert a.dtype == b.dtype, what
-        b64 = b.detach().double()
-        scale = 1.0 + max(b64.abs().max().item() if b64.numel() else 0.0, floor)
-        torch.testing.assert_close(a.detach().double(), b64, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
-
-    close(got[0], ref[0], "loss")
+    _assert_close_to_reference(got[0], ref[0], p, "loss")
     for name, a, b in zip(names, got[1], ref[1]):
-        close(a, b, f"d loss / d {name}")
+        _assert_close_to_reference(a, b, p, f"d loss / d {name}")
     for name, a, b in zip(names, got[2], ref[2]):
-        close(a, b, f"d<v, dloss/dz> / d {name}", floor=terms)
+        _assert_close_to_reference(a, b, p, f"d<v, dloss/dz> / d {name}", floor=terms)
 
 
 @settings(max_examples=examples(30))
@@ -226,10 +229,8 @@ def test_plain_backward_matches_reference(p, reduction, needs, upstream):
         (upstream * (loss.sum() if reduction == "none" else loss)).backward()
         return [x.grad for x in leaves if x.requires_grad]
 
-    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
     for got, ref in zip(grads("fused"), grads("reference")):
-        scale = 1.0 + ref.abs().max().item()
-        torch.testing.assert_close(got, ref, rtol=rel, atol=rel * scale)
+        _assert_close_to_reference(got, ref, p, f"plain backward {reduction}")
 
 
 def test_table_gradients_without_logit_gradients():
@@ -321,6 +322,12 @@ def _opcheck_samples():
     return samples
 
 
+def _means(p):
+    """The `mean` flags to opcheck: not a mean of no rows (NaN, which opcheck's
+    comparisons do not accept)."""
+    return (False, True) if (p.target != p.ignore_index).any() else (False,)
+
+
 def _opcheck_public_ops(p, requires_grad=True):
     def leaf(t):
         return t.detach().clone().requires_grad_(requires_grad)
@@ -328,8 +335,7 @@ def _opcheck_public_ops(p, requires_grad=True):
     z, W, S, L = [leaf(x) for x in (p.logits, *p.tables())]
     args = (z, p.target, p.group, W, S, L)
     torch.library.opcheck(OPS.parametric_ce, (*args, p.ignore_index))
-    # (the mean of no rows is NaN, which opcheck's comparisons do not accept)
-    for mean in (False, True) if (p.target != p.ignore_index).any() else (False,):
+    for mean in _means(p):
         torch.library.opcheck(OPS.parametric_ce_reduced, (*args, p.ignore_index, mean))
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     gamma = leaf(cotangents(p)[0])
@@ -351,7 +357,7 @@ def test_opcheck(p):
         for table_grads in (True, False):
             torch.library.opcheck(OPS._parametric_ce_backward_from_residual_,
                                   (cotangents(p)[0], *p.args(), lse, residual, p.ignore_index, table_grads))
-            for mean in (False, True) if (p.target != p.ignore_index).any() else (False,):
+            for mean in _means(p):
                 torch.library.opcheck(OPS._parametric_ce_reduced_with_gradient,
                                       (*p.args(), p.ignore_index, mean, table_grads))
 
@@ -792,7 +798,6 @@ def test_every_row_tail_against_reference(K, dtype):
 
 def _check_reduced_with_gradient(p):
     """_parametric_ce_reduced_with_gradient against the reference's autograd."""
-    rel = 1e-11 if p.dtype == torch.float64 else 2e-5
     valid = p.target != p.ignore_index
     cells = (p.target if p.group is None else p.group * p.K + p.target)[valid]
     counts = torch.bincount(cells, minlength=p.G * p.K).to(p.acc)
@@ -810,6 +815,4 @@ def _check_reduced_with_gradient(p):
             if name in ("dW", "dS", "dL") and not table_grads:
                 assert_all_zero(g, f"{what}: {name}")
                 continue
-            scale = 1.0 + r.abs().max().item()
-            torch.testing.assert_close(g, r.detach(), rtol=rel, atol=rel * scale,
-                                       msg=lambda m: f"{what}: {name}: {m}")
+            _assert_close_to_reference(g, r, p, f"{what}: {name}")

@@ -84,6 +84,18 @@ inline Vec<T> counted(const Vec<T>& v, int64_t n, const Vec<T>* fresh) {
   return fresh ? v * *fresh : keep(v, n, T(0));
 }
 
+// a = S z + L over one chunk.
+template <typename T>
+inline Vec<T> affine(const T* S, const T* z, const T* L, int64_t k, int64_t n) {
+  return at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
+}
+
+// The largest lane (NaN if any lane is NaN).
+template <typename T>
+inline T reduce_max(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, v);
+}
+
 template <typename T>
 inline Vec<T> fast_exp(const Vec<T>& x) {
   return x.exp_u20();
@@ -280,16 +292,13 @@ std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t*
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V vmax(lowest);
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V*) {
-    const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
-    vmax = at::vec::maximum(vmax, keep(a, n, lowest));
+    vmax = at::vec::maximum(vmax, keep(affine(S, z, L, k, n), n, lowest));
   });
-  const acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t m = reduce_max(vmax);
   V vsum(acc_t(0));
   const V vm(m);
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
-    const V a = at::vec::fmadd(load(S, k, n), load(z, k, n), load(L, k, n));
-    const V ek = fast_exp(a - vm);
+    const V ek = fast_exp(affine(S, z, L, k, n) - vm);
     if (e) ek.store(e + k, n);
     vsum = vsum + counted(ek, n, f);
   });
@@ -314,20 +323,15 @@ std::array<std::pair<acc_t, acc_t>, 2> row_exp_sum_pair(const ExpRow<acc_t> a, c
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V max_a(lowest), max_b(lowest);
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V*) {
-    const V xa = at::vec::fmadd(load(a.S, k, n), load(a.z, k, n), load(a.L, k, n));
-    const V xb = at::vec::fmadd(load(b.S, k, n), load(b.z, k, n), load(b.L, k, n));
-    max_a = at::vec::maximum(max_a, keep(xa, n, lowest));
-    max_b = at::vec::maximum(max_b, keep(xb, n, lowest));
+    max_a = at::vec::maximum(max_a, keep(affine(a.S, a.z, a.L, k, n), n, lowest));
+    max_b = at::vec::maximum(max_b, keep(affine(b.S, b.z, b.L, k, n), n, lowest));
   });
-  auto max_of = [](const V& v) {
-    return at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return at::vec::maximum(x, y); }, v);
-  };
-  const acc_t ma = max_of(max_a), mb = max_of(max_b);
+  const acc_t ma = reduce_max(max_a), mb = reduce_max(max_b);
   const V vma(ma), vmb(mb);
   V sum_a(acc_t(0)), sum_b(acc_t(0));
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
-    const V ea = fast_exp(at::vec::fmadd(load(a.S, k, n), load(a.z, k, n), load(a.L, k, n)) - vma);
-    const V eb = fast_exp(at::vec::fmadd(load(b.S, k, n), load(b.z, k, n), load(b.L, k, n)) - vmb);
+    const V ea = fast_exp(affine(a.S, a.z, a.L, k, n) - vma);
+    const V eb = fast_exp(affine(b.S, b.z, b.L, k, n) - vmb);
     if (a.e) ea.store(a.e + k, n);
     if (b.e) eb.store(b.e + k, n);
     sum_a = sum_a + counted(ea, n, f);
@@ -438,8 +442,10 @@ ForwardOut forward_cpu(
             const RowIndex ri = in.row(i);
             if (!ri.ignored) counts[ri.g * K + ri.y] += 1;
           }
-          for (int64_t c = 0; c < table; ++c) denominator += counts[c] * in.W[c];
-          if (mean) a = acc_t(1) / denominator;
+          if (mean) {
+            for (int64_t c = 0; c < table; ++c) denominator += counts[c] * in.W[c];
+            a = acc_t(1) / denominator;
+          }
         }
         const Vec<acc_t> fresh = fresh_lanes<acc_t>(K);
         std::array<acc_t*, 3> tables{};
