@@ -101,6 +101,52 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
   return x.exp_u20();
 }
 
+// Whether fast_exp<T> returns NaN for a NaN argument. Then a row's max needs
+// no NaN propagation (a NaN logit makes its exponential, hence the row's sum
+// and lse, NaN; so does +inf, as inf - inf, and an all -inf row), and one
+// plain max instruction serves instead of three.
+template <typename T>
+constexpr bool kExpKeepsNaN = false;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// exp_u20's range reduction and polynomial (n = floor(x log2(e) + 1/2),
+// r = x - n ln 2, p(r) of degree 5) with 2^n applied by one scalef, and the
+// underflow to 0 below ln(FLT_MIN) folded into its zero mask: 11 instructions
+// instead of 19 (the loss-only forward ~20% faster at K = 100). The same bits
+// as exp_u20 for x >= -86.9 (n > -126); from there to ln(FLT_MIN) this gives
+// the value (< 2^-125) that exp_u20 flushes to 0, and a NaN stays NaN. No
+// clamp at ln(FLT_MAX): every exponent here is at most 0 (a logit minus its
+// row's max or lse), and above it scalef gives inf.
+template <>
+inline Vec<float> fast_exp(const Vec<float>& v) {
+  const __m512 x = v;
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365478515625f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269502162933349609375f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182464599609375f), x);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(kept, p, n);
+}
+
+template <>
+constexpr bool kExpKeepsNaN<float> = true;
+#endif
+
+// max(m, a) for a row's running max: NaN-propagating unless kExpKeepsNaN.
+template <typename T>
+inline Vec<T> max_step(const Vec<T>& m, const Vec<T>& a) {
+  if constexpr (kExpKeepsNaN<T>) {
+    return at::vec::clamp_min(a, m);
+  } else {
+    return at::vec::maximum(m, a);
+  }
+}
+
 template <typename T>
 inline T reduce_sum(const Vec<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; },
@@ -292,7 +338,7 @@ std::pair<acc_t, acc_t> row_exp_sum(const acc_t* z, const acc_t* S, const acc_t*
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V vmax(lowest);
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V*) {
-    vmax = at::vec::maximum(vmax, keep(affine(S, z, L, k, n), n, lowest));
+    vmax = max_step(vmax, keep(affine(S, z, L, k, n), n, lowest));
   });
   const acc_t m = reduce_max(vmax);
   V vsum(acc_t(0));
@@ -323,8 +369,8 @@ std::array<std::pair<acc_t, acc_t>, 2> row_exp_sum_pair(const ExpRow<acc_t> a, c
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   V max_a(lowest), max_b(lowest);
   for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V*) {
-    max_a = at::vec::maximum(max_a, keep(affine(a.S, a.z, a.L, k, n), n, lowest));
-    max_b = at::vec::maximum(max_b, keep(affine(b.S, b.z, b.L, k, n), n, lowest));
+    max_a = max_step(max_a, keep(affine(a.S, a.z, a.L, k, n), n, lowest));
+    max_b = max_step(max_b, keep(affine(b.S, b.z, b.L, k, n), n, lowest));
   });
   const acc_t ma = reduce_max(max_a), mb = reduce_max(max_b);
   const V vma(ma), vmb(mb);
