@@ -122,6 +122,15 @@ Tensor reduce_losses(const Tensor& loss, int64_t reduction, Tensor& counts, cons
   return total.div(weight_sum(counts, weight));
 }
 
+// Whether the 0-dim incoming gradient is 1 (read in place: no dispatch).
+bool is_one(const Tensor& g) {
+  if (g.is_cpu() && g.numel() == 1) {
+    if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>() == 1.f;
+    if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>() == 1.0;
+  }
+  return g.item<double>() == 1.0;
+}
+
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
 //
 // With `reduction` the node returns the sum or the weighted mean of the
@@ -164,10 +173,17 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     }
     out = reduce_losses(out, reduction, counts, target, group, weight, ignore_index);
     if (reduction == kMean) ctx->saved_data["counts"] = counts;
-    // lse is a statistic for the backward, not a model output.
+    if (fast && reduction != kNone) {
+      // The node's own buffers, outside the saved variables: the backward that
+      // uses them unpacks none.
+      ctx->saved_data["gradients"] = std::vector<Tensor>{kept, dW, dS, dL};
+      kept = Tensor();
+    }
+    // lse is a statistic for the backward, not a model output; its (absent)
+    // incoming gradient is not materialised as [N] zeros.
     ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, kept, out,
-                            dW, dS, dL});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({logits, target, value(group), weight, scale, shift, lse, kept, out});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
     ctx->saved_data["reduction"] = reduction;
@@ -175,30 +191,36 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(9);  // no gradient flows into the loss
     const Edges e{ctx, 2};
-    const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
     // Grad mode is on exactly when this backward is differentiated again.
-    const bool use_kept = s[7].defined() && !at::GradMode::is_enabled();
+    const bool differentiable = at::GradMode::is_enabled();
     // The kept buffers are this node's own and are freed after this backward,
     // unless the graph is kept (retain_graph=True) for another: then copies.
     const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
     auto own = [&](const Tensor& t) { return keep_graph ? t.clone() : t; };
     Tensor dz, dW, dS, dL;
-    if (use_kept && reduction != kNone) {
-      // The forward made the gradients of `out`; scale them by the incoming
-      // gradient (usually 1: nothing to do).
-      dz = own(s[7]);
-      dW = own(s[9]);
-      dS = own(s[10]);
-      dL = own(s[11]);
-      if (grads[0].item<double>() != 1.0) {
+    const auto gradients = ctx->saved_data.find("gradients");
+    if (!differentiable && gradients != ctx->saved_data.end()) {
+      // The forward made the gradients of `out`: handed over (the entry
+      // erased, so that AccumulateGrad can take them without a copy) and
+      // scaled by the incoming gradient unless it is 1.
+      const std::vector<Tensor> made = gradients->second.toTensorVector();
+      if (!keep_graph) ctx->saved_data.erase(gradients);
+      dz = own(made[0]);
+      dW = own(made[1]);
+      dS = own(made[2]);
+      dL = own(made[3]);
+      if (!is_one(grads[0])) {
         for (Tensor* t : {&dz, &dW, &dS, &dL})
           if (t->defined()) t->mul_(grads[0]);
       }
     } else {
+      const auto s = ctx->get_saved_variables();
+      const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
+      const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const bool use_kept = s[7].defined() && !differentiable;
       // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
       Tensor gamma = grads[0], counts, denominator;
       if (reduction == kMean) {

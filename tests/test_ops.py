@@ -431,6 +431,34 @@ def test_backward_with_retain_graph(dtype, reduction, upstream):
         assert torch.equal(a, e) and torch.equal(b, e), f"grad of {name} changed across retained backwards"
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_backward_of_a_sum_or_mean_hands_over_what_the_forward_made(reduction):
+    """With an incoming gradient of 1 the backward runs no op at all: the leaves'
+    gradients are the forward's buffers (no copy by AccumulateGrad, which copies
+    a gradient still referenced elsewhere), and a create_graph backward on a
+    retained graph still recomputes the right derivatives."""
+    p = make_problem(25, 33, 14, 2, torch.float32, ignore_frac=0.2)
+    leaves = [t.detach().clone().requires_grad_() for t in (p.logits, p.weight, p.scale, p.shift)]
+    out = pce(leaves[0], p.target, *leaves[1:], p.group, ignore_index=p.ignore_index, reduction=reduction)
+    with torch.autograd.profiler.profile() as prof:
+        out.backward()
+    ran = {e.name for e in prof.function_events if e.name.startswith("aten::")}
+    # the engine's seed gradient (ones_like) and AccumulateGrad's detach only
+    assert ran <= {"aten::ones_like", "aten::empty_like", "aten::empty_strided", "aten::fill_",
+                   "aten::detach"}, ran
+    expected = torch.autograd.grad(pce(*[t.detach().requires_grad_() for t in leaves[:1]], p.target,
+                                       *leaves[1:], p.group, ignore_index=p.ignore_index,
+                                       reduction=reduction), leaves[1:])
+    for leaf, e in zip(leaves[1:], expected):
+        assert torch.equal(leaf.grad, e)
+    out = pce(leaves[0], p.target, *leaves[1:], p.group, ignore_index=p.ignore_index, reduction=reduction)
+    first = torch.autograd.grad(out, leaves, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, create_graph=True)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert again[0].requires_grad
+
+
 def test_residual_backward_into_a_strided_residual():
     p = make_problem(24, 9, 6, 1, torch.float64, ignore_frac=0.2)
     gamma = cotangents(p)[0]
