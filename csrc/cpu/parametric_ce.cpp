@@ -485,8 +485,14 @@ ForwardOut forward_cpu(
         if (gradient) {
           acc_t* counts = out.counts.mutable_data_ptr<acc_t>();
           for (int64_t i = 0; i < in.N; ++i) {
-            const RowIndex ri = in.row(i);
-            if (!ri.ignored) counts[ri.g * K + ri.y] += 1;
+            const int64_t y = in.target[i];
+            if (y == in.ignore_index) continue;
+            const int64_t g = in.group ? in.group[i] : 0;
+            // one unsigned comparison each; in.row raises the error
+            if (static_cast<uint64_t>(y) >= static_cast<uint64_t>(K) ||
+                static_cast<uint64_t>(g) >= static_cast<uint64_t>(in.G))
+              in.row(i);
+            counts[g * K + y] += 1;
           }
           if (mean) {
             for (int64_t c = 0; c < table; ++c) denominator += counts[c] * in.W[c];

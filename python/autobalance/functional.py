@@ -18,12 +18,12 @@ _FUSED = torch.ops.autobalance.parametric_ce.default
 _FUSED_REDUCED = torch.ops.autobalance.parametric_ce_reduced.default
 
 
-def _op(backend, device):
+def _op(backend, on_cuda):
     if backend == "reference":
         return reference.parametric_ce
     if backend != "fused":
         raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if device.type == "cuda" and not _FUSED_HAS_CUDA:
+    if on_cuda and not _FUSED_HAS_CUDA:
         raise RuntimeError("autobalance: this build has no CUDA kernels; rebuild with FORCE_CUDA=1 "
                            "(see README) or pass backend='reference'")
     return _FUSED
@@ -53,10 +53,12 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
         raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
-    op = _op(backend, logits.device)
-    acc = autobalance_ext.accumulate_dtype(logits.dtype)
-    weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != acc
-                            else t for t in (weight, scale, shift))
+    op = _op(backend, logits.is_cuda)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # accumulate_dtype
+    if not (isinstance(weight, torch.Tensor) and weight.dtype == acc and isinstance(scale, torch.Tensor)
+            and scale.dtype == acc and isinstance(shift, torch.Tensor) and shift.dtype == acc):
+        weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                for t in (weight, scale, shift))
     if op is _FUSED and reduction != "none":  # one autograd node for loss and reduction
         return _FUSED_REDUCED(logits, target, group, weight, scale, shift, ignore_index, reduction == "mean")
     loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
