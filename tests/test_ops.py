@@ -459,6 +459,31 @@ def test_backward_of_a_sum_or_mean_hands_over_what_the_forward_made(reduction):
     assert again[0].requires_grad
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_exponentials_far_below_the_row_max(reduction):
+    """The CPU kernels' float32 exponential underflows cleanly: logits 0 to 200
+    below their row's max (across ln(FLT_MIN) = -87.3, where exp leaves the normal
+    range) and -inf give the float64 loss and gradients to float32 accuracy, never
+    NaN, and a -inf logit gets exactly zero gradient."""
+    gaps = torch.tensor([0.0, -1.0, -20.0, -86.8, -87.0, -87.2, -87.4, -88.0, -95.0, -103.0,
+                         -104.0, -110.0, -200.0, float("-inf")])
+    rows = torch.stack([gaps.roll(j) for j in range(len(gaps))]) + torch.linspace(-3, 3, len(gaps))[:, None]
+    target = rows.argmax(1)
+    K = len(gaps)
+    tables = [torch.full((1, K), 1.0), torch.full((1, K), 1.0), torch.zeros(1, K)]
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        z = rows.to(dtype).detach().clone().requires_grad_()
+        loss = autobalance.parametric_cross_entropy(z, target, *[t.to(acc_dtype(dtype)) for t in tables],
+                                                    reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+        results[dtype] = (loss.detach(), z.grad)
+    for got, want in zip(results[torch.float32], results[torch.float64]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(results[torch.float32][1][rows == float("-inf")], torch.zeros(len(gaps)))
+
+
 def test_residual_backward_into_a_strided_residual():
     p = make_problem(24, 9, 6, 1, torch.float64, ignore_frac=0.2)
     gamma = cotangents(p)[0]
