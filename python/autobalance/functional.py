@@ -54,7 +54,7 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
     op = _op(backend, logits.is_cuda)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # accumulate_dtype
+    acc = autobalance_ext.accumulate_dtype(logits.dtype)
     if not (isinstance(weight, torch.Tensor) and weight.dtype == acc and isinstance(scale, torch.Tensor)
             and scale.dtype == acc and isinstance(shift, torch.Tensor) and shift.dtype == acc):
         weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
