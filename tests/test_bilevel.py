@@ -1,4 +1,4 @@
-"""BilevelOptimizer and check_hypergrad (MATH.md sections 2 and 5)."""
+"""BilevelOptimizer, its solvers and check_hypergrad (MATH.md sections 2 and 5)."""
 import contextlib
 import copy
 import io
@@ -11,7 +11,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autobalance import ParametricCE
-from autobalance.bilevel import BilevelOptimizer, HyperStepResult, _HyperStepLayers, check_hypergrad
+from autobalance.bilevel import (HYPER_EVERY, BilevelOptimizer, ConjugateGradient, FirstOrder, HyperStepResult,
+                                 Neumann, SolverState, ridge)
+from autobalance.bilevel.layers import HyperStepLayers
+from autobalance.testing import check_hypergrad
 from autobalance.objectives import BalancedCE, CrossEntropy, GroupBalancedCE
 
 K, D = 4, 5
@@ -218,7 +221,7 @@ def test_hypergradient_is_the_same_through_every_path(monkeypatch):
     layers = list(copy.deepcopy(model))
     bopt, fallback = hypergradient(nn.Sequential(layers[0], NoForwardAD(), *layers[1:]))
     assert not bopt._forward_ad
-    monkeypatch.setattr(_HyperStepLayers, "LAYERS", {})
+    monkeypatch.setattr(HyperStepLayers, "LAYERS", {})
     _, native = hypergradient(model)
     for a, b, c in zip(ours, fallback, native):
         assert a.abs().max() > 1e-6
@@ -226,7 +229,7 @@ def test_hypergradient_is_the_same_through_every_path(monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
 
 
-def hyper_step_layers_net(x, conv1_w, conv1_b, conv2_w, bn_w, bn_b, mean, var, mode=_HyperStepLayers):
+def hyper_step_layers_net(x, conv1_w, conv1_b, conv2_w, bn_w, bn_b, mean, var, mode=HyperStepLayers):
     """Convolutions (bias, stride, padding, dilation, groups), eval-mode BatchNorm, ReLU."""
     with mode():
         out = F.relu(F.conv2d(x, conv1_w, conv1_b, stride=(2, 1), padding=1, dilation=(1, 2)))
@@ -307,7 +310,7 @@ def test_behaves_like_the_wrapped_optimizer():
     bopt.zero_grad()  # ... and zero_grad clears both
     assert all(p.grad is None for p in list(model.parameters()) + list(criterion.parameters()))
     text = repr(bopt)
-    for word in ("BilevelOptimizer", "SGD", "scale_param", "shift_param", "BalancedCE", "neumann_terms=5",
+    for word in ("BilevelOptimizer", "SGD", "scale_param", "shift_param", "BalancedCE", "Neumann(terms=5",
                  "hyper_every=20", "steps=1"):
         assert word in text
 
@@ -345,7 +348,7 @@ def run_trajectory(stop_at=None, steps=10):
 def state_tensors(model, bopt, criterion):
     out = list(model.state_dict().values()) + [p.detach() for p in criterion.parameters()]
     out += [s["momentum_buffer"] for s in bopt.hyper_optimizer.state.values()]
-    return out + [bopt._eigenvector]
+    return out + [bopt.solver_state.eigenvector]
 
 
 def test_resuming_from_a_checkpoint_gives_the_same_trajectory():
@@ -485,20 +488,21 @@ def test_stale_eigenvalue_estimate_is_corrected_not_amplified():
     train(model, bopt, criterion, 3, data, val)
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
     good = flat(bopt.hypergradient(model, data[:1], val[:1]))
-    lam = bopt._eigenvalue
+    lam = bopt.solver_state.eigenvalue
     # the same series with a stale estimate (eta 50x too large) and no check grows like 49^J
     stale = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4), criterion,
                              BalancedCE(K), step_size=50.0 / lam)
     assert flat(stale.hypergradient(model, data[:1], val[:1])).norm() > 1e3 * good.norm()
-    bopt._eigenvalue = lam / 50
+    bopt.solver_state = bopt.solver_state._replace(eigenvalue=lam / 50)
     fixed = flat(bopt.hypergradient(model, data[:1], val[:1]))
-    assert bopt.step_size_corrections == 0 and bopt._eigenvalue == lam / 50  # hypergradient() changes nothing
+    # hypergradient() changes nothing
+    assert bopt.step_size_corrections == 0 and bopt.solver_state.eigenvalue == lam / 50
     # a valid (if different) step size: the truncated series differs a little from the fresh one
     assert 0.2 < float(fixed.norm() / good.norm()) < 10.0
     assert F.cosine_similarity(fixed, good, dim=0) > 0.8
     result = bopt.hyper_step(model, data[:1], val[:1])
-    assert result.applied and 1 <= bopt.step_size_corrections <= BilevelOptimizer.MAX_STEP_SIZE_CORRECTIONS
-    assert 2 * lam / 50 < bopt._eigenvalue <= 1.0001 * lam
+    assert result.applied and 1 <= bopt.step_size_corrections <= Neumann.MAX_STEP_SIZE_CORRECTIONS
+    assert 2 * lam / 50 < bopt.solver_state.eigenvalue <= 1.0001 * lam
     assert bopt.state_dict()["schedule"]["step_size_corrections"] == bopt.step_size_corrections
 
 

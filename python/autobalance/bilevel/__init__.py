@@ -1,0 +1,18 @@
+"""Bilevel optimisation of the loss hyperparameters (MATH.md section 5):
+
+- ``optimizer``: ``BilevelOptimizer``, the optimizer wrapper and its schedule;
+- ``solvers``: the linear solvers of the implicit hypergradient (``Neumann``,
+  ``ConjugateGradient``, ``FirstOrder``) and ``ridge``;
+- ``products``: the gradients and Hessian-vector / mixed products;
+- ``layers``: convolutions and eval-mode BatchNorm with cheaper second
+  derivatives, for the hyper-step's passes;
+- ``distributed``: the reductions over DDP ranks.
+"""
+from autobalance.bilevel.optimizer import HYPER_EVERY, BilevelOptimizer, HyperStepResult
+from autobalance.bilevel.solvers import ConjugateGradient, FirstOrder, Neumann, SolverState, ridge
+
+__all__ = ["HYPER_EVERY", "BilevelOptimizer", "ConjugateGradient", "FirstOrder", "HyperStepResult", "Neumann",
+           "SolverState", "ridge"]
+
+# until autobalance/__init__.py imports them from autobalance.testing
+from autobalance.testing import HypergradCheck, check_hypergrad  # noqa: E402,F401

@@ -1,0 +1,145 @@
+"""The gradients and second-order products of a hyper-step (MATH.md section 5):
+``grad_theta L_V`` of a validation batch, and on the training batches the
+Hessian-vector product ``H v`` and the mixed product
+``d/d alpha <grad_theta L_T, p>``. Vectors over ``theta`` (and ``alpha``) are
+flat: one tensor, the parameters' entries in order."""
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+from autobalance.bilevel.distributed import mean_over_ranks, unwrap
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def split(vector, like):
+    """The flat ``vector`` as tensors shaped like ``like`` (views)."""
+    return [chunk.view_as(t) for chunk, t in zip(vector.split([t.numel() for t in like]), like)]
+
+
+def flat_grad(outputs, inputs, grad_outputs=None, **kwargs):
+    """``torch.autograd.grad`` as a flat vector; outputs that do not require grad
+    and inputs they do not reach contribute zeros."""
+    if grad_outputs is None:
+        grad_outputs = [None] * len(outputs)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+    if not pairs:
+        return flat([torch.zeros_like(x) for x in inputs])
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kwargs)
+    return flat([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)])
+
+
+def call_loss(fn, logits, target, group):
+    """``fn(logits, target[, group])``: a loss used without groups need not take one."""
+    return fn(logits, target) if group is None else fn(logits, target, group)
+
+
+def check_scalar(loss, name):
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"autobalance: the `{name}` must return a scalar loss (reduction 'mean' or 'sum'), "
+                         f"got {got}")
+
+
+def validation_gradient(model, objective, theta, hyper, batch):
+    """``(grad_theta L_V, L_V)`` of one validation batch ``(inputs, target, group)``, flat;
+    raises if ``L_V`` depends on ``hyper`` or does not depend on ``theta``."""
+    inputs, target, group = batch
+    loss = call_loss(objective, model(inputs), target, group)
+    check_scalar(loss, "objective")
+    grads = torch.autograd.grad(loss, theta + hyper, allow_unused=True)
+    if any(g is not None for g in grads[len(theta):]):
+        raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
+                         "function of the network weights only (MATH.md section 5)")
+    if all(g is None for g in grads[:len(theta)]):
+        raise ValueError("autobalance: the validation loss does not depend on theta; pass the `model` "
+                         "whose weights the wrapped optimizer trains")
+    return flat([torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)]), float(loss.detach())
+
+
+class TrainGradients:
+    """The two second-order products of MATH.md section 5 on the training batches
+    ``(inputs, target, group)``, averaged over the batches (and over ranks under DDP,
+    ``group`` being the process group or None):
+
+    - ``hvp(v) = H v``: reverse over reverse, through ``grad_theta L_T`` of each batch
+      built with its graph (``create_graph``). (The wrapped optimizer's L2 term is
+      added by the caller, ``solvers.ridge``.)
+    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``. The loss depends on theta only
+      through the logits ``z``, so this is ``d/d alpha <dl/dz, u>`` with
+      ``u = J_theta p`` the network's Jacobian-vector product in logit space. ``u``
+      comes from one forward pass in forward-mode AD; the rest is a second
+      derivative of the loss alone, ``[N, K]``-sized (with ``ParametricCE(backend=
+      "fused")`` the fused double backward with the logit cotangent ``u``). Where a
+      layer of the model has no forward-mode derivative, it falls back to reverse
+      over reverse through ``grad_theta L_T``, like ``hvp``, and sets ``forward_ad``
+      to False (pass that to the next hyper-step's products).
+
+    Both are linear in the batches, so at most one batch's second-order graph is
+    alive at a time: with several batches each product rebuilds each batch's
+    graph in turn; a single batch's graph is kept for the solver's products.
+    ``losses`` holds each batch's training loss from the first pass over them.
+    """
+
+    def __init__(self, model, criterion, theta, hyper, batches, group, forward_ad=True):
+        self.model, self.criterion, self.theta, self.hyper = model, criterion, theta, hyper
+        self.batches, self.group, self.forward_ad = batches, group, forward_ad
+        self.losses = []
+        self._kept = None
+
+    def _record(self, loss):
+        check_scalar(loss, "criterion")
+        if len(self.losses) < len(self.batches):  # the first pass over the batches
+            self.losses.append(float(loss.detach()))
+
+    def _build(self, batch):
+        inputs, target, group = batch
+        loss = call_loss(self.criterion, self.model(inputs), target, group)
+        self._record(loss)
+        return torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True)
+
+    def _average(self, inputs, vector):
+        parts = split(vector, self.theta)
+        total = None
+        for batch in self.batches:
+            grads = self._kept if self._kept is not None else self._build(batch)
+            if len(self.batches) == 1:
+                self._kept = grads
+            term = flat_grad(grads, inputs, parts, retain_graph=True)
+            del grads  # free this batch's second-order graph before the next one is built
+            total = term if total is None else total + term
+        return total / len(self.batches)
+
+    def hvp(self, v):
+        return mean_over_ranks(self._average(self.theta, v), self.group)
+
+    def _logit_jvp(self, inputs, parts):
+        """``(z, J_theta p)`` of one batch by forward-mode AD (``None`` for a zero JVP)."""
+        module = unwrap(self.model)
+        names = {id(q): name for name, q in module.named_parameters()}
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {names[id(q)]: fwAD.make_dual(q, t) for q, t in zip(self.theta, parts) if id(q) in names}
+            return tuple(fwAD.unpack_dual(functional_call(module, duals, (inputs,))))
+
+    def _mixed_term(self, batch, parts):
+        inputs, target, group = batch
+        logits, jvp = self._logit_jvp(inputs, parts)
+        logits = logits.detach().requires_grad_(True)
+        loss = call_loss(self.criterion, logits, target, group)
+        self._record(loss)
+        grad_logits = torch.autograd.grad(loss, logits, create_graph=True)[0]
+        if jvp is None:
+            return flat([torch.zeros_like(a) for a in self.hyper])
+        return flat_grad([grad_logits], self.hyper, [jvp])
+
+    def mixed(self, p):
+        if self.forward_ad:
+            self._kept = None  # the solver's graph is not needed any more
+            parts = split(p, self.theta)
+            try:
+                return sum(self._mixed_term(batch, parts) for batch in self.batches) / len(self.batches)
+            except NotImplementedError:  # a layer without a forward-mode derivative
+                self.forward_ad = False
+        return self._average(self.hyper, p)

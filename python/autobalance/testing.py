@@ -1,0 +1,128 @@
+"""``check_hypergrad``: compares ``BilevelOptimizer``'s hypergradients with the
+exact ones of a problem solved to optimality (MATH.md section 5, "Checking it")."""
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from autobalance.bilevel.optimizer import BilevelOptimizer, fix_shift_gauge
+from autobalance.bilevel.products import call_loss, flat, flat_grad, split
+
+
+@dataclass
+class HypergradCheck:
+    """The exact implicit hypergradient, the ``BilevelOptimizer`` estimate and
+    (optionally) central finite differences, as flat float64 vectors over the
+    criterion's learnable parameters."""
+    exact: torch.Tensor
+    estimate: torch.Tensor
+    finite_difference: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _compare(a, b):
+        cosine = float(torch.dot(a, b) / (a.norm() * b.norm()))
+        return cosine, float((a - b).norm() / b.norm())
+
+    @property
+    def cosine(self) -> float:
+        return self._compare(self.estimate, self.exact)[0]
+
+    @property
+    def relative_error(self) -> float:
+        """``|estimate - exact| / |exact|``."""
+        return self._compare(self.estimate, self.exact)[1]
+
+    @property
+    def fd_cosine(self) -> float:
+        return self._compare(self.exact, self.finite_difference)[0]
+
+    @property
+    def fd_relative_error(self) -> float:
+        """``|exact - finite_difference| / |finite_difference|``."""
+        return self._compare(self.exact, self.finite_difference)[1]
+
+
+def _unpack(batch, name):
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError(f"autobalance: `{name}` must be (features, target) or (features, target, group)")
+    return (*batch, None)[:3]
+
+
+def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
+                    l2: float = 1e-2, finite_differences: bool = False, fd_step: float = 1e-4,
+                    **options) -> HypergradCheck:
+    """Checks ``BilevelOptimizer``'s hypergradient against the exact one (MATH.md section 5).
+
+    The inner problem is L2-regularised multinomial logistic regression on
+    ``train = (features [N, D], target[, group])``: ``theta = W [K, D]`` minimises
+    ``criterion(x W^T, y[, g]) + l2/2 |W|^2``, solved to optimality by Newton's
+    method in float64 with the dense Hessian. The exact hypergradient of
+    ``objective`` on ``val`` is then a linear solve. The estimate is
+    ``BilevelOptimizer(SGD(W, weight_decay=l2), criterion, objective, **options)
+    .hypergradient`` at the optimum, with the same ``train`` / ``val`` batch. With
+    ``finite_differences``, it also returns central differences (step ``fd_step``)
+    of the re-solved validation loss along every coordinate of alpha.
+
+    ``criterion`` (a ``ParametricCE``) is copied and cast to float64; the original
+    is not changed. The exact hypergradient gets the same shift-gauge projection
+    as the estimate; the finite differences get none (they are gauge-free).
+    """
+    criterion = copy.deepcopy(criterion).double()
+    x, y, g = _unpack(train, "train")
+    xv, yv, gv = _unpack(val, "val")
+    x, xv = x.double(), xv.double()
+    classes, features = criterion.num_classes, x.shape[1]
+    names = [n for n, q in criterion.named_parameters() if q.requires_grad]
+    hyper = [q for q in criterion.parameters() if q.requires_grad]
+
+    def regularised_train_loss(w):  # the l2 term does not depend on alpha
+        return call_loss(criterion, x @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)
+
+    def val_loss(w):
+        return call_loss(objective, xv @ w.view(classes, features).T, yv, gv)
+
+    def gradient_and_hessian(w):
+        w = w.detach().requires_grad_(True)
+        grad = torch.autograd.grad(regularised_train_loss(w), w, create_graph=True)[0]
+        return w, grad, torch.stack([torch.autograd.grad(grad[i], w, retain_graph=True)[0] for i in range(w.numel())])
+
+    def solve(w):
+        for _ in range(100):
+            w, grad, hessian = gradient_and_hessian(w)
+            step = torch.linalg.solve(hessian, grad.detach())
+            w = w.detach() - step
+            if float(step.norm()) <= 1e-12 * (1.0 + float(w.norm())):
+                return w
+        raise RuntimeError("autobalance: check_hypergrad: Newton's method did not converge; increase `l2`")
+
+    w_star = solve(torch.zeros(classes * features, dtype=torch.float64))
+
+    # exact: p = H^-1 grad L_V, hypergrad = -d/dalpha <grad_theta L_T, p>
+    w, grad, hessian = gradient_and_hessian(w_star)
+    p = torch.linalg.solve(hessian, torch.autograd.grad(val_loss(w), w)[0])
+    exact = fix_shift_gauge(criterion, names, split(-flat_grad([grad], hyper, [p]), hyper))
+
+    model = nn.Linear(features, classes, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_star.view(classes, features))
+    bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=l2), criterion, objective,
+                            **options)
+    estimate = bopt.hypergradient(model, [(x, y, g)[:3 if g is not None else 2]],
+                                  [(xv, yv, gv)[:3 if gv is not None else 2]])
+
+    fd = None
+    if finite_differences:
+        columns = []
+        for q in hyper:
+            entries = q.detach().view(-1)
+            for j in range(entries.numel()):
+                values = []
+                for sign in (1.0, -1.0):
+                    entries[j] += sign * fd_step
+                    values.append(float(val_loss(solve(w_star)).detach()))
+                    entries[j] -= sign * fd_step
+                columns.append((values[0] - values[1]) / (2 * fd_step))
+        fd = torch.tensor(columns, dtype=torch.float64)
+    return HypergradCheck(flat(exact).double(), flat(estimate).double(), fd)
