@@ -11,7 +11,7 @@ import os
 import sys
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                        CUDAExtension)
 
@@ -80,10 +80,13 @@ setup(
     version="0.1.0",
     description="AutoBalance: parametric cross-entropy tuned by bilevel optimisation, with fused kernels",
     package_dir={"": "python", "autobalance_ext": "autobalance_ext"},
-    packages=["autobalance", "autobalance_ext"],
+    packages=find_packages("python") + ["autobalance_ext"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
+    # The library needs only these; the experiments need the extra.
     install_requires=["torch>=2.4", "numpy"],
-    entry_points={"console_scripts": ["autobalance=autobalance.cli:main"]},
+    extras_require={"experiments": ["matplotlib", "tqdm", "scikit-learn", "mlxtend"],
+                    "test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["autobalance=autobalance.experiments.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """The cost of one hyper-step of ``BilevelOptimizer`` (default solver: Neumann,
 J terms, automatic step size) in units of one plain training step, for the
-small CNN and the CIFAR ResNet-32 of ``autobalance.models``, fused vs reference
+small CNN and the CIFAR ResNet-32 of ``autobalance.experiments.models``, fused vs reference
 loss backend side by side (MATH.md section 5).
 
 A plain training step is forward + backward + ``SGD.step`` on one batch of
@@ -35,7 +35,7 @@ import torch
 
 from autobalance import ParametricCE
 from autobalance.bilevel import BilevelOptimizer
-from autobalance.models import SmallCNN, resnet32
+from autobalance.experiments.models import SmallCNN, resnet32
 from autobalance.objectives import BalancedCE
 
 BACKENDS = ("fused", "reference")

@@ -1,4 +1,4 @@
-"""Tests of autobalance.data: the long-tailed recipe (MATH.md section 7), the
+"""Tests of autobalance.experiments.data: the long-tailed recipe (MATH.md section 7), the
 embedded and CIFAR loaders, the Waterbirds-like group set, batching and
 augmentation, and argument errors."""
 import gzip
@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from autobalance import data as D
+from autobalance.experiments import data as D
 from conftest import examples
 
 

@@ -12,7 +12,7 @@ from autobalance import LossTables, ParametricCE, frequency_clusters, loss_table
 from conftest import examples
 
 pce = autobalance.parametric_cross_entropy
-INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la")
+INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 
 
 # ------------------------------------------------ tables of section 1
@@ -40,6 +40,8 @@ def expected_tables(counts, init, tau, gamma):
             if init == "group_la":
                 W[g][k] = 1.0 / (G * n_g / total)
                 L[g][k] = math.log(cells[g][k] / n_g)
+            if init == "group_balanced":
+                W[g][k] = 1.0 / (G * K * cells[g][k] / total)
     return [torch.tensor(t, dtype=torch.float64) for t in (W, S, L)]
 
 
@@ -47,7 +49,7 @@ def expected_tables(counts, init, tau, gamma):
 def counts_for(draw, init):
     K = draw(st.integers(1, 30))
     G = draw(st.integers(2, 4)) if init == "group_la" else draw(st.sampled_from([None, 1, 2, 3]))
-    low = 0 if init == "ce" else 1
+    low = 0 if init == "ce" else 1  # every other init needs positive counts
     cell = st.integers(low, 10000)
     if G is None:
         counts = draw(st.lists(cell, min_size=K, max_size=K))
@@ -93,6 +95,51 @@ def test_known_tables_by_hand():
     n = torch.tensor(counts, dtype=torch.float32)
     W, _, _ = loss_tables(counts, "balanced")
     torch.testing.assert_close((W[0] * n).sum() / n.sum(), torch.tensor(1.0))
+    # (group, class)-balanced: W[g, k] = 1 / (G K pi[g, k]); with one group, the class-balanced weights
+    W, S, L = loss_tables([[30, 10], [10, 50]], "group_balanced")
+    torch.testing.assert_close(W, 100 / (4 * torch.tensor([[30.0, 10.0], [10.0, 50.0]])))
+    assert torch.equal(S, torch.ones(2, 2)) and torch.equal(L, torch.zeros(2, 2))
+    torch.testing.assert_close(loss_tables(counts, "group_balanced").weight, loss_tables(counts, "balanced").weight)
+    with pytest.raises(ValueError, match="init='group_balanced' needs every count to be positive"):
+        loss_tables([[3, 0], [1, 2]], "group_balanced")
+
+
+def test_la_temperature_is_la_with_a_learnable_tau():
+    counts = torch.tensor([[40, 10, 5], [20, 20, 5]])
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(12, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
+    group = torch.randint(0, 2, (12,), generator=g)
+    module = autobalance.LATemperature(counts, tau=0.5)
+    assert [n for n, _ in module.named_parameters()] == ["tau"]
+    la = loss_tables(counts, "la", tau=0.5)
+    for got, expected in zip(module.tables(), la):
+        torch.testing.assert_close(got, expected)
+    loss = module(logits, target, group)
+    torch.testing.assert_close(loss, pce(logits, target, *la, group))
+    # d loss / d tau = sum_k (d loss / d L[g, k]) log pi_k
+    shift = la.shift.clone().requires_grad_(True)
+    grad_shift = torch.autograd.grad(pce(logits, target, la.weight, la.scale, shift, group), shift)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, module.tau)[0], (grad_shift * la.shift / 0.5).sum())
+    summed = autobalance.LATemperature(counts, 0.5, reduction="sum")(logits, target, group)
+    torch.testing.assert_close(summed, pce(logits, target, *la, group, reduction="sum"))
+    with pytest.raises(ValueError, match="`tau` must be a finite float"):
+        autobalance.LATemperature(counts, tau=float("nan"))
+
+
+def test_group_dro_cells_are_group_by_class():
+    dro = autobalance.GroupDRO(num_classes=3, num_groups=2, step_size=1.0)
+    assert dro.cell_weights.shape == (2, 3)
+    logits = torch.zeros(2, 3)
+    logits[0, 0] = -5.0  # sample 0 (group 1, class 0) is badly wrong, sample 1 (group 0, class 2) is not
+    target, group = torch.tensor([0, 2]), torch.tensor([1, 0])
+    dro(logits, target, group)
+    q = dro.cell_weights
+    # only the two present cells moved, and the wrong one most: q[1, 0] > q[0, 2] > the absent cells
+    assert q[1, 0] > q[0, 2] > q[0, 0] and torch.allclose(q.sum(), torch.tensor(1.0))
+    absent = [q[0, 0], q[0, 1], q[1, 1], q[1, 2]]
+    assert all(torch.equal(a, absent[0]) for a in absent)
+    with pytest.raises(ValueError, match="`step_size` must be a positive finite float"):
+        autobalance.GroupDRO(3, 2, step_size=0.0)
 
 
 # ------------------------------------------------- frequency clusters

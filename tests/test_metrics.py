@@ -7,9 +7,9 @@ import torch
 from autobalance.metrics import (ErrorCounts, balanced_error, cell_counts, deo_error, group_balanced_error,
                                  per_class_error, standard_error, worst_cell_error)
 
-# 2 classes x 2 groups; per cell (class, group): samples, errors
-#   (0, 0): 4 samples, 1 wrong   (0, 1): 2 samples, 2 wrong
-#   (1, 0): 3 samples, 0 wrong   (1, 1): 1 sample,  1 wrong
+# 2 groups x 2 classes; per cell (group, class): samples, errors
+#   (0, 0): 4 samples, 1 wrong   (0, 1): 3 samples, 0 wrong
+#   (1, 0): 2 samples, 2 wrong   (1, 1): 1 sample,  1 wrong
 TARGET = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
 GROUP = torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 0, 1])
 PRED = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 0])
@@ -18,8 +18,8 @@ ARGS = dict(num_classes=2, num_groups=2)
 
 def test_cell_counts():
     counts = cell_counts(PRED, TARGET, GROUP, **ARGS)
-    assert counts.total.tolist() == [[4, 2], [3, 1]]
-    assert counts.errors.tolist() == [[1, 2], [0, 1]]
+    assert counts.total.tolist() == [[4, 3], [2, 1]]  # [G, K], as the loss tables
+    assert counts.errors.tolist() == [[1, 0], [2, 1]]
 
 
 def test_metric_values():
@@ -28,12 +28,12 @@ def test_metric_values():
     assert per_class_error(PRED, TARGET, GROUP, **ARGS).tolist() == pytest.approx([3 / 6, 1 / 4])
     assert worst_cell_error(PRED, TARGET, GROUP, **ARGS) == pytest.approx(1.0)
     assert group_balanced_error(PRED, TARGET, GROUP, **ARGS) == pytest.approx((1 / 4 + 1 + 0 + 1) / 4)
-    # paper eq. 4.1 with errors: |E_{0,0} - E_{0,1}| + |E_{1,0} - E_{1,1}|
+    # paper eq. 4.1 with errors: |E[0, 0] - E[1, 0]| + |E[0, 1] - E[1, 1]| (cells [group, class])
     assert deo_error(PRED, TARGET, GROUP, **ARGS) == pytest.approx(abs(1 / 4 - 1) + abs(0 - 1))
 
 
 def test_reweighted_standard_error():
-    weights = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    weights = torch.tensor([[0.1, 0.3], [0.2, 0.4]])  # [G, K]
     expected = 0.1 * 1 / 4 + 0.2 * 1 + 0.3 * 0 + 0.4 * 1
     assert standard_error(PRED, TARGET, GROUP, cell_weights=weights, **ARGS) == pytest.approx(expected)
     # cell frequencies of the data themselves give the plain error

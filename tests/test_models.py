@@ -1,4 +1,4 @@
-"""Tests of autobalance.models: shapes, ResNet-32's size, gradients (including
+"""Tests of autobalance.experiments.models: shapes, ResNet-32's size, gradients (including
 the second-order ones the hypergradient takes through ``fc``), and a short
 training run of the small CNN on long-tailed digits."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobalance import data as D
-from autobalance import models as M
+from autobalance.experiments import data as D
+from autobalance.experiments import models as M
 
 
 @pytest.fixture(autouse=True)

@@ -95,9 +95,10 @@ def test_objectives_are_differentiable_deterministic_and_parameter_free(objectiv
 def test_cell_means_counts_and_empty_cells():
     values = torch.tensor([1.0, 3.0, 5.0, 7.0])
     cells = cell_means(values, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1]), 3, 2)
-    torch.testing.assert_close(cells.mean, torch.tensor([[2.0, 0.0], [5.0, 7.0], [0.0, 0.0]]))
-    assert cells.count.tolist() == [[2, 0], [1, 1], [0, 0]]
-    assert cells.present.tolist() == [[True, False], [True, True], [False, False]]
+    # [G, K] = [2, 3], as the loss tables
+    torch.testing.assert_close(cells.mean, torch.tensor([[2.0, 5.0, 0.0], [0.0, 7.0, 0.0]]))
+    assert cells.count.tolist() == [[2, 1, 0], [0, 1, 0]]
+    assert cells.present.tolist() == [[True, True, False], [False, True, False]]
 
 
 def test_bad_input_raises_clear_errors():
@@ -112,7 +113,7 @@ def test_bad_input_raises_clear_errors():
         BalancedCE(4)(logits, y)
     with pytest.raises(ValueError, match="`target` must be an int64 tensor"):
         BalancedCE(3)(logits, y.float())
-    with pytest.raises(ValueError, match="`lam` must be a float in"):
+    with pytest.raises(ValueError, match=r"`lam` must be a number in the interval \[0, 1\]"):
         Blend(BalancedCE(3), 1.5)
     with pytest.raises(ValueError, match="`beta` must be a positive"):
         SoftWorstCellCE(3, beta=0)

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from autobalance import recipes, report
-from autobalance.data import ImageDataset
+from autobalance.experiments import recipes, report
+from autobalance.experiments.data import ImageDataset
 
 
 class _Fixed(nn.Module):

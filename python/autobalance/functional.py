@@ -1,6 +1,8 @@
 """The parametric cross-entropy as a function (MATH.md section 1), on either
 backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
-``"reference"`` (plain PyTorch, ``autobalance.reference``)."""
+``"reference"`` (plain PyTorch, ``autobalance.reference``). Where the compiled
+ops could not be loaded (``autobalance_ext`` warned at import), ``"fused"``
+runs the reference path."""
 import torch
 
 import autobalance_ext
@@ -13,16 +15,18 @@ REDUCTIONS = ("none", "sum", "mean")
 # A plain bool, read once, so torch.compile traces the check as a constant.
 _FUSED_HAS_CUDA = autobalance_ext.has_cuda_kernels()
 # The fused ops' overloads, looked up once (each lookup through torch.ops costs
-# microseconds on every call).
-_FUSED = torch.ops.autobalance.parametric_ce.default
-_FUSED_REDUCED = torch.ops.autobalance.parametric_ce_reduced.default
+# microseconds on every call); None without the compiled ops.
+_FUSED = _FUSED_REDUCED = None
+if autobalance_ext.has_compiled_ops():
+    _FUSED = torch.ops.autobalance.parametric_ce.default
+    _FUSED_REDUCED = torch.ops.autobalance.parametric_ce_reduced.default
 
 
 def _op(backend, on_cuda):
-    if backend == "reference":
-        return reference.parametric_ce
-    if backend != "fused":
+    if backend not in BACKENDS:
         raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference" or _FUSED is None:
+        return reference.parametric_ce
     if on_cuda and not _FUSED_HAS_CUDA:
         raise RuntimeError("autobalance: this build has no CUDA kernels; rebuild with FORCE_CUDA=1 "
                            "(see README) or pass backend='reference'")

@@ -7,9 +7,10 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from autobalance._validation import check_int, check_positive
 from autobalance.functional import BACKENDS, REDUCTIONS, parametric_cross_entropy
 
-INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la")
+INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 LEARNABLE = ("weight", "scale", "shift")
 
 
@@ -43,8 +44,7 @@ def frequency_clusters(class_counts, cluster_size: int) -> torch.Tensor:
     counts = _as_counts(class_counts)
     if counts.dim() == 2:
         counts = counts.sum(0)
-    if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or cluster_size < 1:
-        raise ValueError(f"autobalance: `cluster_size` must be an int >= 1, got {cluster_size!r}")
+    cluster_size = check_int(cluster_size, "cluster_size")
     order = torch.sort(-counts, stable=True).indices
     clusters = torch.empty(counts.numel(), dtype=torch.long)
     clusters[order] = torch.arange(counts.numel()) // cluster_size
@@ -65,6 +65,9 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
     - ``"vs"``: S_k = (n_k / n_max)^gamma and L_k = tau log pi_k (Kini et al.).
     - ``"group_la"``: W[g, k] = 1 / (G pi_g), L[g, k] = log pi(k | g); needs
       ``[G, K]`` counts.
+    - ``"group_balanced"``: W[g, k] = 1 / (G K pi_{g,k}) with ``pi_{g,k}`` the
+      cell frequency: the (group, class)-balanced CE ``CE_bal^G`` (the mean
+      weight over training samples is 1).
 
     Class priors ``pi_k`` are the class marginals (summed over groups). Inits
     that take a log or a reciprocal need positive counts.
@@ -77,7 +80,7 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
     classes = cells.shape[1]
     per_class = cells.sum(0)
     needs_positive = {"balanced": per_class, "la": per_class, "cdt": per_class, "vs": per_class,
-                      "group_la": cells}
+                      "group_la": cells, "group_balanced": cells}
     if init in needs_positive and (needs_positive[init] <= 0).any():
         raise ValueError(f"autobalance: init={init!r} needs every count to be positive, got "
                          f"{needs_positive[init].tolist()}")
@@ -97,6 +100,8 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
         group_size = cells.sum(1, keepdim=True)
         weight = ones / (groups * group_size / group_size.sum())
         shift = (cells / group_size).log()
+    if init == "group_balanced":
+        weight = cells.sum() / (cells.numel() * cells)
     return LossTables(weight.float(), scale.float(), shift.float())
 
 
@@ -154,9 +159,7 @@ class ParametricCE(nn.Module):
                  scale_max: float = 2.0, reduction: str = "mean", ignore_index: int = -100,
                  backend: str = "fused"):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("num_groups", num_groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"autobalance: `{name}` must be an int >= 1, got {value!r}")
+        num_classes, num_groups = check_int(num_classes, "num_classes"), check_int(num_groups, "num_groups")
         if reduction not in REDUCTIONS:
             raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
         if backend not in BACKENDS:
@@ -166,8 +169,7 @@ class ParametricCE(nn.Module):
         unknown = [x for x in learn if x not in LEARNABLE]
         if unknown:
             raise ValueError(f"autobalance: `learn` must be a subset of {LEARNABLE}, got {tuple(learn)}")
-        if not (isinstance(scale_max, (int, float)) and math.isfinite(scale_max) and scale_max > 0):
-            raise ValueError(f"autobalance: `scale_max` must be a positive float, got {scale_max!r}")
+        scale_max = check_positive(scale_max, "scale_max")
         self.num_classes, self.num_groups = num_classes, num_groups
         self.group_params = num_groups > 1 if group_params is None else bool(group_params)
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
@@ -284,29 +286,69 @@ class LDAMLoss(nn.Module):
 
 
 class GroupDRO(nn.Module):
-    """Online group DRO (Sagawa et al., 2020): the loss is ``sum_c q_c L_c`` over
-    (class, group) cells ``c = y·G + g``, with ``L_c`` the batch's mean CE of
-    cell c and weights updated in training mode by ``q_c ∝ q_c exp(η L_c)``."""
+    """Online group DRO (Sagawa et al., 2020): the loss is ``sum_{g,k} q[g, k] L[g, k]``
+    over the (group, class) cells, with ``L[g, k]`` the batch's mean CE of the
+    cell and the ``[G, K]`` weights ``q`` updated in training mode by
+    ``q <- q exp(step_size L) / sum(...)`` over the cells present in the batch."""
 
     def __init__(self, num_classes: int, num_groups: int, step_size: float = 0.01):
         super().__init__()
-        self.num_classes, self.num_groups, self.step_size = num_classes, num_groups, float(step_size)
-        cells = num_classes * num_groups
-        self.register_buffer("cell_weights", torch.full((cells,), 1.0 / cells))
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.num_groups = check_int(num_groups, "num_groups")
+        self.step_size = check_positive(step_size, "step_size")
+        self.register_buffer("cell_weights", torch.full((num_groups, num_classes), 1.0 / (num_groups * num_classes)))
 
     def forward(self, logits, target, group=None):
         if group is None:
             raise ValueError("autobalance: GroupDRO needs `group`")
-        cells = self.num_classes * self.num_groups
-        cell = target * self.num_groups + group
+        groups, classes = self.num_groups, self.num_classes
+        cell = group * classes + target
         per_sample = nn.functional.cross_entropy(logits, target, reduction="none")
-        total = torch.zeros(cells, dtype=per_sample.dtype, device=per_sample.device)
+        total = torch.zeros(groups * classes, dtype=per_sample.dtype, device=per_sample.device)
         count = torch.zeros_like(total)
         total.index_add_(0, cell, per_sample)
         count.index_add_(0, cell, torch.ones_like(per_sample))
-        cell_loss = total / count.clamp_min(1)
+        cell_loss = (total / count.clamp_min(1)).view(groups, classes)
         if self.training:
             with torch.no_grad():
-                q = self.cell_weights * torch.exp(self.step_size * cell_loss.detach() * (count > 0))
+                present = count.view(groups, classes) > 0
+                q = self.cell_weights * torch.exp(self.step_size * cell_loss.detach() * present)
                 self.cell_weights.copy_(q / q.sum())
         return (self.cell_weights * cell_loss).sum()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_groups={self.num_groups}, step_size={self.step_size}"
+
+
+class LATemperature(nn.Module):
+    """Logit adjustment with a learnable temperature: ``L_k = tau log pi_k``,
+    ``W = S = 1`` (the paper's one-column dictionary ``d = log pi``, searched as
+    "AutoBalance: tau (LA)"); ``tau`` starts at ``tau``. ``class_counts`` is
+    ``[K]`` or ``[G, K]`` (the prior is the class marginal either way)."""
+
+    def __init__(self, class_counts, tau: float = 1.0, *, reduction: str = "mean", ignore_index: int = -100,
+                 backend: str = "fused"):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"autobalance: `tau` must be a finite float, got {tau!r}")
+        tables = loss_tables(class_counts, "la", tau=1.0)
+        self.register_buffer("log_prior", tables.shift)
+        self.register_buffer("ones", tables.weight)
+        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+
+    def tables(self) -> LossTables:
+        """The effective ``[G, K]`` tables (the shift differentiable w.r.t. ``tau``)."""
+        return LossTables(self.ones, self.ones, self.tau * self.log_prior)
+
+    def forward(self, logits, target, group=None):
+        weight, scale, shift = self.tables()
+        return parametric_cross_entropy(logits, target, weight, scale, shift, group, reduction=self.reduction,
+                                        ignore_index=self.ignore_index, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.log_prior.shape[1]}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -16,20 +16,22 @@ from typing import Dict, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from autobalance.objectives import _check_int, cell_index
+from autobalance._validation import check_int
+from autobalance.objectives import cell_index
 
 
 class CellCounts(NamedTuple):
-    """``total[k, j]`` samples and ``errors[k, j]`` misclassified samples, int64 ``[K, G]``."""
+    """``total[g, k]`` samples and ``errors[g, k]`` misclassified samples per (group, class)
+    cell, int64 ``[G, K]``."""
     total: torch.Tensor
     errors: torch.Tensor
 
 
 def cell_counts(prediction: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor] = None, *,
                 num_classes: int, num_groups: int = 1) -> CellCounts:
-    """Samples and errors per (class, group) cell."""
-    _check_int(num_classes, "num_classes")
-    _check_int(num_groups, "num_groups")
+    """Samples and errors per (group, class) cell."""
+    check_int(num_classes, "num_classes")
+    check_int(num_groups, "num_groups")
     if not isinstance(prediction, torch.Tensor):
         raise TypeError(f"autobalance: `prediction` must be a Tensor, got {type(prediction).__name__}")
     if prediction.dim() == 2:
@@ -44,8 +46,8 @@ def cell_counts(prediction: torch.Tensor, target: torch.Tensor, group: Optional[
     cells = num_classes * num_groups
     # integer one-hot sums rather than scatter-adds: exact and deterministic on every device
     one_hot = F.one_hot(index, cells)
-    total = one_hot.sum(0).view(num_classes, num_groups).cpu()
-    errors = (one_hot * (prediction != target).long()[:, None]).sum(0).view(num_classes, num_groups).cpu()
+    total = one_hot.sum(0).view(num_groups, num_classes).cpu()
+    errors = (one_hot * (prediction != target).long()[:, None]).sum(0).view(num_groups, num_classes).cpu()
     return CellCounts(total, errors)
 
 
@@ -65,8 +67,8 @@ def _standard_error(counts, cell_weights=None):
     rate, present = _rates(counts)
     weights = torch.as_tensor(cell_weights, dtype=torch.float64).reshape(-1)
     if weights.numel() != rate.numel() or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ValueError(f"autobalance: `cell_weights` must be {list(rate.shape)} non-negative finite cell "
-                         f"frequencies ([K] when G = 1), got {list(torch.as_tensor(cell_weights).shape)}")
+        raise ValueError(f"autobalance: `cell_weights` must be [G, K] = {list(rate.shape)} non-negative finite "
+                         f"cell frequencies ([K] when G = 1), got {list(torch.as_tensor(cell_weights).shape)}")
     weights = weights.view_as(rate) * present
     if float(weights.sum()) == 0.0:
         return _nan()
@@ -74,7 +76,7 @@ def _standard_error(counts, cell_weights=None):
 
 
 def _per_class_error(counts):
-    total, errors = counts.total.sum(1), counts.errors.sum(1)
+    total, errors = counts.total.sum(0), counts.errors.sum(0)
     rate = errors.double() / total.clamp(min=1).double()
     return torch.where(total > 0, rate, torch.full_like(rate, _nan()))
 
@@ -100,14 +102,14 @@ def _deo_error(counts):
     if not bool(present.any()):
         return _nan()
     inf = torch.tensor(float("inf"), dtype=rate.dtype)
-    spread = torch.where(present, rate, -inf).amax(1) - torch.where(present, rate, inf).amin(1)
-    return float(torch.where(present.sum(1) >= 2, spread, torch.zeros_like(spread)).sum())
+    spread = torch.where(present, rate, -inf).amax(0) - torch.where(present, rate, inf).amin(0)
+    return float(torch.where(present.sum(0) >= 2, spread, torch.zeros_like(spread)).sum())
 
 
 def standard_error(prediction, target, group=None, *, num_classes, num_groups=1, cell_weights=None) -> float:
-    """Fraction misclassified. With ``cell_weights`` (``[K, G]``, or ``[K]`` when
+    """Fraction misclassified. With ``cell_weights`` (``[G, K]``, or ``[K]`` when
     ``G = 1``: cell frequencies ``pi``) it is the reweighted error
-    ``sum pi_{k,j} E_{k,j} / sum pi_{k,j}`` over the cells present."""
+    ``sum pi[g, k] E[g, k] / sum pi[g, k]`` over the cells present."""
     return _standard_error(cell_counts(prediction, target, group, num_classes=num_classes,
                                        num_groups=num_groups), cell_weights)
 
@@ -124,19 +126,19 @@ def per_class_error(prediction, target, group=None, *, num_classes, num_groups=1
 
 
 def worst_cell_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
-    """``max_{k,j} E_{k,j}`` over the (class, group) cells present."""
+    """``max_{g,k} E[g, k]`` over the (group, class) cells present."""
     return _worst_cell_error(cell_counts(prediction, target, group, num_classes=num_classes,
                                          num_groups=num_groups))
 
 
 def group_balanced_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
-    """``E_bal^G = (1/(K G)) sum_{k,j} E_{k,j}`` over the cells present."""
+    """``E_bal^G = (1/(G K)) sum_{g,k} E[g, k]`` over the cells present."""
     return _group_balanced_error(cell_counts(prediction, target, group, num_classes=num_classes,
                                              num_groups=num_groups))
 
 
 def deo_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
-    """``E_deo = sum_k (max_j E_{k,j} - min_j E_{k,j})`` over the groups present
+    """``E_deo = sum_k (max_g E[g, k] - min_g E[g, k])`` over the groups present
     for each class (paper eq. 4.1 for ``K = G = 2``)."""
     return _deo_error(cell_counts(prediction, target, group, num_classes=num_classes, num_groups=num_groups))
 
@@ -155,13 +157,13 @@ class ErrorCounts:
     """
 
     def __init__(self, *, num_classes: int, num_groups: int = 1, cell_weights=None):
-        self.num_classes = _check_int(num_classes, "num_classes")
-        self.num_groups = _check_int(num_groups, "num_groups")
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.num_groups = check_int(num_groups, "num_groups")
         self.cell_weights = cell_weights
         self.reset()
 
     def reset(self) -> None:
-        shape = (self.num_classes, self.num_groups)
+        shape = (self.num_groups, self.num_classes)
         self.counts = CellCounts(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long))
 
     def update(self, prediction, target, group=None) -> None:

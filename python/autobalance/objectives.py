@@ -6,8 +6,8 @@ group=None)`` that returns a scalar. Objectives have no parameters the
 bilevel optimizer tunes: ``L_V`` depends on the network weights only
 (MATH.md section 5).
 
-Per-cell losses ``L_{k,j}`` (the mean CE over the samples of class ``k``
-and group ``j``) are computed per call, i.e. per validation batch. A cell
+Per-cell losses ``L[g, k]`` (the mean CE over the samples of group ``g``
+and class ``k``; cells are ``[G, K]``, as the loss tables) are computed per call, i.e. per validation batch. A cell
 with no sample in the batch has no loss; every objective then averages (or
 takes the max / min / soft-max) over the cells that are present, and a class
 with no sample at all is left out of the class average. Cell sums use a
@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autobalance._validation import check_fraction, check_int, check_positive
+
 
 class CellMeans(NamedTuple):
-    """Per-(class, group) means ``[K, G]`` and which cells have samples."""
+    """Per-(group, class) means ``[G, K]`` and which cells have samples."""
     mean: torch.Tensor
     count: torch.Tensor
 
@@ -31,15 +33,9 @@ class CellMeans(NamedTuple):
         return self.count > 0
 
 
-def _check_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"autobalance: `{name}` must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def cell_index(target: torch.Tensor, group: Optional[torch.Tensor], num_classes: int,
                num_groups: int) -> torch.Tensor:
-    """The flat cell index ``target * G + group`` of each sample, after checking
+    """The flat index ``group * K + target`` of each sample's ``[G, K]`` cell, after checking
     ``target`` (``[N]`` int64 in ``[0, K)``) and ``group`` (``[N]`` int64 in
     ``[0, G)``; may be None only when ``G = 1``)."""
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.dim() != 1:
@@ -61,14 +57,14 @@ def cell_index(target: torch.Tensor, group: Optional[torch.Tensor], num_classes:
     if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_groups):
         raise IndexError(f"autobalance: `group` must hold groups in [0, {num_groups}), got values in "
                          f"[{int(group.min())}, {int(group.max())}]")
-    return target * num_groups + group
+    return group * num_classes + target
 
 
 def cell_means(values: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor],
                num_classes: int, num_groups: int = 1) -> CellMeans:
-    """Means of per-sample ``values`` over each (class, group) cell (MATH.md section 6).
+    """Means of per-sample ``values`` over each (group, class) cell (MATH.md section 6).
 
-    Returns ``CellMeans(mean [K, G], count [K, G])``; an empty cell has mean 0
+    Returns ``CellMeans(mean [G, K], count [G, K])``; an empty cell has mean 0
     and count 0. Differentiable w.r.t. ``values``.
     """
     return _cell_means(values, cell_index(target, group, num_classes, num_groups), num_classes, num_groups)
@@ -78,7 +74,7 @@ def _cell_means(values, index, num_classes, num_groups):
     one_hot = F.one_hot(index, num_classes * num_groups).to(values.dtype)
     count = one_hot.sum(0)
     mean = (values @ one_hot) / count.clamp(min=1)
-    return CellMeans(mean.view(num_classes, num_groups), count.view(num_classes, num_groups))
+    return CellMeans(mean.view(num_groups, num_classes), count.view(num_groups, num_classes))
 
 
 def _per_sample_ce(logits, target):
@@ -91,12 +87,12 @@ def _per_sample_ce(logits, target):
 
 
 class _CellObjective(nn.Module):
-    """An objective computed from the per-cell mean CE ``L_{k,j}``."""
+    """An objective computed from the per-cell mean CE ``L[g, k]``."""
 
     def __init__(self, num_classes: int, num_groups: int = 1):
         super().__init__()
-        self.num_classes = _check_int(num_classes, "num_classes")
-        self.num_groups = _check_int(num_groups, "num_groups")
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.num_groups = check_int(num_groups, "num_groups")
 
     def cell_losses(self, logits, target, group=None) -> CellMeans:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
@@ -133,8 +129,8 @@ class BalancedCE(_CellObjective):
 
 
 class GroupBalancedCE(_CellObjective):
-    """``CE_bal^G = (1/(K G)) sum_{k,j} L_{k,j}``, averaged over the (class,
-    group) cells present in the batch."""
+    """``CE_bal^G = (1/(G K)) sum_{g,k} L[g, k]``, averaged over the (group,
+    class) cells present in the batch."""
 
     def forward(self, logits, target, group=None):
         cells = self.cell_losses(logits, target, group)
@@ -142,7 +138,7 @@ class GroupBalancedCE(_CellObjective):
 
 
 class DeoCE(_CellObjective):
-    """``CE_deo = sum_k (max_j L_{k,j} - min_j L_{k,j})`` over the groups present
+    """``CE_deo = sum_k (max_g L[g, k] - min_g L[g, k])`` over the groups present
     for class ``k`` (paper eq. 4.1 for ``K = G = 2``); a class present in fewer
     than two groups contributes 0."""
 
@@ -150,21 +146,19 @@ class DeoCE(_CellObjective):
         cells = self.cell_losses(logits, target, group)
         present = cells.present
         inf = torch.tensor(float("inf"), dtype=cells.mean.dtype, device=cells.mean.device)
-        high = torch.where(present, cells.mean, -inf).amax(1)
-        low = torch.where(present, cells.mean, inf).amin(1)
-        spread = torch.where(present.sum(1) >= 2, high - low, torch.zeros_like(high))
+        high = torch.where(present, cells.mean, -inf).amax(0)
+        low = torch.where(present, cells.mean, inf).amin(0)
+        spread = torch.where(present.sum(0) >= 2, high - low, torch.zeros_like(high))
         return spread.sum()
 
 
 class SoftWorstCellCE(_CellObjective):
-    """Soft worst cell ``(1/beta) log sum_{k,j} exp(beta L_{k,j})`` over the cells
+    """Soft worst cell ``(1/beta) log sum_{g,k} exp(beta L[g, k])`` over the cells
     present in the batch: between ``max L`` and ``max L + log(cells) / beta``."""
 
     def __init__(self, num_classes: int, num_groups: int = 1, beta: float = 10.0):
         super().__init__(num_classes, num_groups)
-        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < float("inf")):
-            raise ValueError(f"autobalance: `beta` must be a positive finite float, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_positive(beta, "beta")
 
     def forward(self, logits, target, group=None):
         cells = self.cell_losses(logits, target, group)
@@ -183,9 +177,7 @@ class Blend(nn.Module):
         if not isinstance(regulariser, nn.Module):
             raise TypeError(f"autobalance: `regulariser` must be an objective module, got "
                             f"{type(regulariser).__name__}")
-        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0.0 <= lam <= 1.0):
-            raise ValueError(f"autobalance: `lam` must be a float in [0, 1], got {lam!r}")
-        self.regulariser, self.lam = regulariser, float(lam)
+        self.regulariser, self.lam = regulariser, check_fraction(lam, "lam", closed=True)
         self.ce = CrossEntropy()
 
     def forward(self, logits, target, group=None):

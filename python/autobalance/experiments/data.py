@@ -33,6 +33,8 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 import torch
 
+from autobalance._validation import check_fraction, check_int
+
 # Standard per-channel statistics of the CIFAR training images, as used by the
 # long-tailed CIFAR literature the paper follows (LDAM-DRW, logit adjustment).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -70,12 +72,6 @@ _TEST_SEED = 20211206
 # Argument checks
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"autobalance: `{name}` must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_imbalance(imbalance):
     if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) \
             or not math.isfinite(imbalance) or imbalance < 1:
@@ -84,10 +80,6 @@ def _check_imbalance(imbalance):
     return float(imbalance)
 
 
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"autobalance: `{name}` must be a number in the open interval (0, 1), got {value!r}")
-    return float(value)
 
 
 def _check_targets(targets, num_classes=None, name="targets"):
@@ -97,7 +89,7 @@ def _check_targets(targets, num_classes=None, name="targets"):
         raise ValueError(f"autobalance: `{name}` must be an int64 tensor of shape [N], got {got}")
     if num_classes is None:
         num_classes = int(targets.max()) + 1 if targets.numel() else 0
-    num_classes = _check_int("num_classes", num_classes, 2)
+    num_classes = check_int(num_classes, "num_classes", 2)
     if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
         raise ValueError(f"autobalance: `{name}` must lie in [0, num_classes = {num_classes}), got values in "
                          f"[{targets.min().item()}, {targets.max().item()}]")
@@ -105,7 +97,7 @@ def _check_targets(targets, num_classes=None, name="targets"):
 
 
 def _generator(seed):
-    seed = _check_int("seed", seed, 0)
+    seed = check_int(seed, "seed", 0)
     return torch.Generator().manual_seed(seed)
 
 
@@ -151,7 +143,7 @@ class ImageDataset:
                                  f"[{targets.shape[0]}], got {groups.dtype} of shape {list(groups.shape)}")
             if num_groups is None:
                 num_groups = int(groups.max()) + 1 if groups.numel() else 1
-            self.num_groups = _check_int("num_groups", num_groups, 1)
+            self.num_groups = check_int(num_groups, "num_groups", 1)
             if groups.numel() and (groups.min() < 0 or groups.max() >= self.num_groups):
                 raise ValueError(f"autobalance: `groups` must lie in [0, num_groups = {self.num_groups}), got "
                                  f"values in [{groups.min().item()}, {groups.max().item()}]")
@@ -226,7 +218,7 @@ class BatchLoader:
                  augment: Optional[Augment] = None, drop_last: bool = False):
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"autobalance: `dataset` must be an ImageDataset, got {type(dataset).__name__}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
         if augment is not None and not callable(augment):
             raise TypeError(f"autobalance: `augment` must be callable(inputs, generator), got {augment!r}")
         self.dataset, self.shuffle, self.augment, self.drop_last = dataset, shuffle, augment, drop_last
@@ -262,7 +254,7 @@ class RandomCropFlip:
     """
 
     def __init__(self, padding: int = 4, flip: bool = True, fill: Union[float, Sequence[float]] = 0.0):
-        self.padding = _check_int("padding", padding, 0)
+        self.padding = check_int(padding, "padding", 0)
         self.flip = bool(flip)
         self.fill = torch.as_tensor(fill, dtype=torch.float32).flatten()
 
@@ -333,8 +325,8 @@ def long_tailed_counts(n_max: int, num_classes: int, imbalance: float) -> List[i
     integer). Rounding down matches the CIFAR-LT counts in the literature
     (CIFAR-10, rho = 100: 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50).
     """
-    n_max = _check_int("n_max", n_max, 1)
-    num_classes = _check_int("num_classes", num_classes, 2)
+    n_max = check_int(n_max, "n_max", 1)
+    num_classes = check_int(num_classes, "num_classes", 2)
     imbalance = _check_imbalance(imbalance)
     counts = [int(math.floor(n_max * imbalance ** (-i / (num_classes - 1)) * (1 + 1e-12)))
               for i in range(num_classes)]
@@ -376,7 +368,7 @@ def per_class_split(targets: torch.Tensor, num_classes: Optional[int] = None, *,
     one example is an error.
     """
     num_classes = _check_targets(targets, num_classes)
-    fraction = _check_fraction("fraction", fraction)
+    fraction = check_fraction(fraction, "fraction")
     rest, part = [], []
     for k, chunk in enumerate(_shuffled_by_class(targets, num_classes, generator)):
         n = chunk.numel()
@@ -396,7 +388,7 @@ def balanced_indices(targets: torch.Tensor, num_classes: Optional[int] = None, *
     """Draw ``per_class`` examples of every class at random: returns
     ``(rest, chosen)``, both sorted. Used to hold out a balanced test set."""
     num_classes = _check_targets(targets, num_classes)
-    per_class = _check_int("per_class", per_class, 1)
+    per_class = check_int(per_class, "per_class", 1)
     chunks = _shuffled_by_class(targets, num_classes, generator)
     short = [k for k, c in enumerate(chunks) if c.numel() <= per_class]
     if short:
@@ -617,10 +609,10 @@ def load_long_tailed(name: str = "mnist", *, data_root=None, imbalance: Optional
                          f"{LONG_TAILED}")
     default_imbalance, default_test = _LT_DEFAULTS[name]
     imbalance = _check_imbalance(default_imbalance if imbalance is None else imbalance)
-    val_fraction = _check_fraction("val_fraction", val_fraction)
+    val_fraction = check_fraction(val_fraction, "val_fraction")
     _generator(seed)  # checks seed before any file is read
     if n_max is not None:
-        _check_int("n_max", n_max, 1)
+        check_int(n_max, "n_max", 1)
     options = dict(imbalance=imbalance, n_max=n_max, val_fraction=val_fraction, seed=seed)
     if name.startswith("cifar"):
         if test_per_class is not None:
@@ -636,7 +628,7 @@ def load_long_tailed(name: str = "mnist", *, data_root=None, imbalance: Optional
     if data_root is not None:
         raise ValueError(f"autobalance: `data_root` is only for cifar10/cifar100 ({name} ships with a "
                          f"package), got {data_root!r}")
-    test_per_class = default_test if test_per_class is None else _check_int("test_per_class", test_per_class, 1)
+    test_per_class = default_test if test_per_class is None else check_int(test_per_class, "test_per_class", 1)
     source = _embedded_source(name)
     pool_idx, test_idx = balanced_indices(source.targets, source.num_classes, per_class=test_per_class,
                                           generator=_generator(_TEST_SEED))
@@ -688,8 +680,8 @@ def load_waterbirds_like(source: str = "mnist", *, train_fractions=WATERBIRDS_TR
         raise ValueError(f"autobalance: `train_fractions` must be a [G, K] = [2, 2] table of non-negative "
                          f"frequencies summing to 1, got {fractions.tolist()}")
     default_val, default_test = _WB_DEFAULTS[source]
-    val_per_cell = default_val if val_per_cell is None else _check_int("val_per_cell", val_per_cell, 1)
-    test_per_cell = default_test if test_per_cell is None else _check_int("test_per_cell", test_per_cell, 1)
+    val_per_cell = default_val if val_per_cell is None else check_int(val_per_cell, "val_per_cell", 1)
+    test_per_cell = default_test if test_per_cell is None else check_int(test_per_cell, "test_per_cell", 1)
     generator = _generator(seed)
 
     data = _embedded_source(source)
@@ -710,7 +702,7 @@ def load_waterbirds_like(source: str = "mnist", *, train_fractions=WATERBIRDS_TR
         while (_cell_counts(fractions, train_size).sum(0) > available).any():
             train_size -= 1
     else:
-        train_size = _check_int("train_size", train_size, 1)
+        train_size = check_int(train_size, "train_size", 1)
     train_cells = _cell_counts(fractions, train_size)
     if (train_cells.sum(0) > available).any():
         raise ValueError(f"autobalance: `train_size` = {train_size} needs {train_cells.sum(0).tolist()} images per "

@@ -12,13 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autobalance._validation import check_int
+
 MODELS = ("small_cnn", "resnet32")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"autobalance: `{name}` must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class SmallCNN(nn.Module):
@@ -31,9 +27,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
-        _check_int("num_classes", num_classes, 2)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("width", width, 1)
+        check_int(num_classes, "num_classes", 2)
+        check_int(in_channels, "in_channels", 1)
+        check_int(width, "width", 1)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.MaxPool2d(2),
@@ -94,11 +90,11 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 32, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A",
                  widths: Sequence[int] = (16, 32, 64)):
         super().__init__()
-        _check_int("depth", depth, 8)
+        check_int(depth, "depth", 8)
         if (depth - 2) % 6:
             raise ValueError(f"autobalance: CifarResNet `depth` must be 6 n + 2 (20, 32, 44, 56, 110), got {depth}")
-        _check_int("num_classes", num_classes, 2)
-        _check_int("in_channels", in_channels, 1)
+        check_int(num_classes, "num_classes", 2)
+        check_int(in_channels, "in_channels", 1)
         if shortcut not in ("A", "B"):
             raise ValueError(f"autobalance: `shortcut` must be 'A' (zero padding) or 'B' (1x1 projection), "
                              f"got {shortcut!r}")
@@ -106,7 +102,7 @@ class CifarResNet(nn.Module):
         if len(widths) != 3:
             raise ValueError(f"autobalance: `widths` must be three channel counts, got {widths!r}")
         for width in widths:
-            _check_int("widths[i]", width, 1)
+            check_int(width, "widths[i]", 1)
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

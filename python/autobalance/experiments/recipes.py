@@ -1,8 +1,8 @@
 """Algorithm 1 end to end (search -> retrain -> evaluate) and the paper's
 baselines, as a Python API; ``autobalance run`` is a thin layer over it.
 
-    from autobalance import recipes
-    splits = recipes.data.load_long_tailed("mnist", seed=0)
+    from autobalance.experiments import data, recipes
+    splits = data.load_long_tailed("mnist", seed=0)
     result = recipes.autobalance(lambda: MyNet(), splits, criterion, BalancedCE(10))
     result.metrics["balanced_error"]
 
@@ -17,12 +17,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from autobalance import data
-from autobalance.bilevel import BilevelOptimizer
-from autobalance.functional import parametric_cross_entropy
-from autobalance.losses import GroupDRO, LDAMLoss, ParametricCE, loss_tables
+from autobalance.bilevel import HYPER_EVERY, BilevelOptimizer
+from autobalance.experiments import data
+from autobalance.experiments.models import with_cosine_classifier
+from autobalance.losses import GroupDRO, LATemperature, LDAMLoss, ParametricCE
 from autobalance.metrics import ErrorCounts
-from autobalance.models import with_cosine_classifier
 from autobalance.objectives import BalancedCE, Blend, DeoCE
 
 try:
@@ -57,7 +56,7 @@ class SearchConfig:
     ResNet-32 on a CPU; bench/bench_hyperstep.py).
     """
     warmup_fraction: float = 0.4
-    hyper_every: int = 20
+    hyper_every: int = HYPER_EVERY
     train_batches: int = 2
     val_batches: int = 1
     val_batch_size: int = 256
@@ -83,26 +82,6 @@ class RunResult:
         out = asdict(self)
         out["metrics"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.metrics.items()}
         return out
-
-
-class LATemperature(nn.Module):
-    """The LA loss with a learnable temperature: ``L_k = tau log pi_k`` (the
-    paper's one-column dictionary ``d = log pi``); ``tau`` starts at ``tau``."""
-
-    def __init__(self, class_counts, tau: float = 1.0, backend: str = "fused"):
-        super().__init__()
-        tables = loss_tables(class_counts, "la", tau=1.0)
-        self.register_buffer("log_prior", tables.shift)
-        self.register_buffer("ones", tables.weight)
-        self.tau = nn.Parameter(torch.tensor(float(tau)))
-        self.backend = backend
-
-    def tables(self):
-        return self.ones, self.ones, self.tau * self.log_prior
-
-    def forward(self, logits, target, group=None):
-        weight, scale, shift = self.tables()
-        return parametric_cross_entropy(logits, target, weight, scale, shift, group, backend=self.backend)
 
 
 # --------------------------------------------------------------------------- methods
@@ -151,16 +130,9 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
     return {m.name: m for m in methods}
 
 
-def _cell_balanced(counts):
-    """Weighted CE with ``W[g, k] = 1 / (G K pi_{g,k})``: the (class, group)-balanced CE."""
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    weight = counts.sum() / (counts.numel() * counts.clamp_min(1))
-    return ParametricCE(counts.shape[1], num_groups=counts.shape[0], weight=weight.float(), learn=())
-
-
 def group_regularisers() -> Dict[str, Callable[[torch.Tensor], nn.Module]]:
     """The fairness terms ``L_reg`` of the blended baselines ``(1 - lam) CE + lam L_reg``."""
-    return {"CE_bal^G": _cell_balanced,
+    return {"CE_bal^G": _fixed("group_balanced"),
             "CE_deo": lambda counts: DeoCE(counts.shape[1], counts.shape[0]),
             "Group-LA": _fixed("group_la")}
 
@@ -283,11 +255,11 @@ def evaluate(model: nn.Module, dataset: data.ImageDataset, *, device="cpu", cell
 
 
 def _train_cell_weights(dataset):
-    """Training (class, group) frequencies ``[K, G]``: the test's standard
+    """Training (group, class) frequencies ``[G, K]``: the test's standard
     error is reweighted by them (paper section 4)."""
     if dataset.num_groups == 1:
         return None
-    counts = dataset.group_class_counts().double().t()
+    counts = dataset.group_class_counts().double()
     return counts / counts.sum()
 
 

@@ -54,12 +54,12 @@ def demo(args):
 
 QUICK = {"classes": dict(dataset="digits", seeds=1, epochs=4, hyper_every=2),
          "groups": dict(dataset="digits", seeds=1, epochs=4, pareto_lams="0.1,0.9", hyper_every=2)}
-DEFAULTS = {"classes": dict(dataset="mnist", seeds=3, epochs=24, pareto_lams="", hyper_every=20),
-            "groups": dict(dataset="mnist", seeds=3, epochs=12, pareto_lams="0.1,0.5,0.9", hyper_every=20)}
+DEFAULTS = {"classes": dict(dataset="mnist", seeds=3, epochs=24, pareto_lams=""),
+            "groups": dict(dataset="mnist", seeds=3, epochs=12, pareto_lams="0.1,0.5,0.9")}
 
 
 def _load(args):
-    from autobalance import data
+    from autobalance.experiments import data
     if args.experiment == "classes":
         return data.load_long_tailed(args.dataset, data_root=args.data_root, imbalance=args.imbalance,
                                      seed=args.seed)
@@ -72,7 +72,7 @@ def _load(args):
 def run(args):
     import torch
 
-    from autobalance import models, recipes, report
+    from autobalance.experiments import models, recipes, report
 
     preset = dict(DEFAULTS[args.experiment], **(QUICK[args.experiment] if args.quick else {}))
     for key, value in preset.items():
@@ -90,7 +90,9 @@ def run(args):
     out = args.out or os.path.join("results", f"{args.experiment}-{args.dataset}")
     os.makedirs(out, exist_ok=True)
     config = recipes.TrainConfig(epochs=args.epochs, device=args.device)
-    search = recipes.SearchConfig(last_layer_only=args.theta == "last", hyper_every=args.hyper_every)
+    search = recipes.SearchConfig(last_layer_only=args.theta == "last")
+    if args.hyper_every is not None:
+        search.hyper_every = args.hyper_every
     results, start = [], time.perf_counter()
     progress = not args.no_progress
     for seed in range(args.seeds):
@@ -161,7 +163,7 @@ def main(argv=None):
     p.add_argument("--pareto-lams", default=None, help="groups: comma-separated lam values of the Pareto sweep")
     p.add_argument("--theta", choices=("last", "all"), default="last",
                    help="weights of the implicit-differentiation hypergradient: the last layer (default) or all")
-    p.add_argument("--hyper-every", type=int, default=None, help="training steps between hyper-steps (default 20, the paper's; 2 with --quick)")
+    p.add_argument("--hyper-every", type=int, default=None, help="training steps between hyper-steps (default: SearchConfig's, the paper's 20; 2 with --quick)")
     p.add_argument("--out", default=None, help="results folder (default results/EXPERIMENT-DATASET)")
     p.add_argument("--quick", action="store_true", help="a small preset for smoke tests (under 2 minutes)")
     p.add_argument("--threads", type=int, default=None)
