@@ -9,13 +9,14 @@ recipes, report, the ``autobalance`` command) are the separate package
 imports them. The math is in ``docs/math.md``, the layout in
 ``docs/architecture.md``.
 """
-from autobalance.bilevel import BilevelOptimizer, HypergradCheck, HyperStepResult, check_hypergrad  # TODO testing
+from autobalance.bilevel import BilevelOptimizer, HyperStepResult
 from autobalance.functional import parametric_cross_entropy
 from autobalance.losses import (GroupDRO, LATemperature, LDAMLoss, LossTables, ParametricCE, frequency_clusters,
                                 loss_tables)
 from autobalance.metrics import (ErrorCounts, balanced_error, cell_counts, deo_error, group_balanced_error,
                                  per_class_error, standard_error, worst_cell_error)
 from autobalance.objectives import BalancedCE, Blend, CrossEntropy, DeoCE, GroupBalancedCE, SoftWorstCellCE
+from autobalance.testing import HypergradCheck, check_hypergrad
 
 __all__ = ["BalancedCE", "BilevelOptimizer", "Blend", "CrossEntropy", "DeoCE", "ErrorCounts", "GroupBalancedCE",
            "GroupDRO", "HyperStepResult", "HypergradCheck", "LATemperature", "LDAMLoss", "LossTables",
