@@ -2,20 +2,24 @@
 import contextlib
 import copy
 import io
+import itertools
+import warnings
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR, ReduceLROnPlateau
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autobalance import ParametricCE
 from autobalance.bilevel import (HYPER_EVERY, BilevelOptimizer, ConjugateGradient, FirstOrder, HyperStepResult,
                                  Neumann, SolverState, ridge)
 from autobalance.bilevel.layers import HyperStepLayers
-from autobalance.testing import check_hypergrad
 from autobalance.objectives import BalancedCE, CrossEntropy, GroupBalancedCE
+from autobalance.testing import check_hypergrad
 
 K, D = 4, 5
 
@@ -112,6 +116,69 @@ def test_first_order_is_neumann_without_terms_and_matches_its_formula():
     torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-14)
 
 
+# ---- the solvers on their own
+
+def spd_system(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return a @ a.T + n * torch.eye(n, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def test_solvers_solve_the_linear_system():
+    h, b = spd_system()
+    matvec = lambda v: h @ v  # noqa: E731
+    exact = torch.linalg.solve(h, b)
+    x, state = ConjugateGradient(iterations=20, tol=0.0).solve(matvec, b)
+    torch.testing.assert_close(x, exact, rtol=1e-10, atol=1e-12)
+    assert state == SolverState(solves=1)
+    x, state = Neumann(terms=400).solve(matvec, b)
+    torch.testing.assert_close(x, exact, rtol=1e-8, atol=1e-10)
+    lam_max = float(torch.linalg.eigvalsh(h)[-1])
+    assert lam_max / 2 < state.eigenvalue <= lam_max * (1 + 1e-12) and state.step_size == 1 / state.eigenvalue
+    x, state = FirstOrder(step_size=0.5).solve(matvec, b)
+    assert torch.equal(x, 0.5 * b) and state.step_size == 0.5 and state.eigenvector is None
+    # weight decay: a ridge term on the matvec
+    x, _ = ConjugateGradient(iterations=20, tol=0.0).solve(ridge(matvec, torch.full_like(b, 2.0)), b)
+    torch.testing.assert_close(x, torch.linalg.solve(h + 2 * torch.eye(len(b), dtype=h.dtype), b))
+    assert ridge(matvec, None) is matvec
+
+
+def test_neumann_state_carries_the_estimate_to_the_next_solves():
+    h, b = spd_system()
+    products = []
+    matvec = lambda v: products.append(v) or h @ v  # noqa: E731
+    solver = Neumann(terms=2, power_iterations=4, power_refresh_every=2)
+    counts, state = [], None
+    for _ in range(4):
+        products.clear()
+        _, state = solver.solve(matvec, b, state)
+        counts.append(len(products))
+    # 4 power iterations at first, one warm-started refresh at every 2nd solve, 2 terms each
+    assert counts == [6, 2, 3, 2] and state.solves == 4 and state.corrections == 0
+    # a stale estimate (eta 50x too large) that is not due for a refresh is corrected within the solve
+    stale = state._replace(eigenvalue=state.eigenvalue / 50, solves=5)
+    _, fixed = solver.solve(matvec, b, stale)
+    assert 1 <= fixed.corrections <= Neumann.MAX_STEP_SIZE_CORRECTIONS
+    assert fixed.eigenvalue > 2 * stale.eigenvalue and fixed.step_size == 1 / fixed.eigenvalue
+
+
+def test_solver_objects_give_the_hypergradients_of_the_solver_names():
+    model = mlp(dtype=torch.float64)
+    criterion = ParametricCE(K).double()
+    x, y = batches(5, 1, dtype=torch.float64)[0]
+
+    def hypergradient(**kw):
+        bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3), criterion,
+                                BalancedCE(K), **kw)
+        return torch.cat([h.reshape(-1) for h in bopt.hypergradient(model, [(x, y)], [(x, y)])])
+
+    for named, solver in ((dict(neumann_terms=3, step_size=0.5), Neumann(terms=3, step_size=0.5)),
+                          (dict(solver="neumann"), Neumann()),
+                          (dict(solver="cg", cg_iterations=4), ConjugateGradient(iterations=4)),
+                          (dict(solver="first_order", power_refresh_every=3), FirstOrder(power_refresh_every=3))):
+        assert torch.equal(hypergradient(**named), hypergradient(solver=solver)), named
+
+
 # ---- a small network for the optimizer's behaviour
 
 def mlp(seed=0, batch_norm=False, dtype=torch.float32):
@@ -126,19 +193,21 @@ def batches(seed, n=3, size=24, dtype=torch.float32):
             for _ in range(n)]
 
 
-def make(model, criterion=None, **kw):
+def make(net, criterion=None, **kw):
     criterion = ParametricCE(K) if criterion is None else criterion
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return BilevelOptimizer(opt, criterion, BalancedCE(K), **kw), criterion
 
 
-def train(model, bopt, criterion, steps, data, val, hyper_log=None):
-    for t in range(steps):
+def train(model, bopt, criterion, steps, data, val, hyper_log=None, scheduler=None, start=0):
+    for t in range(start, steps):
         x, y = data[t % len(data)]
         loss = criterion(model(x), y)
         bopt.zero_grad()
         loss.backward()
         bopt.step()
+        if scheduler is not None:
+            scheduler.step()
         if bopt.hyper_step_due:
             result = bopt.hyper_step(model, [data[(t + 1) % len(data)]], [val[t % len(val)]])
             if hyper_log is not None:
@@ -315,47 +384,178 @@ def test_behaves_like_the_wrapped_optimizer():
         assert word in text
 
 
-def run_trajectory(stop_at=None, steps=10):
-    """Trains with hyper-steps; with ``stop_at``, checkpoints there, rebuilds
-    everything from scratch and resumes."""
-    model = mlp(batch_norm=True)
-    # a power-iteration refresh at every other hyper-step: the checkpoint holds a reused estimate
-    bopt, criterion = make(model, warmup_steps=2, hyper_every=2, power_refresh_every=2)
+def one_step(model, bopt, criterion, seed=0):
+    x, y = batches(seed, 1)[0]
+    bopt.zero_grad()
+    criterion(model(x), y).backward()
+    return bopt.step()
+
+
+def test_step_hooks_fire_once_per_step():
+    model = mlp()
+    bopt, criterion = make(model)
+    calls = []
+    record = lambda kind: lambda opt, args, kwargs: calls.append((kind, opt))  # noqa: E731
+    handles = [bopt.register_step_pre_hook(record("pre")), bopt.register_step_post_hook(record("post")),
+               register_optimizer_step_pre_hook(record("global pre")),
+               register_optimizer_step_post_hook(record("global post"))]
+    try:
+        for _ in range(2):
+            one_step(model, bopt, criterion)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the global hooks also see the wrapped optimizer's own step, inside the wrapper's
+    inner = bopt.optimizer
+    once = [("global pre", bopt), ("pre", bopt), ("global pre", inner), ("global post", inner), ("post", bopt),
+            ("global post", bopt)]
+    assert calls == 2 * once and bopt.steps == 2
+
+
+@pytest.mark.parametrize("schedule", ["MultiStepLR", "OneCycleLR", "ReduceLROnPlateau"])
+def test_lr_scheduler_attached_to_the_wrapper_schedules_the_wrapped_optimizer(schedule):
+    """The same learning rates (and OneCycleLR's momenta) as the scheduler attached to
+    the wrapped optimizer of a run without the wrapper, and no warning."""
+    make_scheduler = {"MultiStepLR": lambda opt: MultiStepLR(opt, milestones=[2], gamma=0.1),
+                      "OneCycleLR": lambda opt: OneCycleLR(opt, max_lr=1.0, total_steps=4),
+                      "ReduceLROnPlateau": lambda opt: ReduceLROnPlateau(opt, factor=0.1, patience=0)}[schedule]
+
+    def groups(wrapped):
+        model = mlp()
+        bopt, criterion = make(model)
+        opt = bopt if wrapped else bopt.optimizer
+        scheduler = make_scheduler(opt)
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+            for t in range(3):
+                one_step(model, opt, criterion, seed=t)
+                scheduler.step(1.0) if schedule == "ReduceLROnPlateau" else scheduler.step()
+                out.append({k: v for k, v in bopt.optimizer.param_groups[0].items() if k != "params"})
+        return out
+
+    wrapped = groups(wrapped=True)
+    assert wrapped == groups(wrapped=False)
+    assert len({group["lr"] for group in wrapped}) > 1
+
+
+def test_state_dict_hooks_run():
+    model = mlp()
+    bopt, criterion = make(model)
+    one_step(model, bopt, criterion)
+    calls = []
+    bopt.register_state_dict_pre_hook(lambda opt: calls.append("pre"))
+    bopt.register_state_dict_post_hook(lambda opt, state: {**state, "note": "kept"})
+    state = bopt.state_dict()
+    assert calls == ["pre"] and state["note"] == "kept"
+    fresh, _ = make(mlp(seed=1), ParametricCE(K))
+    fresh.register_load_state_dict_pre_hook(lambda opt, state: {**state, "schedule": {**state["schedule"],
+                                                                                      "steps": 7}})
+    fresh.register_load_state_dict_post_hook(lambda opt: calls.append("loaded"))
+    fresh.load_state_dict(state)
+    assert calls == ["pre", "loaded"] and fresh.steps == 7 and bopt.steps == 1
+
+
+def test_default_hyper_every_is_the_package_constant():
+    assert make(mlp())[0].hyper_every == HYPER_EVERY == 20
+
+
+# ---- the model and batch sources bound at construction
+
+def test_bound_model_and_loaders_give_the_hyper_steps_of_explicit_batches():
     data, val = batches(3), batches(4)
+
+    def run(bound):
+        model = mlp()
+        val_stream = itertools.cycle(val)
+        sources = dict(model=model, train_loader=data, val_loader=lambda: next(val_stream),
+                       batches_per_hyper_step=(2, 1)) if bound else {}
+        bopt, criterion = make(model, hyper_every=2, **sources)
+        results = []
+        for t in range(8):
+            one_step(model, bopt, criterion, seed=t)
+            if bopt.hyper_step_due:
+                k = len(results)  # a list is iterated again from the start when it runs out
+                explicit = () if bound else (model, [data[2 * k % 3], data[(2 * k + 1) % 3]], [val[k % 3]])
+                results.append(bopt.hyper_step(*explicit))
+        return bopt, results, [p.detach() for p in criterion.parameters()]
+
+    bopt, bound, alpha = run(bound=True)
+    _, explicit, expected = run(bound=False)
+    assert len(bound) == 4 and bound == explicit and all(r.applied for r in bound)
+    assert all(torch.equal(a, b) for a, b in zip(alpha, expected))
+    assert "model: Sequential, train_loader: list, val_loader: function, batches_per_hyper_step=(2, 1)" in repr(bopt)
+
+
+def test_bound_sources_misused_raise_clear_errors():
+    model = mlp()
+    criterion = ParametricCE(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    build = lambda **kw: BilevelOptimizer(opt, criterion, BalancedCE(K), **kw)  # noqa: E731
+    with pytest.raises(TypeError, match="`train_loader` must be an iterable of batches .* or a callable"):
+        build(train_loader=3)
+    with pytest.raises(ValueError, match=r"`batches_per_hyper_step` must be a pair \(n_train, n_val\), got 2"):
+        build(batches_per_hyper_step=2)
+    with pytest.raises(ValueError, match=r"`batches_per_hyper_step\[1\]` must be an int >= 1, got 0"):
+        build(batches_per_hyper_step=(1, 0))
+    with pytest.raises(TypeError, match="`model` must be an nn.Module, got str"):
+        build(model="net")
+    with pytest.raises(ValueError, match="`model` does not hold the weights theta"):
+        build(model=mlp(seed=1))
+    x, y = batches(0, 1)[0]
+    bopt = build(val_loader=iter([(x, y)]))
+    one_step(model, bopt, criterion)
+    with pytest.raises(TypeError, match="no `model`; pass it to this call or bind it"):
+        bopt.hyper_step()
+    with pytest.raises(TypeError, match="no `train_batches`; pass them to this call or bind .*train_loader="):
+        bopt.hyper_step(model)
+    assert bopt.hyper_step(model, [(x, y)]).applied  # the validation batch from the bound iterator
+    with pytest.raises(ValueError, match="`val_loader` yields no batches"):  # an iterator does not start again
+        bopt.hyper_step(model, [(x, y)])
+    bopt = build(model=model, train_loader=[(x,)], val_loader=[(x, y)])
+    one_step(model, bopt, criterion)
+    with pytest.raises(ValueError, match=r"batch 0 from `train_loader` must be \(inputs, target\)"):
+        bopt.hyper_step()
+
+
+def run_trajectory(stop_at=None, steps=10):
+    """Trains with hyper-steps and an LR schedule attached to the wrapper; with
+    ``stop_at``, checkpoints there, rebuilds everything from scratch and resumes."""
+    def build(seed):
+        model = mlp(seed=seed, batch_norm=True)
+        # a power-iteration refresh at every other hyper-step: the checkpoint holds a reused estimate
+        bopt, criterion = make(model, ParametricCE(K), warmup_steps=2, hyper_every=2, power_refresh_every=2)
+        return model, bopt, criterion, MultiStepLR(bopt, milestones=[3, 7], gamma=0.5)
+
+    model, bopt, criterion, scheduler = build(seed=0)
+    data, val = batches(3), batches(4)
+    train(model, bopt, criterion, steps if stop_at is None else stop_at, data, val, scheduler=scheduler)
     if stop_at is None:
-        train(model, bopt, criterion, steps, data, val)
         return model, bopt, criterion
-    train(model, bopt, criterion, stop_at, data, val)
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "bopt": bopt.state_dict()}, buffer)
+    torch.save({"model": model.state_dict(), "bopt": bopt.state_dict(), "scheduler": scheduler.state_dict()},
+               buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
-    model = mlp(seed=123, batch_norm=True)
-    bopt, criterion = make(model, ParametricCE(K), warmup_steps=2, hyper_every=2, power_refresh_every=2)
+    model, bopt, criterion, scheduler = build(seed=123)
     model.load_state_dict(saved["model"])
     bopt.load_state_dict(saved["bopt"])
-    for t in range(stop_at, steps):  # the same data order as an uninterrupted run
-        x, y = data[t % len(data)]
-        loss = criterion(model(x), y)
-        bopt.zero_grad()
-        loss.backward()
-        bopt.step()
-        if bopt.hyper_step_due:
-            bopt.hyper_step(model, [data[(t + 1) % len(data)]], [val[t % len(val)]])
+    scheduler.load_state_dict(saved["scheduler"])
+    train(model, bopt, criterion, steps, data, val, scheduler=scheduler, start=stop_at)
     return model, bopt, criterion
 
 
 def state_tensors(model, bopt, criterion):
     out = list(model.state_dict().values()) + [p.detach() for p in criterion.parameters()]
-    out += [s["momentum_buffer"] for s in bopt.hyper_optimizer.state.values()]
-    return out + [bopt.solver_state.eigenvector]
+    out += [s["momentum_buffer"] for s in list(bopt.state.values()) + list(bopt.hyper_optimizer.state.values())]
+    return out + [bopt.solver_state.eigenvector, torch.tensor(bopt.param_groups[0]["lr"])]
 
 
 def test_resuming_from_a_checkpoint_gives_the_same_trajectory():
     straight = run_trajectory()
     resumed = run_trajectory(stop_at=5)  # after the hyper-step at 4, before the one at 6
     assert straight[1].hyper_steps == resumed[1].hyper_steps == 5
-    assert straight[1].steps == resumed[1].steps == 10
+    assert straight[1].steps == resumed[1].steps == 10 and straight[1].param_groups[0]["lr"] == 0.1 * 0.5 ** 2
     for a, b in zip(state_tensors(*straight), state_tensors(*resumed)):
         assert torch.equal(a, b)
     assert not torch.equal(straight[2].shift_param, torch.zeros_like(straight[2].shift_param))
@@ -537,8 +737,17 @@ def test_bad_arguments_raise_clear_errors():
         BilevelOptimizer(opt, criterion, BalancedCE(K), inner_params=[nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="`solver` must be one of"):
         BilevelOptimizer(opt, criterion, BalancedCE(K), solver="newton")
-    with pytest.raises(ValueError, match="`step_size`"):
+    with pytest.raises(ValueError, match="`step_size` must be 'auto' or a positive finite float, got -1.0"):
         BilevelOptimizer(opt, criterion, BalancedCE(K), step_size=-1.0)
+    with pytest.raises(ValueError, match="`neumann_terms` must be an int >= 0, got -1"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), neumann_terms=-1)
+    with pytest.raises(ValueError, match="`terms` must be an int >= 0, got -1"):
+        Neumann(terms=-1)
+    with pytest.raises(ValueError, match="`cg_tol` must be a finite float >= 0, got -1"):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), solver="cg", cg_tol=-1)
+    with pytest.raises(ValueError, match=r"`neumann_terms` is an option of the solver names; with a solver object "
+                                         r"\(Neumann\(terms=5, "):
+        BilevelOptimizer(opt, criterion, BalancedCE(K), solver=Neumann(), neumann_terms=3)
     with pytest.raises(ValueError, match="`power_refresh_every` must be an int >= 1, got 0"):
         BilevelOptimizer(opt, criterion, BalancedCE(K), power_refresh_every=0)
     with pytest.raises(ValueError, match="`hyper_every` must be an int >= 1, got 0"):

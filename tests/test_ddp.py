@@ -29,10 +29,10 @@ def _batches(rank, n=4):
             for _ in range(n)]
 
 
-def _bopt(model):
+def _bopt(net, **sources):
     criterion = ParametricCE(K).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    return BilevelOptimizer(opt, criterion, BalancedCE(K), warmup_steps=1, hyper_every=2), criterion
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return BilevelOptimizer(opt, criterion, BalancedCE(K), warmup_steps=1, hyper_every=2, **sources), criterion
 
 
 def _worker(rank, port, out_dir):
@@ -40,8 +40,10 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model = DistributedDataParallel(_model())
-        bopt, criterion = _bopt(model)
         data, val = _batches(rank), _batches(rank + WORLD)
+        # the hyper-steps draw data[1:3] and val[1:3] from the bound loaders (a list starts again when it runs out)
+        bopt, criterion = _bopt(model, model=model, train_loader=data[1:3], val_loader=val[1:3],
+                                batches_per_hyper_step=(2, 2))
         first = bopt.hypergradient(model, data[:1], val[:1])
         alphas = []
         for t in range(6):
@@ -51,7 +53,7 @@ def _worker(rank, port, out_dir):
             loss.backward()
             bopt.step()
             if bopt.hyper_step_due:
-                assert bopt.hyper_step(model, data[1:3], val[1:3]).applied
+                assert bopt.hyper_step().applied
                 alphas.append([p.detach().clone() for p in criterion.parameters()])
         torch.save({"first": first, "alphas": alphas, "theta": [p.detach() for p in model.parameters()],
                     "hyper_steps": bopt.hyper_steps}, f"{out_dir}/rank{rank}.pt")
