@@ -422,3 +422,14 @@ def test_ignore_index_and_reduction_are_used():
     assert bool((loss[target == 3] == 0).all()) and bool((loss[target != 3] > 0).all())
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target, ignore_index=3,
                                                                        reduction="none"))
+
+
+def test_ldam_moves_only_the_true_class_logit():
+    counts = torch.tensor([100, 16, 1])
+    ldam = autobalance.LDAMLoss(counts, max_margin=0.5, logit_multiplier=10.0)
+    torch.testing.assert_close(ldam.margins, 0.5 * torch.tensor([100 ** -0.25, 16 ** -0.25, 1.0]))
+    logits, target = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]), torch.tensor([2, 0])
+    shifted = logits - torch.tensor([[0.0, 0.0, 0.5], [0.5 * 100 ** -0.25, 0.0, 0.0]])
+    torch.testing.assert_close(ldam(logits, target), torch.nn.functional.cross_entropy(10.0 * shifted, target))
+    with pytest.raises(ValueError, match="`logit_multiplier` must be a positive finite float"):
+        autobalance.LDAMLoss(counts, logit_multiplier=0)

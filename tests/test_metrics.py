@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from autobalance.metrics import (ErrorCounts, balanced_error, cell_counts, deo_error, group_balanced_error,
+from autobalance.metrics import (ErrorCounts, balanced_error, cell_errors, deo_error, group_balanced_error,
                                  per_class_error, standard_error, worst_cell_error)
 
 # 2 groups x 2 classes; per cell (group, class): samples, errors
@@ -17,7 +17,7 @@ ARGS = dict(num_classes=2, num_groups=2)
 
 
 def test_cell_counts():
-    counts = cell_counts(PRED, TARGET, GROUP, **ARGS)
+    counts = cell_errors(PRED, TARGET, GROUP, **ARGS)
     assert counts.total.tolist() == [[4, 3], [2, 1]]  # [G, K], as the loss tables
     assert counts.errors.tolist() == [[1, 0], [2, 1]]
 
@@ -37,7 +37,7 @@ def test_reweighted_standard_error():
     expected = 0.1 * 1 / 4 + 0.2 * 1 + 0.3 * 0 + 0.4 * 1
     assert standard_error(PRED, TARGET, GROUP, cell_weights=weights, **ARGS) == pytest.approx(expected)
     # cell frequencies of the data themselves give the plain error
-    counts = cell_counts(PRED, TARGET, GROUP, **ARGS)
+    counts = cell_errors(PRED, TARGET, GROUP, **ARGS)
     assert standard_error(PRED, TARGET, GROUP, cell_weights=counts.total.double(), **ARGS) == pytest.approx(0.4)
     # uniform class weights (G = 1) give the balanced error
     assert standard_error(PRED, TARGET, num_classes=2, cell_weights=[1.0, 1.0]) == pytest.approx(

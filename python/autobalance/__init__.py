@@ -13,14 +13,14 @@ from autobalance.bilevel import BilevelOptimizer, HyperStepResult
 from autobalance.functional import parametric_cross_entropy
 from autobalance.losses import (GroupDRO, LATemperature, LDAMLoss, LossTables, ParametricCE, frequency_clusters,
                                 loss_tables)
-from autobalance.metrics import (ErrorCounts, balanced_error, cell_counts, deo_error, group_balanced_error,
+from autobalance.metrics import (ErrorCounts, balanced_error, cell_errors, deo_error, group_balanced_error,
                                  per_class_error, standard_error, worst_cell_error)
 from autobalance.objectives import BalancedCE, Blend, CrossEntropy, DeoCE, GroupBalancedCE, SoftWorstCellCE
 from autobalance.testing import HypergradCheck, check_hypergrad
 
 __all__ = ["BalancedCE", "BilevelOptimizer", "Blend", "CrossEntropy", "DeoCE", "ErrorCounts", "GroupBalancedCE",
            "GroupDRO", "HyperStepResult", "HypergradCheck", "LATemperature", "LDAMLoss", "LossTables",
-           "ParametricCE", "SoftWorstCellCE", "balanced_error", "cell_counts", "check_hypergrad", "deo_error",
+           "ParametricCE", "SoftWorstCellCE", "balanced_error", "cell_errors", "check_hypergrad", "deo_error",
            "frequency_clusters", "group_balanced_error", "loss_tables", "parametric_cross_entropy",
            "per_class_error", "standard_error", "worst_cell_error"]
 __version__ = "0.1.0"

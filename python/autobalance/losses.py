@@ -267,22 +267,24 @@ class ParametricCE(nn.Module):
 
 class LDAMLoss(nn.Module):
     """LDAM (Cao et al., 2019): CE of ``s · (z - m_y e_y)`` with class margins
-    ``m_k ∝ n_k^{-1/4}`` scaled so the largest is ``max_margin``. Not a table
-    case of the parametric CE: the margin moves only the true-class logit."""
+    ``m_k ∝ n_k^{-1/4}`` scaled so the largest is ``max_margin``, and
+    ``s = logit_multiplier`` (LDAM's "scale" of cosine logits; not the table
+    ``S`` of the parametric CE). Not a table case of the parametric CE: the
+    margin moves only the true-class logit."""
 
-    def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0, weight=None):
+    def __init__(self, class_counts, max_margin: float = 0.5, logit_multiplier: float = 30.0, weight=None):
         super().__init__()
         counts = _as_counts(class_counts)
         if counts.dim() != 1 or (counts <= 0).any():
             raise ValueError(f"autobalance: LDAM needs positive [K] `class_counts`, got {counts.tolist()}")
         margins = counts ** -0.25
-        self.register_buffer("margins", (margins * (max_margin / margins.max())).float())
+        self.register_buffer("margins", (margins * (check_positive(max_margin, "max_margin") / margins.max())).float())
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
-        self.scale = float(scale)
+        self.logit_multiplier = check_positive(logit_multiplier, "logit_multiplier")
 
     def forward(self, logits, target, group=None):
         margin = torch.zeros_like(logits).scatter_(1, target[:, None], self.margins[target][:, None].to(logits.dtype))
-        return nn.functional.cross_entropy(self.scale * (logits - margin), target, weight=self.weight)
+        return nn.functional.cross_entropy(self.logit_multiplier * (logits - margin), target, weight=self.weight)
 
 
 class GroupDRO(nn.Module):

@@ -20,15 +20,15 @@ from autobalance._validation import check_int
 from autobalance.objectives import cell_index
 
 
-class CellCounts(NamedTuple):
+class CellErrors(NamedTuple):
     """``total[g, k]`` samples and ``errors[g, k]`` misclassified samples per (group, class)
     cell, int64 ``[G, K]``."""
     total: torch.Tensor
     errors: torch.Tensor
 
 
-def cell_counts(prediction: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor] = None, *,
-                num_classes: int, num_groups: int = 1) -> CellCounts:
+def cell_errors(prediction: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor] = None, *,
+                num_classes: int, num_groups: int = 1) -> CellErrors:
     """Samples and errors per (group, class) cell."""
     check_int(num_classes, "num_classes")
     check_int(num_groups, "num_groups")
@@ -48,10 +48,10 @@ def cell_counts(prediction: torch.Tensor, target: torch.Tensor, group: Optional[
     one_hot = F.one_hot(index, cells)
     total = one_hot.sum(0).view(num_groups, num_classes).cpu()
     errors = (one_hot * (prediction != target).long()[:, None]).sum(0).view(num_groups, num_classes).cpu()
-    return CellCounts(total, errors)
+    return CellErrors(total, errors)
 
 
-def _rates(counts: CellCounts):
+def _rates(counts: CellErrors):
     total, errors = counts
     return errors.double() / total.clamp(min=1).double(), total > 0
 
@@ -110,41 +110,41 @@ def standard_error(prediction, target, group=None, *, num_classes, num_groups=1,
     """Fraction misclassified. With ``cell_weights`` (``[G, K]``, or ``[K]`` when
     ``G = 1``: cell frequencies ``pi``) it is the reweighted error
     ``sum pi[g, k] E[g, k] / sum pi[g, k]`` over the cells present."""
-    return _standard_error(cell_counts(prediction, target, group, num_classes=num_classes,
+    return _standard_error(cell_errors(prediction, target, group, num_classes=num_classes,
                                        num_groups=num_groups), cell_weights)
 
 
 def balanced_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
     """``E_bal = (1/K) sum_k E_k`` over the classes present."""
-    return _balanced_error(cell_counts(prediction, target, group, num_classes=num_classes, num_groups=num_groups))
+    return _balanced_error(cell_errors(prediction, target, group, num_classes=num_classes, num_groups=num_groups))
 
 
 def per_class_error(prediction, target, group=None, *, num_classes, num_groups=1) -> torch.Tensor:
     """``E_k`` as a float64 ``[K]`` tensor; NaN for a class with no sample."""
-    return _per_class_error(cell_counts(prediction, target, group, num_classes=num_classes,
+    return _per_class_error(cell_errors(prediction, target, group, num_classes=num_classes,
                                         num_groups=num_groups))
 
 
 def worst_cell_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
     """``max_{g,k} E[g, k]`` over the (group, class) cells present."""
-    return _worst_cell_error(cell_counts(prediction, target, group, num_classes=num_classes,
+    return _worst_cell_error(cell_errors(prediction, target, group, num_classes=num_classes,
                                          num_groups=num_groups))
 
 
 def group_balanced_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
     """``E_bal^G = (1/(G K)) sum_{g,k} E[g, k]`` over the cells present."""
-    return _group_balanced_error(cell_counts(prediction, target, group, num_classes=num_classes,
+    return _group_balanced_error(cell_errors(prediction, target, group, num_classes=num_classes,
                                              num_groups=num_groups))
 
 
 def deo_error(prediction, target, group=None, *, num_classes, num_groups=1) -> float:
     """``E_deo = sum_k (max_g E[g, k] - min_g E[g, k])`` over the groups present
     for each class (paper eq. 4.1 for ``K = G = 2``)."""
-    return _deo_error(cell_counts(prediction, target, group, num_classes=num_classes, num_groups=num_groups))
+    return _deo_error(cell_errors(prediction, target, group, num_classes=num_classes, num_groups=num_groups))
 
 
 class ErrorCounts:
-    """Accumulates ``CellCounts`` over a data loader::
+    """Accumulates ``CellErrors`` over a data loader::
 
         counts = ErrorCounts(num_classes=10)
         for x, y in test_loader:
@@ -164,11 +164,11 @@ class ErrorCounts:
 
     def reset(self) -> None:
         shape = (self.num_groups, self.num_classes)
-        self.counts = CellCounts(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long))
+        self.counts = CellErrors(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long))
 
     def update(self, prediction, target, group=None) -> None:
-        new = cell_counts(prediction, target, group, num_classes=self.num_classes, num_groups=self.num_groups)
-        self.counts = CellCounts(self.counts.total + new.total, self.counts.errors + new.errors)
+        new = cell_errors(prediction, target, group, num_classes=self.num_classes, num_groups=self.num_groups)
+        self.counts = CellErrors(self.counts.total + new.total, self.counts.errors + new.errors)
 
     def compute(self) -> Dict[str, object]:
         """Every metric of this module, from the counts so far."""

@@ -639,7 +639,7 @@ def load_long_tailed(name: str = "mnist", *, data_root=None, imbalance: Optional
 # Group-imbalanced (Waterbirds-like) splits
 
 
-def _cell_counts(fractions, total):
+def _rounded_cell_sizes(fractions, total):
     """Round ``fractions * total`` half up, cell by cell."""
     return torch.floor(fractions * total + 0.5).to(torch.int64)
 
@@ -699,11 +699,11 @@ def load_waterbirds_like(source: str = "mnist", *, train_fractions=WATERBIRDS_TR
     if train_size is None:
         fits = [int(available[k] / class_fractions[k]) for k in range(2) if class_fractions[k] > 0]
         train_size = min(fits)
-        while (_cell_counts(fractions, train_size).sum(0) > available).any():
+        while (_rounded_cell_sizes(fractions, train_size).sum(0) > available).any():
             train_size -= 1
     else:
         train_size = check_int(train_size, "train_size", 1)
-    train_cells = _cell_counts(fractions, train_size)
+    train_cells = _rounded_cell_sizes(fractions, train_size)
     if (train_cells.sum(0) > available).any():
         raise ValueError(f"autobalance: `train_size` = {train_size} needs {train_cells.sum(0).tolist()} images per "
                          f"label but {source} has {available.tolist()} left; lower `train_size`")

@@ -116,7 +116,7 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
     balanced = lambda k, g: BalancedCE(k)  # noqa: E731
     methods = [
         Method("CE", _fixed("ce")),
-        Method("LDAM", lambda counts: LDAMLoss(counts, max_margin=0.5, scale=30.0),
+        Method("LDAM", lambda counts: LDAMLoss(counts, max_margin=0.5, logit_multiplier=30.0),
                model_transform=with_cosine_classifier),
         Method("LA", _fixed("la", tau=1.0)),
         Method("CDT", _fixed("cdt", gamma=cdt_gamma)),
