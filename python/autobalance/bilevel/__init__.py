@@ -13,6 +13,3 @@ from autobalance.bilevel.solvers import ConjugateGradient, FirstOrder, Neumann, 
 
 __all__ = ["HYPER_EVERY", "BilevelOptimizer", "ConjugateGradient", "FirstOrder", "HyperStepResult", "Neumann",
            "SolverState", "ridge"]
-
-# until autobalance/__init__.py imports them from autobalance.testing
-from autobalance.testing import HypergradCheck, check_hypergrad  # noqa: E402,F401

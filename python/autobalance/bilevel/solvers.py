@@ -23,7 +23,8 @@ class SolverState(NamedTuple):
     """What a solve leaves for the next: the power-iteration estimate of ``H``'s
     largest eigenvalue and its eigenvector (None before the first estimate), and
     ``solves``, how many solves the state has been carried through (it times the
-    estimate's refreshes). ``corrections`` (restarts of the Neumann series with a
+    estimate's refreshes; ``BilevelOptimizer`` keeps the state of applied hyper-steps
+    only, so there it counts them). ``corrections`` (restarts of the Neumann series with a
     corrected step size) and ``step_size`` (the Neumann / first-order ``eta``; None
     for CG) describe the solve that returned this state."""
     eigenvector: Optional[torch.Tensor] = None
@@ -69,7 +70,7 @@ class Neumann:
     iteration: ``power_iterations`` steps at the first solve, then one step
     warm-started from the previous eigenvector at every ``power_refresh_every``-th
     solve (counted by ``SolverState.solves``; the solves in between reuse the last
-    estimate, and so does a state whose ``solves`` is not advanced). A refresh costs
+    estimate). A refresh costs
     one Hessian-vector product; ``power_refresh_every=1`` refreshes at every solve.
     The series converges as long as the true ``lambda_max`` stays below twice the
     estimate (``0 < eta lambda_max < 2``); every Hessian-vector product checks it:
