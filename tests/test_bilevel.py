@@ -385,7 +385,8 @@ def test_behaves_like_the_wrapped_optimizer():
 
 
 def one_step(model, bopt, criterion, seed=0):
-    x, y = batches(seed, 1)[0]
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batches(seed, 1)[0])
     bopt.zero_grad()
     criterion(model(x), y).backward()
     return bopt.step()
@@ -516,6 +517,18 @@ def test_bound_sources_misused_raise_clear_errors():
     one_step(model, bopt, criterion)
     with pytest.raises(ValueError, match=r"batch 0 from `train_loader` must be \(inputs, target\)"):
         bopt.hyper_step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_from_bound_loaders_move_to_the_weights_device():
+    model = mlp().cuda()
+    data = batches(0, 2)  # on the CPU
+    bopt, criterion = make(model, ParametricCE(K).cuda(), model=model, train_loader=data, val_loader=data)
+    one_step(model, bopt, criterion)
+    with pytest.raises(ValueError, match=r"`train_batches\[0\]` inputs is on cpu"):
+        bopt.hyper_step(model, data[:1], [tuple(t.cuda() for t in data[0])])
+    result = bopt.hyper_step()
+    assert result.applied and criterion.shift_param.is_cuda
 
 
 def run_trajectory(stop_at=None, steps=10):
