@@ -1,7 +1,7 @@
 """The compiled ops' Python face: loads ``_C`` (which registers the op schemas
 and their CPU/CUDA kernels), then registers fake kernels and autograd.
 
-Ops (MATH.md sections 1, 3, 4), under ``torch.ops.autobalance``:
+Ops (docs/math.md sections 1, 3, 4), under ``torch.ops.autobalance``:
 
 - ``parametric_ce(logits, target, group, weight, scale, shift, ignore_index)``
   -> ``(loss [N], lse [N])``

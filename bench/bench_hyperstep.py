@@ -1,7 +1,7 @@
 """The cost of one hyper-step of ``BilevelOptimizer`` (default solver: Neumann,
 J terms, automatic step size) in units of one plain training step, for the
 small CNN and the CIFAR ResNet-32 of ``autobalance.experiments.models``, fused vs reference
-loss backend side by side (MATH.md section 5).
+loss backend side by side (docs/math.md section 5).
 
 A plain training step is forward + backward + ``SGD.step`` on one batch of
 random CIFAR-shaped inputs; a hyper-step uses one training and one validation

@@ -1,5 +1,5 @@
 """Shared hypothesis profiles, random-problem strategies and a float64 oracle of
-MATH.md sections 1, 3 and 4 (with per-element error magnitudes) for the tests.
+docs/math.md sections 1, 3 and 4 (with per-element error magnitudes) for the tests.
 
 Profiles: ``ci`` (default, sized so the whole suite runs in a few minutes on
 two cores) and ``thorough`` (ten times the examples); pick one with
@@ -216,7 +216,7 @@ def cotangents(p: Problem, present=(True, True, True, True), salt=3, layout="con
 # ------------------------------------------------------- float64 oracle
 
 class Oracle:
-    """MATH.md sections 1, 3, 4 evaluated in float64 on the (exact) problem
+    """docs/math.md sections 1, 3, 4 evaluated in float64 on the (exact) problem
     values, with per-element magnitudes ``mag_*`` such that a correct
     implementation accumulating with unit round-off ``eps`` is within a
     small multiple of ``eps * mag`` of the exact value."""

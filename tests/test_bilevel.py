@@ -1,4 +1,4 @@
-"""BilevelOptimizer, its solvers and check_hypergrad (MATH.md sections 2 and 5)."""
+"""BilevelOptimizer, its solvers and check_hypergrad (docs/math.md sections 2 and 5)."""
 import contextlib
 import copy
 import io
@@ -74,7 +74,7 @@ def test_default_configuration_is_close(checks):
 def test_exact_agrees_with_finite_differences(checks):
     c = checks["default"]
     assert c.fd_cosine >= 0.9999 and c.fd_relative_error <= 1e-4, (c.fd_cosine, c.fd_relative_error)
-    # the re-solved validation loss is invariant to a per-row constant shift (MATH.md section 2)
+    # the re-solved validation loss is invariant to a per-row constant shift (docs/math.md section 2)
     shift = c.finite_difference[K:]
     assert abs(float(shift.sum())) <= 1e-6 * float(shift.abs().sum())
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels against the plain-PyTorch reference (MATH.md sections 1,
+"""The CUDA kernels against the plain-PyTorch reference (docs/math.md sections 1,
 3, 4) on the same GPU inputs, within the tolerance model of conftest.py;
 plus determinism, opcheck, torch.compile, device mix-ups and edge cases.
 Skipped without a CUDA device."""

@@ -1,4 +1,4 @@
-"""Tests of autobalance.experiments.data: the long-tailed recipe (MATH.md section 7), the
+"""Tests of autobalance.experiments.data: the long-tailed recipe (docs/math.md section 7), the
 embedded and CIFAR loaders, the Waterbirds-like group set, batching and
 augmentation, and argument errors."""
 import gzip

@@ -1,4 +1,4 @@
-"""ParametricCE, loss_tables and frequency_clusters (MATH.md sections 1 and 2)."""
+"""ParametricCE, loss_tables and frequency_clusters (docs/math.md sections 1 and 2)."""
 import io
 import math
 
@@ -18,7 +18,7 @@ INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 # ------------------------------------------------ tables of section 1
 
 def expected_tables(counts, init, tau, gamma):
-    """MATH.md section 1 / losses.py docstrings, element by element in float64."""
+    """docs/math.md section 1 / losses.py docstrings, element by element in float64."""
     cells = [list(map(float, row)) for row in (counts if isinstance(counts[0], list) else [counts])]
     G, K = len(cells), len(cells[0])
     n_k = [sum(cells[g][k] for g in range(G)) for k in range(K)]
@@ -346,7 +346,7 @@ def test_gradients_flow_to_every_parameter_and_match_the_reference_backend():
         g = grads[0][name]
         assert torch.isfinite(g).all() and g.abs().sum() > 0, name
         torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
-    # gauge (MATH.md section 2): a common shift of a group's L changes nothing,
+    # gauge (docs/math.md section 2): a common shift of a group's L changes nothing,
     # so each group's shift gradient sums to zero over the (complete) clusters.
     shift_grad = grads[0]["shift_param"]
     assert (shift_grad.sum(1).abs() <= 1e-5 * shift_grad.abs().sum(1)).all()

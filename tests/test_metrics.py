@@ -1,4 +1,4 @@
-"""Test metrics (MATH.md section 6)."""
+"""Test metrics (docs/math.md section 6)."""
 import math
 
 import pytest

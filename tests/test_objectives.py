@@ -1,4 +1,4 @@
-"""Validation objectives (MATH.md section 6)."""
+"""Validation objectives (docs/math.md section 6)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The fused CPU ops against the plain-PyTorch reference and MATH.md
+"""The fused CPU ops against the plain-PyTorch reference and docs/math.md
 sections 1, 3, 4: values, first and second derivatives, autograd wiring,
 opcheck, torch.compile, determinism and edge cases."""
 import itertools
@@ -799,7 +799,7 @@ def test_ignore_index_equal_to_a_class_ignores_those_rows():
 
 
 def test_backward_is_linear_in_grad_loss():
-    """gamma enters every first derivative linearly (MATH.md section 3)."""
+    """gamma enters every first derivative linearly (docs/math.md section 3)."""
     p = make_problem(14, 25, 9, 2, torch.float64, ignore_frac=0.2)
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     g1 = cotangents(p, salt=1)[0]

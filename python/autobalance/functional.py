@@ -1,4 +1,4 @@
-"""The parametric cross-entropy as a function (MATH.md section 1), on either
+"""The parametric cross-entropy as a function (docs/math.md section 1), on either
 backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
 ``"reference"`` (plain PyTorch, ``autobalance.reference``). Where the compiled
 ops could not be loaded (``autobalance_ext`` warned at import), ``"fused"``

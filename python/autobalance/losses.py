@@ -1,6 +1,6 @@
 """``ParametricCE``: the learnable parametric cross-entropy of the paper
-(eq. 2.1/2.2, and 4.2 for groups), its initialisations (MATH.md section 1)
-and its frequency-aware parameterisation (MATH.md section 2)."""
+(eq. 2.1/2.2, and 4.2 for groups), its initialisations (docs/math.md section 1)
+and its frequency-aware parameterisation (docs/math.md section 2)."""
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -15,7 +15,7 @@ LEARNABLE = ("weight", "scale", "shift")
 
 
 class LossTables(NamedTuple):
-    """The effective ``[G, K]`` tables W, S, L of MATH.md section 1."""
+    """The effective ``[G, K]`` tables W, S, L of docs/math.md section 1."""
     weight: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
@@ -34,7 +34,7 @@ def _as_counts(counts, name="class_counts"):
 
 
 def frequency_clusters(class_counts, cluster_size: int) -> torch.Tensor:
-    """The frequency-aware dictionary of MATH.md section 2 as a cluster map.
+    """The frequency-aware dictionary of docs/math.md section 2 as a cluster map.
 
     Sorts classes by training count, descending (ties by class index), and
     cuts them into contiguous chunks of ``cluster_size``: returns
@@ -52,7 +52,7 @@ def frequency_clusters(class_counts, cluster_size: int) -> torch.Tensor:
 
 
 def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.2) -> LossTables:
-    """The tables of a standard loss, from training counts (MATH.md section 1).
+    """The tables of a standard loss, from training counts (docs/math.md section 1).
 
     ``counts`` is ``[K]`` (class counts, ``G = 1``) or ``[G, K]`` (counts per
     (group, class) cell). ``init``:
@@ -123,7 +123,7 @@ def _table(value, name, groups, classes, default):
 class ParametricCE(nn.Module):
     """Parametric cross-entropy with learnable per-cluster (and per-group) parameters.
 
-    The effective ``[G, K]`` tables (MATH.md sections 1 and 2) are::
+    The effective ``[G, K]`` tables (docs/math.md sections 1 and 2) are::
 
         S[g, k] = scale_max * sigmoid(logit(S0[g, k] / scale_max) + d[g', c(k)])
         L[g, k] = L0[g, k] + l[g', c(k)]

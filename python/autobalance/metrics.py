@@ -1,4 +1,4 @@
-"""Test metrics of MATH.md section 6 (paper sections 1.1 and 4).
+"""Test metrics of docs/math.md section 6 (paper sections 1.1 and 4).
 
 Every metric is a function of the per-(class, group) sample and error counts.
 The functions take ``(prediction, target, group=None, *, num_classes,

@@ -1,10 +1,10 @@
-"""Validation objectives ``L_V`` of the bilevel problem (MATH.md section 6;
+"""Validation objectives ``L_V`` of the bilevel problem (docs/math.md section 6;
 paper sections 2.1 and 4).
 
 Each objective is an ``nn.Module`` called as ``objective(logits, target,
 group=None)`` that returns a scalar. Objectives have no parameters the
 bilevel optimizer tunes: ``L_V`` depends on the network weights only
-(MATH.md section 5).
+(docs/math.md section 5).
 
 Per-cell losses ``L[g, k]`` (the mean CE over the samples of group ``g``
 and class ``k``; cells are ``[G, K]``, as the loss tables) are computed per call, i.e. per validation batch. A cell
@@ -62,7 +62,7 @@ def cell_index(target: torch.Tensor, group: Optional[torch.Tensor], num_classes:
 
 def cell_means(values: torch.Tensor, target: torch.Tensor, group: Optional[torch.Tensor],
                num_classes: int, num_groups: int = 1) -> CellMeans:
-    """Means of per-sample ``values`` over each (group, class) cell (MATH.md section 6).
+    """Means of per-sample ``values`` over each (group, class) cell (docs/math.md section 6).
 
     Returns ``CellMeans(mean [G, K], count [G, K])``; an empty cell has mean 0
     and count 0. Differentiable w.r.t. ``values``.

@@ -1,5 +1,5 @@
 """The three ops of ``autobalance_ext`` in plain PyTorch, one function per op,
-same names and argument order (MATH.md sections 1, 3, 4).
+same names and argument order (docs/math.md sections 1, 3, 4).
 
 ``parametric_ce`` is written with differentiable PyTorch ops, so autograd
 gives its derivatives; the backward and double backward here are those

@@ -1,5 +1,5 @@
 """``check_hypergrad``: compares ``BilevelOptimizer``'s hypergradients with the
-exact ones of a problem solved to optimality (MATH.md section 5, "Checking it")."""
+exact ones of a problem solved to optimality (docs/math.md section 5, "Checking it")."""
 import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -53,7 +53,7 @@ def _unpack(batch, name):
 def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
                     l2: float = 1e-2, finite_differences: bool = False, fd_step: float = 1e-4,
                     **options) -> HypergradCheck:
-    """Checks ``BilevelOptimizer``'s hypergradient against the exact one (MATH.md section 5).
+    """Checks ``BilevelOptimizer``'s hypergradient against the exact one (docs/math.md section 5).
 
     The inner problem is L2-regularised multinomial logistic regression on
     ``train = (features [N, D], target[, group])``: ``theta = W [K, D]`` minimises

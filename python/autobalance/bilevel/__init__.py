@@ -1,4 +1,4 @@
-"""Bilevel optimisation of the loss hyperparameters (MATH.md section 5):
+"""Bilevel optimisation of the loss hyperparameters (docs/math.md section 5):
 
 - ``optimizer``: ``BilevelOptimizer``, the optimizer wrapper and its schedule;
 - ``solvers``: the linear solvers of the implicit hypergradient (``Neumann``,

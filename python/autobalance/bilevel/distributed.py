@@ -1,5 +1,5 @@
 """DistributedDataParallel: a hyper-step treats the union of all ranks' batches
-as its batches (MATH.md section 5). Without DDP (or with one rank) every
+as its batches (docs/math.md section 5). Without DDP (or with one rank) every
 helper here is the identity."""
 import contextlib
 

@@ -1,5 +1,5 @@
 """The hyper-step's layers: PyTorch's kernels, cheaper second derivatives
-(MATH.md section 5), and ``hyper_passes``, the mode the hyper-step's forward
+(docs/math.md section 5), and ``hyper_passes``, the mode the hyper-step's forward
 passes run in.
 
 PyTorch's generic double backward of a convolution runs slower kernels than its backward,

@@ -1,12 +1,12 @@
 """``BilevelOptimizer``: the paper's Algorithm 1 with hypergradients by
-approximate implicit differentiation (MATH.md section 5; paper sections 2.1,
+approximate implicit differentiation (docs/math.md section 5; paper sections 2.1,
 2.2 and the implementation paragraphs of section 3), and its schedule.
 
-Notation as in MATH.md: ``theta`` the network weights (or a chosen subset),
+Notation as in docs/math.md: ``theta`` the network weights (or a chosen subset),
 ``alpha`` the loss hyperparameters (the learnable ``nn.Parameter``s of the
 criterion, e.g. ``ParametricCE.scale_param`` / ``shift_param`` in cluster
-space, MATH.md section 2), ``L_T`` the training loss, ``L_V`` the validation
-objective (MATH.md section 6), ``H = d^2 L_T / d theta^2``.
+space, docs/math.md section 2), ``L_T`` the training loss, ``L_V`` the validation
+objective (docs/math.md section 6), ``H = d^2 L_T / d theta^2``.
 """
 import math
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -21,7 +21,7 @@ from autobalance.bilevel.products import TrainGradients, flat, split, validation
 from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
 from autobalance.losses import ParametricCE
 
-HYPER_EVERY = 20  # training steps between hyper-steps, as in the published code (MATH.md section 5)
+HYPER_EVERY = 20  # training steps between hyper-steps, as in the published code (docs/math.md section 5)
 
 Batch = Tuple[torch.Tensor, ...]
 BatchSource = Union[Iterable[Batch], Callable[[], Batch]]
@@ -41,7 +41,7 @@ class HyperStepResult(NamedTuple):
 
 def fix_shift_gauge(criterion, names, grads):
     """Projects the hypergradient of ``ParametricCE.shift_param`` to zero mean across
-    clusters in every row: a per-row constant shift changes no loss value (MATH.md
+    clusters in every row: a per-row constant shift changes no loss value (docs/math.md
     section 2), so the exact hypergradient has no component along it."""
     if isinstance(criterion, ParametricCE) and "shift_param" in names:
         i = names.index("shift_param")
@@ -86,7 +86,7 @@ class _BatchStream:
 class BilevelOptimizer(torch.optim.Optimizer):
     """Wraps a ``torch.optim`` optimizer of the network weights ``theta`` and tunes
     the learnable parameters ``alpha`` of the training loss on validation data
-    (the paper's Algorithm 1, MATH.md section 5).
+    (the paper's Algorithm 1, docs/math.md section 5).
 
     It behaves like the optimizer it wraps: ``step``, ``zero_grad``, ``param_groups``
     (the wrapped optimizer's list itself), ``state_dict`` / ``load_state_dict``, step
@@ -110,7 +110,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
     argument also overrides a bound one). Batches are ``(inputs, target)`` or
     ``(inputs, target, group)``; ``model(inputs)`` must return ``[N, K]`` logits.
 
-    **The hypergradient** (MATH.md section 5)::
+    **The hypergradient** (docs/math.md section 5)::
 
         dL_V/dalpha = - d/dalpha <grad_theta L_T(theta, alpha), p>,   H p = grad_theta L_V
 
@@ -148,7 +148,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
     training batch's second-order graph is alive at a time (``products.TrainGradients``).
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
-    zero mean across clusters in each row (the shift gauge of MATH.md section 2); it
+    zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
     is clipped to total norm ``max_hypergrad_norm`` if given; a non-finite
     hypergradient (e.g. from non-finite losses) skips the hyper-step -- ``alpha``, the
     hyper-optimizer and the solver state stay untouched and ``skipped_hyper_steps``
@@ -234,7 +234,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if objective is criterion or (isinstance(objective, nn.Module)
                                       and any(id(p) in hyper_ids for p in objective.parameters())):
             raise ValueError("autobalance: `objective` must not depend on the loss hyperparameters (L_V(theta) of "
-                             "MATH.md section 5); got an objective that shares parameters with `criterion`")
+                             "docs/math.md section 5); got an objective that shares parameters with `criterion`")
 
         trained = [p for group in optimizer.param_groups for p in group["params"]]
         if any(id(p) in hyper_ids for p in trained):
@@ -497,7 +497,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     def hypergradient(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
                       val_batches: Optional[Sequence[Batch]] = None) -> List[torch.Tensor]:
-        """The gauge-fixed hypergradient ``dL_V/dalpha`` (MATH.md section 5), one tensor per
+        """The gauge-fixed hypergradient ``dL_V/dalpha`` (docs/math.md section 5), one tensor per
         learnable parameter of the criterion, without applying it or changing any state
         (but for the batches it draws from bound loaders)."""
         return self._hypergradient(model, train_batches, val_batches)[0]

@@ -1,4 +1,4 @@
-"""The gradients and second-order products of a hyper-step (MATH.md section 5):
+"""The gradients and second-order products of a hyper-step (docs/math.md section 5):
 ``grad_theta L_V`` of a validation batch, and on the training batches the
 Hessian-vector product ``H v`` and the mixed product
 ``d/d alpha <grad_theta L_T, p>``. Vectors over ``theta`` (and ``alpha``) are
@@ -52,7 +52,7 @@ def validation_gradient(model, objective, theta, hyper, batch):
     grads = torch.autograd.grad(loss, theta + hyper, allow_unused=True)
     if any(g is not None for g in grads[len(theta):]):
         raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
-                         "function of the network weights only (MATH.md section 5)")
+                         "function of the network weights only (docs/math.md section 5)")
     if all(g is None for g in grads[:len(theta)]):
         raise ValueError("autobalance: the validation loss does not depend on theta; pass the `model` "
                          "whose weights the wrapped optimizer trains")
@@ -60,7 +60,7 @@ def validation_gradient(model, objective, theta, hyper, batch):
 
 
 class TrainGradients:
-    """The two second-order products of MATH.md section 5 on the training batches
+    """The two second-order products of docs/math.md section 5 on the training batches
     ``(inputs, target, group)``, averaged over the batches (and over ranks under DDP,
     ``group`` being the process group or None):
 

@@ -1,4 +1,4 @@
-"""Solvers for ``p ~ H^-1 b`` (MATH.md section 5), the linear solve of the implicit
+"""Solvers for ``p ~ H^-1 b`` (docs/math.md section 5), the linear solve of the implicit
 hypergradient. Each is a small object that captures its options at construction
 and has one method::
 
@@ -62,7 +62,7 @@ def _step_size(value):
 
 class Neumann:
     """``terms`` (``J``) terms of the Neumann series with step ``eta = step_size``
-    (MATH.md section 5)::
+    (docs/math.md section 5)::
 
         v <- b ;  p <- v ;  repeat J times: v <- v - eta (H v) ;  p <- p + v ;  x = eta p
 

@@ -1,4 +1,4 @@
-"""Imbalanced image data, built offline (MATH.md section 7; paper sections 3 and 4).
+"""Imbalanced image data, built offline (docs/math.md section 7; paper sections 3 and 4).
 
 Three kinds of data, all returned as :class:`DataSplits`:
 
@@ -319,7 +319,7 @@ def _shuffled_by_class(targets, num_classes, generator):
 
 
 def long_tailed_counts(n_max: int, num_classes: int, imbalance: float) -> List[int]:
-    """Examples kept per class, ``n'_i = floor(n_max * mu^i)``, ``mu = rho^(-1/(K-1))`` (MATH.md section 7).
+    """Examples kept per class, ``n'_i = floor(n_max * mu^i)``, ``mu = rho^(-1/(K-1))`` (docs/math.md section 7).
 
     ``n'_0 = n_max`` and ``n'_(K-1) = n_max / rho`` (exactly, when that is an
     integer). Rounding down matches the CIFAR-LT counts in the literature
@@ -591,7 +591,7 @@ def load_long_tailed(name: str = "mnist", *, data_root=None, imbalance: Optional
     ``animal-mnist``), ``"cifar10"`` / ``"cifar100"`` (read from ``data_root``,
     see :func:`read_cifar`).
 
-    Recipe (MATH.md section 7): for the embedded sets a balanced test set of
+    Recipe (docs/math.md section 7): for the embedded sets a balanced test set of
     ``test_per_class`` images per class is held out first (fixed, independent
     of ``seed``); CIFAR uses its official test set. From the rest, class ``i``
     keeps ``floor(n_max * rho^(-i/(K-1)))`` random images (``n_max``: default

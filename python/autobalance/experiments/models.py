@@ -3,7 +3,7 @@ images, and the CIFAR ResNet-32 of He et al. (2016) that the paper trains on
 CIFAR-LT (section 3).
 
 Both end in a linear classifier named ``fc``, so ``model.fc.parameters()``
-can serve as the parameters ``theta`` of the hypergradient (MATH.md section
+can serve as the parameters ``theta`` of the hypergradient (docs/math.md section
 5), and both take the input channel count and ``num_classes``.
 """
 from typing import Sequence
