@@ -61,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cuda(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Launch<scalar_t> l(logits, target, group, weight, scale, shift, s, ignore_index);
-        l.a.gamma = l.template input<acc_t>(grad_loss);
+        l.a.upstream = l.template input<acc_t>(grad_loss);
         l.a.lse = l.template input<acc_t>(lse);
         l.a.dz = grad_logits.mutable_data_ptr<scalar_t>();
         l.set_vec();
