@@ -21,10 +21,11 @@
 namespace autobalance {
 namespace math {
 
-// a * b + c. On the CPU a scalar one rounds twice (the extension builds with
-// -std=c++17, so GCC does not contract it), and Vectorized arguments get
-// at::vec::fmadd, one rounding: argument-dependent lookup finds it and it is
-// the more specialised overload. nvcc contracts this one to an fma.
+// a * b + c. Vectorized arguments get at::vec::fmadd, one rounding:
+// argument-dependent lookup finds it and it is the more specialised overload.
+// For scalars, g++ (in C++ under any -std, unlike ISO C) and nvcc contract
+// the expression to an fma where they see fit, as they did with the kernels'
+// own a * b + c before this header: the CPU's outputs kept every bit.
 template <typename T>
 C10_HOST_DEVICE inline T fmadd(const T& a, const T& b, const T& c) {
   return a * b + c;

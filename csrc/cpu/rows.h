@@ -21,7 +21,7 @@
 #include "vec.h"
 
 namespace autobalance {
-namespace cpu {
+namespace cpu C10_HIDDEN {  // as in vec.h
 
 using at::Tensor;
 

@@ -5,6 +5,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Export.h>
 
 #include <cmath>
 #include <cstdint>
@@ -12,7 +13,10 @@
 #include <type_traits>
 
 namespace autobalance {
-namespace cpu {
+// Hidden: the CPU kernels' helpers bind within this library, so a call the
+// compiler does not inline is direct, not through the PLT, and the inliner
+// weighs them as it does file-local functions.
+namespace cpu C10_HIDDEN {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
