@@ -38,7 +38,6 @@ inline Vec<T> adjusted_logits(const T* S, const T* z, const T* L, int64_t k, int
   return math::adjusted_logit(load(S, k, n), load(z, k, n), load(L, k, n));
 }
 
-
 // {m, sum_k exp(S_k z_k + L_k - m)} with m the row's max, in two passes, so
 // lse = m + log(sum). With `e`, the second pass also stores the exponentials.
 // `fresh` is fresh_lanes<acc_t>(K).

@@ -1,7 +1,8 @@
 // CUDA kernels of the parametric cross-entropy: forward and backward here,
 // the double backward in parametric_ce_double_backward.cu (MATH.md sections
-// 1, 3, 4), with the schemas and results of csrc/cpu/parametric_ce.cpp. The
-// kernels are in kernels.cuh, the launch logic in launch.cuh.
+// 1, 3, 4), with the schemas and results of the CPU kernels (csrc/cpu). The
+// kernels are in kernels.cuh, the launch logic in launch.cuh, the math of an
+// element in ../parametric_ce_math.h.
 //
 // Label and group ranges: the CPU kernels raise IndexError; here an
 // out-of-range target or group trips a device-side assert (CUDA_KERNEL_ASSERT
