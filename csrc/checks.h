@@ -1,12 +1,16 @@
-// Argument checks shared by every backend. Each message names the argument,
-// what it got and what was expected; the TORCH_CHECK_* flavour picks the
-// Python exception (TypeError, ValueError, IndexError).
+// Argument checks shared by every backend, and the one argument convention
+// they share (table_cotangents). Each message names the argument, what it got
+// and what was expected; the TORCH_CHECK_* flavour picks the Python exception
+// (TypeError, ValueError, IndexError).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace autobalance {
 
@@ -156,6 +160,24 @@ inline void check_cotangents(const at::Tensor& logits, const Sizes& s,
       check_same_device(**tables[i], names[i], logits);
     }
   }
+}
+
+// The double backward's table cotangents (u_scale, u_shift) as every backend's
+// kernels take them: both or neither, a missing one of the pair zero-filled,
+// so the pair shares one kernel path. Zero-filling differs from leaving the
+// term out only where US_k z_k is 0 * inf or NaN, at a non-finite logit. A NaN
+// or +inf logit makes its row's lse, and with it the whole row, NaN anyway. A
+// -inf logit makes the row NaN where leaving US out would keep it finite
+// (u_shift without u_scale); its scale gradient (z_k t_k, 0 * -inf) is NaN in
+// any case.
+inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> table_cotangents(
+    const at::Tensor& weight, const std::optional<at::Tensor>& u_scale,
+    const std::optional<at::Tensor>& u_shift) {
+  if (!u_scale.has_value() && !u_shift.has_value()) return {};
+  const auto given_or_zeros = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? *t : at::zeros_like(weight);
+  };
+  return {given_or_zeros(u_scale), given_or_zeros(u_shift)};
 }
 
 }  // namespace autobalance

@@ -248,6 +248,24 @@ def test_deterministic(classes, dtype):
         assert torch.equal(a, b), f"output {i} differs between two runs"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("classes", [10, 1000, 8142])
+def test_a_missing_table_cotangent_is_zero(classes, dtype):
+    """As on the CPU, u_scale without u_shift (or the other way round) gives
+    exactly what a zero table gives, in the fused and the two-pass kernels."""
+    p = on_gpu(make_problem(6, 64, classes, 2, dtype))
+    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(6, 64, classes, 2, dtype)))
+    _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    for given_us, given_ul in ((us, None), (None, ul)):
+        zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
+        got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, given_us, given_ul,
+                                                p.ignore_index, True)
+        want = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, *zero_filled,
+                                                 p.ignore_index, True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("classes", [10, 1000, 2000])
 def test_opcheck(classes):
     p = on_gpu(make_problem(2, 8, classes, 2, torch.float32, use_group=True))

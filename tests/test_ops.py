@@ -147,6 +147,24 @@ def test_double_backward_matches_reference(present, p, table_grads, uz_layout):
                          "double backward")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_a_missing_table_cotangent_is_zero(dtype):
+    """u_scale without u_shift, or the other way round, gives exactly what a
+    zero table gives: the convention the CPU and CUDA kernels share."""
+    p = make_problem(6, 40, 13, 2, dtype)
+    gamma, uz, uw, us, ul = cotangents(p)
+    _, lse = _forward(p, OPS)
+    for given_us, given_ul in ((us, None), (None, ul)):
+        zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
+        for table_grads in (True, False):
+            got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, given_us, given_ul,
+                                                    p.ignore_index, table_grads)
+            want = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, *zero_filled,
+                                                     p.ignore_index, table_grads)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+
+
 # -------------------------------------------- end-to-end autograd
 
 def _leaves(p, needs):

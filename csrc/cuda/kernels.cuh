@@ -21,8 +21,10 @@
 // of chunks depends only on N, K and the dtype (never on timing or the
 // device), so results are bit-identical from run to run.
 //
-// Everything accumulates in at::opmath_type (float32 for bfloat16/float16).
-// Column indices are int (the host checks K < 2^31); row offsets are int64.
+// The per-element math is ../parametric_ce_math.h, shared with the CPU
+// kernels. Everything accumulates in at::opmath_type (float32 for
+// bfloat16/float16). Column indices are int (the host checks K < 2^31); row
+// offsets are int64.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -32,6 +34,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "../parametric_ce_math.h"
 
 namespace autobalance {
 namespace cuda {
@@ -56,15 +60,17 @@ struct Args {
   const int64_t* target;
   const int64_t* group;  // null when G == 1
   const acc_t *W, *S, *L;
-  const acc_t* gamma;  // grad_loss
+  const acc_t* upstream;  // grad_loss
   const acc_t* lse;
-  const scalar_t* uz;  // double backward cotangents; null = absent (zero)
+  // Double backward cotangents; null = absent (zero). US and UL are both
+  // given or both null (autobalance::table_cotangents).
+  const scalar_t* uz;
   const acc_t *UW, *US, *UL;
   const acc_t* vbar;  // double backward, large K: v̄ from row_kernel
   acc_t* loss;
   acc_t* lse_out;
   acc_t* vbar_out;
-  acc_t* dgamma;  // grad_grad_loss
+  acc_t* grad_grad_loss;
   scalar_t* dz;   // grad_logits
   acc_t* partial;  // [chunks, 3, G, K]; null when table_grads is false
   int64_t N;
@@ -242,25 +248,15 @@ __device__ __forceinline__ T team_reduce(T v, Op op) {
 
 // ------------------------------------------------------------------ math
 
-// p_k = exp(S_k z_k + L_k - lse) (MATH.md section 1).
+// p_k = exp(a_k - lse) (MATH.md section 1).
 template <typename T>
 __device__ __forceinline__ T prob(T S, T z, T L, T lse) {
-  return exp_(S * z + L - lse);
+  return exp_(math::adjusted_logit(S, z, L) - lse);
 }
 
-// Which cotangents of the double backward are present.
-struct Present {
-  bool uz, us, ul;
-};
-
-// v_k = S_k Uz_k + UL_k + US_k z_k (MATH.md section 4). Absent terms are
-// left out, not multiplied by zero (0 * inf would be NaN).
-template <typename T>
-__device__ __forceinline__ T cotangent(Present has, T S, T z, T uz, T US, T UL) {
-  T v = has.uz ? S * uz : T(0);
-  if (has.ul) v += UL;
-  if (has.us) v += US * z;
-  return v;
+template <typename scalar_t>
+__device__ __forceinline__ math::Given given_cotangents(const Args<scalar_t>& a) {
+  return {a.uz != nullptr, a.US != nullptr};
 }
 
 // The per-row numbers of the double backward (MATH.md section 4).
@@ -278,19 +274,19 @@ __device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> double_row(
     const Args<scalar_t>& a, int64_t i, const Row& r) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t at_y = r.g * a.K + r.y;
+  const math::Given given = given_cotangents(a);
   const acc_t z_y = static_cast<acc_t>(a.z[i * a.K + r.y]);
-  const acc_t uz_y = a.uz ? static_cast<acc_t>(a.uz[i * a.K + r.y]) : acc_t(0);
+  const acc_t uz_y = given.uz ? static_cast<acc_t>(a.uz[i * a.K + r.y]) : acc_t(0);
   const acc_t S_y = a.S[at_y];
-  const acc_t gamma = a.gamma[i];
-  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
+  const acc_t upstream = a.upstream[i];
   DoubleRow<acc_t> d;
   d.Wy = a.W[at_y];
   d.UWy = a.UW ? a.UW[at_y] : acc_t(0);
-  d.c = gamma * d.Wy;
-  d.cu = gamma * d.UWy;
-  d.ce = a.lse[i] - (S_y * z_y + a.L[at_y]);
-  d.v_y = cotangent(has, S_y, z_y, uz_y, has.us ? a.US[at_y] : acc_t(0),
-                    has.ul ? a.UL[at_y] : acc_t(0));
+  d.c = math::residual_scale(upstream, d.Wy);
+  d.cu = math::residual_scale(upstream, d.UWy);
+  d.ce = math::cross_entropy(a.lse[i], math::adjusted_logit(S_y, z_y, a.L[at_y]));
+  d.v_y = math::cotangent(given, S_y, uz_y, z_y, given.tables ? a.US[at_y] : acc_t(0),
+                          given.tables ? a.UL[at_y] : acc_t(0));
   return d;
 }
 
@@ -308,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
   constexpr int kAhead = 4;            // chunks loaded before any is used
   const int lane = threadIdx.x % TEAM;
   const int K = a.K;
-  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
+  const math::Given given = given_cotangents(a);
   // Team-uniform loops: the lanes of a team always take the same branches.
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM; i < a.N;
        i += static_cast<int64_t>(gridDim.x) * kTeams) {
@@ -317,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
       if (lane == 0) {
         if constexpr (kPrep) {
           a.vbar_out[i] = 0;
-          a.dgamma[i] = 0;
+          a.grad_grad_loss[i] = 0;
         } else {
           a.loss[i] = 0;
           a.lse_out[i] = 0;
@@ -326,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
       continue;
     }
     const scalar_t* z = a.z + i * K;
-    const scalar_t* uz = has.uz ? a.uz + i * K : nullptr;
+    const scalar_t* uz = given.uz ? a.uz + i * K : nullptr;
     const acc_t* S = a.S + r.g * K;
     const acc_t* L = a.L + r.g * K;
     const acc_t lse_in = kPrep ? a.lse[i] : acc_t(0);
@@ -340,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
         if (b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
         zc[u] = load<VEC>(z, c, K);
-        if (kPrep && has.uz) uc[u] = load<VEC>(uz, c, K);
+        if (kPrep && given.uz) uc[u] = load<VEC>(uz, c, K);
       }
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
@@ -353,20 +349,23 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
           acc_t logit[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            logit[v] = c[v] < K ? Sc.v[v] * static_cast<acc_t>(zc[u].v[v]) + Lc.v[v]
-                                : neg_inf<acc_t>();
+            logit[v] = c[v] < K
+                           ? math::adjusted_logit(Sc.v[v], static_cast<acc_t>(zc[u].v[v]), Lc.v[v])
+                           : neg_inf<acc_t>();
           lse_add(lse, logit);
         } else {
           Pack<acc_t, VEC> USc{}, ULc{};
-          if (has.us) USc = load<VEC>(a.US + r.g * K, c, K);
-          if (has.ul) ULc = load<VEC>(a.UL + r.g * K, c, K);
+          if (given.tables) {
+            USc = load<VEC>(a.US + r.g * K, c, K);
+            ULc = load<VEC>(a.UL + r.g * K, c, K);
+          }
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             if (c[v] >= K) continue;
             const acc_t zk = static_cast<acc_t>(zc[u].v[v]);
-            const acc_t uk = has.uz ? static_cast<acc_t>(uc[u].v[v]) : acc_t(0);
+            const acc_t uk = given.uz ? static_cast<acc_t>(uc[u].v[v]) : acc_t(0);
             vbar += prob(Sc.v[v], zk, Lc.v[v], lse_in) *
-                    cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+                    math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
           }
         }
       }
@@ -375,16 +374,16 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
       lse = team_reduce<TEAM>(lse, LseMerge{});
       if (lane == 0) {
         const acc_t value = lse.m + log_(lse.s);
-        const acc_t a_y = S[r.y] * static_cast<acc_t>(z[r.y]) + L[r.y];
+        const acc_t a_y = math::adjusted_logit(S[r.y], static_cast<acc_t>(z[r.y]), L[r.y]);
         a.lse_out[i] = value;
-        a.loss[i] = a.W[r.g * K + r.y] * (value - a_y);
+        a.loss[i] = math::loss(a.W[r.g * K + r.y], math::cross_entropy(value, a_y));
       }
     } else {
       vbar = team_reduce<TEAM>(vbar, Plus{});
       if (lane == 0) {
         const auto d = double_row(a, i, r);
         a.vbar_out[i] = vbar;
-        a.dgamma[i] = d.Wy * (vbar - d.v_y) + d.UWy * d.ce;
+        a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
       }
     }
   }
@@ -448,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
       row_begin + a.rows_per_chunk < a.N ? row_begin + a.rows_per_chunk : a.N;
   const bool table_grads = a.partial != nullptr;
   const bool fused = kDouble && a.vbar == nullptr;
-  const Present has{a.uz != nullptr, a.US != nullptr, a.UL != nullptr};
+  const math::Given given = given_cotangents(a);
   const auto cols = [&](int ch) {
     return chunk_cols<TX, VEC>(tile0 + ch * TX * VEC, lane, a.vec);
   };
@@ -476,29 +475,32 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch)
           if (in_row(ch)) store<VEC>(dz, cols(ch), K, zero);
-        if (fused && lane == 0) a.dgamma[i] = 0;
+        if (fused && lane == 0) a.grad_grad_loss[i] = 0;
         continue;
       }
       const int64_t off = r.g * K;
       const int y_slot = owned_slot<TX, CH, VEC>(r.y - tile0, lane, a.vec);
-      const acc_t gamma = a.gamma[i], lse = a.lse[i];
+      const acc_t upstream = a.upstream[i], lse = a.lse[i];
       const scalar_t* z = a.z + i * K;
-      const scalar_t* uz = has.uz ? a.uz + i * K : nullptr;
+      const scalar_t* uz = given.uz ? a.uz + i * K : nullptr;
       // One read of the row, kept in registers for both passes.
       Pack<scalar_t, VEC> zc[CH], uc[CH];
 #pragma unroll
       for (int ch = 0; ch < CH; ++ch) {
         if (!in_row(ch)) continue;
         zc[ch] = load<VEC>(z, cols(ch), K);
-        if (kDouble && has.uz) uc[ch] = load<VEC>(uz, cols(ch), K);
+        if (kDouble && given.uz) uc[ch] = load<VEC>(uz, cols(ch), K);
       }
 
+      // Every column takes the off-label form of r and t; the label's column
+      // then takes its term off (math::residual_label), as on the CPU.
       acc_t dW_y;
       if constexpr (!kDouble) {
-        // r_k = c (p_k - [k = y]); grad z_k = S_k r_k; grad S += r z;
-        // grad L += r; grad W[g,y] += γ ce.
-        const acc_t c = gamma * a.W[off + r.y];
-        dW_y = gamma * (lse - (a.S[off + r.y] * static_cast<acc_t>(z[r.y]) + a.L[off + r.y]));
+        // Section 3: r, grad z, grad S, grad L and grad W[g,y].
+        const acc_t c = math::residual_scale(upstream, a.W[off + r.y]);
+        const acc_t a_y =
+            math::adjusted_logit(a.S[off + r.y], static_cast<acc_t>(z[r.y]), a.L[off + r.y]);
+        dW_y = math::grad_weight(upstream, math::cross_entropy(lse, a_y));
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
@@ -508,12 +510,14 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
+            const int e = ch * VEC + v;
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-            const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
-            const acc_t rk = c * (ch * VEC + v == y_slot ? p - acc_t(1) : p);
-            out.v[v] = static_cast<scalar_t>(Sc.v[v] * rk);
-            acc[0][ch * VEC + v] += rk * zk;
-            acc[1][ch * VEC + v] += rk;
+            const acc_t rk = math::residual(c, prob(Sc.v[v], zk, Lc.v[v], lse));
+            acc_t dzk = math::grad_logit(Sc.v[v], rk);
+            acc[0][e] = math::add_grad_scale(acc[0][e], rk, zk);
+            acc[1][e] = math::add_grad_shift(acc[1][e], rk);
+            if (e == y_slot) math::residual_label(c, Sc.v[v], zk, dzk, &acc[0][e], &acc[1][e]);
+            out.v[v] = static_cast<scalar_t>(dzk);
           }
           store<VEC>(dz, cc, K, out);
         }
@@ -530,26 +534,26 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const auto Sc = load<VEC>(a.S + off, cc, K);
             const auto Lc = load<VEC>(a.L + off, cc, K);
             Pack<acc_t, VEC> USc{}, ULc{};
-            if (has.us) USc = load<VEC>(a.US + off, cc, K);
-            if (has.ul) ULc = load<VEC>(a.UL + off, cc, K);
+            if (given.tables) {
+              USc = load<VEC>(a.US + off, cc, K);
+              ULc = load<VEC>(a.UL + off, cc, K);
+            }
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               if (cc[v] >= K) continue;
               const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-              const acc_t uk = has.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+              const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
               sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
-                     cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
+                     math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
             }
           }
           vbar = team_reduce<TX>(sum, Plus{});
-          if (lane == 0) a.dgamma[i] = d.Wy * (vbar - d.v_y) + d.UWy * d.ce;
+          if (lane == 0) a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
         } else {
           vbar = a.vbar[i];
         }
-        // Pass 2: t_j = c p_j (v_j - v̄) + cu (p_j - [j = y]);
-        // grad z_j = S_j t_j + US_j r_j; grad S += z t + Uz r; grad L += t;
-        // grad W[g,y] += γ (v̄ - v_y).
-        dW_y = gamma * (vbar - d.v_y);
+        // Pass 2 (section 4): r, t, grad z, grad S, grad L and grad W[g,y].
+        dW_y = math::double_grad_weight(upstream, vbar, d.v_y);
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
@@ -557,25 +561,28 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
           Pack<acc_t, VEC> USc{}, ULc{};
-          if (has.us) USc = load<VEC>(a.US + off, cc, K);
-          if (has.ul) ULc = load<VEC>(a.UL + off, cc, K);
+          if (given.tables) {
+            USc = load<VEC>(a.US + off, cc, K);
+            ULc = load<VEC>(a.UL + off, cc, K);
+          }
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const bool at_y = ch * VEC + v == y_slot;
+            const int e = ch * VEC + v;
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-            const acc_t uk = has.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
+            const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
-            const acc_t vk = cotangent(has, Sc.v[v], zk, uk, USc.v[v], ULc.v[v]);
-            const acc_t rk = d.c * (at_y ? p - acc_t(1) : p);
-            const acc_t tk = p * (d.c * (vk - vbar) + d.cu) - (at_y ? d.cu : acc_t(0));
-            acc_t dzk = Sc.v[v] * tk;
-            if (has.us) dzk += USc.v[v] * rk;
-            acc_t dSk = zk * tk;
-            if (has.uz) dSk += uk * rk;
+            const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
+            const acc_t rk = math::residual(d.c, p);
+            const acc_t tk = math::double_residual(d.c, d.cu, p, vk, vbar);
+            acc_t dzk = math::double_grad_logit(given, Sc.v[v], tk, USc.v[v], rk);
+            acc[0][e] = math::add_double_grad_scale(given, acc[0][e], zk, tk, uk, rk);
+            acc[1][e] = math::add_grad_shift(acc[1][e], tk);
+            if (e == y_slot) {
+              math::double_residual_label(given, d.c, d.cu, Sc.v[v], zk, uk, USc.v[v], dzk,
+                                          &acc[0][e], &acc[1][e]);
+            }
             out.v[v] = static_cast<scalar_t>(dzk);
-            acc[0][ch * VEC + v] += dSk;
-            acc[1][ch * VEC + v] += tk;
           }
           store<VEC>(dz, cc, K, out);
         }

@@ -1,7 +1,8 @@
 // CUDA kernels of the parametric cross-entropy: forward and backward here,
 // the double backward in parametric_ce_double_backward.cu (MATH.md sections
-// 1, 3, 4), with the schemas and results of csrc/cpu/parametric_ce.cpp. The
-// kernels are in kernels.cuh, the launch logic in launch.cuh.
+// 1, 3, 4), with the schemas and results of the CPU kernels (csrc/cpu). The
+// kernels are in kernels.cuh, the launch logic in launch.cuh, the math of an
+// element in ../parametric_ce_math.h.
 //
 // Label and group ranges: the CPU kernels raise IndexError; here an
 // out-of-range target or group trips a device-side assert (CUDA_KERNEL_ASSERT
@@ -61,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cuda(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "parametric_ce_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Launch<scalar_t> l(logits, target, group, weight, scale, shift, s, ignore_index);
-        l.a.gamma = l.template input<acc_t>(grad_loss);
+        l.a.upstream = l.template input<acc_t>(grad_loss);
         l.a.lse = l.template input<acc_t>(lse);
         l.a.dz = grad_logits.mutable_data_ptr<scalar_t>();
         l.set_vec();

@@ -32,18 +32,19 @@ parametric_ce_double_backward_cuda(
   Tensor grad_scale = table_grad(weight, table_grads);
   Tensor grad_shift = table_grad(weight, table_grads);
   if (s.rows == 0) return {grad_grad_loss, grad_logits, grad_weight, grad_scale, grad_shift};
+  const auto u_tables = table_cotangents(weight, u_scale, u_shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(),
       "parametric_ce_double_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Launch<scalar_t> l(logits, target, group, weight, scale, shift, s, ignore_index);
-        l.a.gamma = l.template input<acc_t>(grad_loss);
+        l.a.upstream = l.template input<acc_t>(grad_loss);
         l.a.lse = l.template input<acc_t>(lse);
         l.a.uz = l.template input<scalar_t>(u_logits);
         l.a.UW = l.template input<acc_t>(u_weight);
-        l.a.US = l.template input<acc_t>(u_scale);
-        l.a.UL = l.template input<acc_t>(u_shift);
-        l.a.dgamma = grad_grad_loss.mutable_data_ptr<acc_t>();
+        l.a.US = l.template input<acc_t>(u_tables.first);
+        l.a.UL = l.template input<acc_t>(u_tables.second);
+        l.a.grad_grad_loss = grad_grad_loss.mutable_data_ptr<acc_t>();
         l.a.dz = grad_logits.mutable_data_ptr<scalar_t>();
         l.set_vec();
         Tensor vbar;
