@@ -222,20 +222,20 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
       const bool use_kept = s[7].defined() && !differentiable;
       // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
-      Tensor gamma = grads[0], counts, denominator;
+      Tensor upstream = grads[0], counts, denominator;
       if (reduction == kMean) {
         counts = ctx->saved_data["counts"].toTensor();
         denominator = weight_sum(counts, s[3]);
-        gamma = gamma.div(denominator);
+        upstream = upstream.div(denominator);
       }
-      if (reduction != kNone) gamma = gamma.expand_as(s[6]);
+      if (reduction != kNone) upstream = upstream.expand_as(s[6]);
       if (use_kept) {
         // dz overwrites the residual r
         dz = own(s[7]);
-        std::tie(dW, dS, dL) = ops().from_residual.call(gamma, s[0], s[1], optional(s[2]), s[3],
+        std::tie(dW, dS, dL) = ops().from_residual.call(upstream, s[0], s[1], optional(s[2]), s[3],
                                                         s[4], s[5], s[6], dz, ignore_index, table_grads);
       } else {
-        std::tie(dz, dW, dS, dL) = ops().backward.call(gamma, s[0], s[1], optional(s[2]), s[3],
+        std::tie(dz, dW, dS, dL) = ops().backward.call(upstream, s[0], s[1], optional(s[2]), s[3],
                                                        s[4], s[5], s[6], ignore_index, table_grads);
       }
       if (reduction == kMean && e.needed(3)) {
@@ -280,11 +280,11 @@ struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
     const auto s = ctx->get_saved_variables();
     const Edges e{ctx, 3};
     const bool table_grads = e.needed(4) || e.needed(5) || e.needed(6);
-    auto [dgamma, dz, dW, dS, dL] = ops().double_backward.call(
+    auto [grad_grad_loss, dz, dW, dS, dL] = ops().double_backward.call(
         s[0], s[1], s[2], optional(s[3]), s[4], s[5], s[6], s[7], optional(u[0]),
         optional(u[1]), optional(u[2]), optional(u[3]),
         ctx->saved_data["ignore_index"].toInt(), table_grads);
-    none[0] = e.keep(0, dgamma);
+    none[0] = e.keep(0, grad_grad_loss);
     none[1] = e.keep(1, dz);
     none[4] = e.keep(4, dW);
     none[5] = e.keep(5, dS);

@@ -164,12 +164,11 @@ inline void check_cotangents(const at::Tensor& logits, const Sizes& s,
 
 // The double backward's table cotangents (u_scale, u_shift) as every backend's
 // kernels take them: both or neither, a missing one of the pair zero-filled,
-// so the pair shares one kernel path. Zero-filling differs from leaving the
-// term out only where US_k z_k is 0 * inf or NaN, at a non-finite logit. A NaN
-// or +inf logit makes its row's lse, and with it the whole row, NaN anyway. A
-// -inf logit makes the row NaN where leaving US out would keep it finite
-// (u_shift without u_scale); its scale gradient (z_k t_k, 0 * -inf) is NaN in
-// any case.
+// so the pair shares one kernel path. A zero-filled u_scale's term US_k z_k is
+// still left out of v_k (math::Given::scale_table): 0 * z_k is NaN at a -inf
+// logit (a masked class), which would make a finite row NaN. Elsewhere a zero
+// table changes nothing (its products are 0 at finite logits, and a NaN or
+// +inf logit makes the whole row NaN anyway).
 inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> table_cotangents(
     const at::Tensor& weight, const std::optional<at::Tensor>& u_scale,
     const std::optional<at::Tensor>& u_shift) {

@@ -1,7 +1,7 @@
 // Every op schema of the package, declared once. Backends add their kernels
 // with TORCH_LIBRARY_IMPL(autobalance, CPU|CUDA, m) in their own files.
 //
-// The math is MATH.md sections 1, 3 and 4. Tables `weight`, `scale`, `shift`
+// The math is docs/math.md sections 1, 3 and 4. Tables `weight`, `scale`, `shift`
 // are the [G, K] tables W, S, L; `group` is an optional [N] group index
 // (absent means G == 1). Rows whose target equals `ignore_index` contribute
 // nothing (zero loss, zero gradients).
@@ -23,27 +23,27 @@ int64_t parallel_threads_cpu(int64_t rows, int64_t classes);  // cpu/parametric_
 }
 
 TORCH_LIBRARY(autobalance, m) {
-  // -> (loss [N], lse [N]); MATH.md section 1.
+  // -> (loss [N], lse [N]); docs/math.md section 1.
   m.def(
       "parametric_ce(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
       "-> (Tensor, Tensor)");
   // -> the 0-dim sum of the per-row losses, or with `mean` their weighted mean
-  // sum_i loss_i / sum_i W[g_i, y_i] over the rows not ignored (MATH.md
+  // sum_i loss_i / sum_i W[g_i, y_i] over the rows not ignored (docs/math.md
   // section 1). One autograd node, in the accumulation dtype.
   m.def(
       "parametric_ce_reduced(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean) "
       "-> Tensor");
   // -> (grad_logits [N,K], grad_weight, grad_scale, grad_shift [G,K]);
-  // MATH.md section 3. With table_grads=False the three table gradients are
+  // docs/math.md section 3. With table_grads=False the three table gradients are
   // returned as zeros and not computed.
   m.def(
       "parametric_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor? group, Tensor weight, Tensor scale, Tensor shift, Tensor lse, "
       "int ignore_index, bool table_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradients of Q = <(Uz, UW, US, UL), backward(...)>; MATH.md section 4.
+  // Gradients of Q = <(Uz, UW, US, UL), backward(...)>; docs/math.md section 4.
   // -> (grad_grad_loss [N], grad_logits [N,K], grad_weight, grad_scale,
   //     grad_shift [G,K]). Absent cotangents are zero.
   m.def(

@@ -1,4 +1,4 @@
-// The per-element math of the parametric cross-entropy (MATH.md sections 1,
+// The per-element math of the parametric cross-entropy (docs/math.md sections 1,
 // 3, 4), written once for the CPU kernels (csrc/cpu) and the CUDA kernels
 // (csrc/cuda): they differ only in loops, loads and stores, reductions,
 // exponentials and launches. Its plain-PyTorch twin is
@@ -6,7 +6,7 @@
 //
 // T is the accumulation type (float or double), or on the CPU its
 // at::vec::Vectorized; both backends pass every argument in that one type.
-// `upstream` is the per-row gradient of the loss (MATH.md's γ, the ops'
+// `upstream` is the per-row gradient of the loss (docs/math.md's ω, the ops'
 // grad_loss), not the CDT/VS exponent gamma of the Python API.
 //
 // The label: r_k = c (p_k - [k = y]) and t_k = ... - cu [k = y] differ from
@@ -53,8 +53,8 @@ C10_HOST_DEVICE inline T loss(const T& W_y, const T& ce) {
 
 // ------------------------------------------------- section 3: the backward
 
-// The per-row c = γ W[g,y] of r_k = c (p_k - [k = y]); the double backward's
-// cu = γ UW[g,y] likewise.
+// The per-row c = ω W[g,y] of r_k = c (p_k - [k = y]); the double backward's
+// cu = ω UW[g,y] likewise.
 template <typename T>
 C10_HOST_DEVICE inline T residual_scale(const T& upstream, const T& W_y) {
   return upstream * W_y;
@@ -84,7 +84,7 @@ C10_HOST_DEVICE inline T add_grad_scale(const T& dS, const T& r, const T& z) {
   return fmadd(r, z, dS);
 }
 
-// ∂/∂W[g,y] += γ ce
+// ∂/∂W[g,y] += ω ce
 template <typename T>
 C10_HOST_DEVICE inline T grad_weight(const T& upstream, const T& ce) {
   return upstream * ce;
@@ -105,19 +105,21 @@ C10_HOST_DEVICE inline void residual_label(const T& c, const T& S_y, const T& z_
 // ------------------------------------------ section 4: the double backward
 
 // Which cotangents are given. A missing one of US, UL is zero-filled by the
-// host (autobalance::table_cotangents), so the pair is given or not as one.
+// host (autobalance::table_cotangents), so the pair is given or not as one;
+// `scale_table` says whether US was given rather than zero-filled.
 struct Given {
-  bool uz, tables;
+  bool uz, tables, scale_table;
 };
 
 // v_k = S[g,k] Uz_k + UL[g,k] + US[g,k] z_k, with the terms of absent
-// cotangents left out (the arguments standing for them are not read).
+// cotangents left out (the arguments standing for them are not read). A
+// zero-filled US's term is left out too: 0 * z_k is NaN at a -inf logit.
 template <typename T>
 C10_HOST_DEVICE inline T cotangent(Given given, const T& S, const T& Uz, const T& z,
                                    const T& US, const T& UL) {
   T v(0);
   if (given.uz) v = S * Uz;
-  if (given.tables) v = fmadd(US, z, v + UL);
+  if (given.tables) v = given.scale_table ? fmadd(US, z, v + UL) : v + UL;
   return v;
 }
 
@@ -144,13 +146,13 @@ C10_HOST_DEVICE inline T add_double_grad_scale(Given given, const T& dS, const T
   return given.uz ? fmadd(Uz, r, with_t) : with_t;
 }
 
-// ∂Q/∂W[g,y] += γ (v̄ - v_y)
+// ∂Q/∂W[g,y] += ω (v̄ - v_y)
 template <typename T>
 C10_HOST_DEVICE inline T double_grad_weight(const T& upstream, const T& vbar, const T& v_y) {
   return upstream * (vbar - v_y);
 }
 
-// ∂Q/∂γ = W[g,y] (v̄ - v_y) + UW[g,y] ce
+// ∂Q/∂ω = W[g,y] (v̄ - v_y) + UW[g,y] ce
 template <typename T>
 C10_HOST_DEVICE inline T grad_grad_loss(const T& W_y, const T& UW_y, const T& vbar, const T& v_y,
                                         const T& ce) {

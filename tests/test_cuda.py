@@ -66,11 +66,11 @@ def check_all_ops(p):
             else:
                 assert_all_zero(g, f"{what} grad_{name} with table_grads=False")
 
-    gamma = cotangents(p)[0]
-    o = Oracle(p, gamma)
+    upstream = cotangents(p)[0]
+    o = Oracle(p, upstream)
     for table_grads in (True, False):
-        got = OPS.parametric_ce_backward(on_gpu(gamma), *q.args(), lse, q.ignore_index, table_grads)
-        ref = reference.parametric_ce_backward(on_gpu(gamma), *q.args(), ref_lse, q.ignore_index,
+        got = OPS.parametric_ce_backward(on_gpu(upstream), *q.args(), lse, q.ignore_index, table_grads)
+        ref = reference.parametric_ce_backward(on_gpu(upstream), *q.args(), ref_lse, q.ignore_index,
                                                table_grads)
         assert got[0].dtype == p.dtype and tuple(got[0].shape) == (p.N, p.K)
         assert_within(got[0].cpu(), ref[0].cpu(), tolerance(o.mag_dz, p.dtype, p.dtype, ref[0].cpu()),
@@ -133,7 +133,7 @@ def test_misaligned_rows_give_the_aligned_results(classes, dtype):
     """Rows that do not start on 16 bytes take the scalar path (row starts
     decide it, not K alone); the values must not change."""
     p = on_gpu(make_problem(5, 64, classes, 2, dtype))
-    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(5, 64, classes, 2, dtype)))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(5, 64, classes, 2, dtype)))
 
     def shifted(t):  # the same values at a storage offset of one element
         buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
@@ -143,8 +143,8 @@ def test_misaligned_rows_give_the_aligned_results(classes, dtype):
 
     def run(p, uz, us, ul):
         loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-        first = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
-        second = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+        first = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
+        second = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
         return (loss, lse, *first, *second)
 
     odd = dataclasses.replace(p, logits=shifted(p.logits), scale=shifted(p.scale), shift=shifted(p.shift))
@@ -158,15 +158,15 @@ def test_misaligned_rows_give_the_aligned_results(classes, dtype):
 def test_empty_batch(dtype):
     for classes in (5, 8142):
         p = on_gpu(make_problem(0, 0, classes, 2, dtype))
-        gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(0, 0, classes, 2, dtype)))
+        upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(0, 0, classes, 2, dtype)))
         loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
         assert loss.shape == lse.shape == (0,)
-        dz, *tables = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+        dz, *tables = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
         assert dz.shape == (0, classes)
         for t in tables:
             assert t.shape == (2, classes)
             assert_all_zero(t, "table gradient of an empty batch")
-        out = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+        out = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
         assert out[0].shape == (0,) and out[1].shape == (0, classes)
         for t in out[2:]:
             assert_all_zero(t, "double-backward table gradient of an empty batch")
@@ -174,10 +174,10 @@ def test_empty_batch(dtype):
 
 def test_all_rows_ignored():
     p = on_gpu(make_problem(4, 200, 50, 2, torch.float32, ignore_frac=1.0))
-    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(4, 200, 50, 2, torch.float32)))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(4, 200, 50, 2, torch.float32)))
     loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-    outs = (loss, lse, *OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True),
-            *OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True))
+    outs = (loss, lse, *OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True),
+            *OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True))
     for t in outs:
         assert_all_zero(t, "outputs with every row ignored")
 
@@ -192,10 +192,10 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
     others = torch.arange(p.N, device="cuda") != 4
     assert torch.isnan(loss[4])
     assert torch.equal(loss[others], clean_loss[others]) and torch.equal(lse[others], clean_lse[others])
-    gamma = on_gpu(cotangents(make_problem(9, 12, 40, 1, dtype))[0])
+    upstream = on_gpu(cotangents(make_problem(9, 12, 40, 1, dtype))[0])
     for table_grads in (False, True):
-        clean_dz = OPS.parametric_ce_backward(gamma, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
-        dz = OPS.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
+        clean_dz = OPS.parametric_ce_backward(upstream, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
+        dz = OPS.parametric_ce_backward(upstream, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
         assert torch.equal(dz[others], clean_dz[others])
         assert not torch.isfinite(dz[4]).all()
         if poison == "nan":
@@ -217,10 +217,10 @@ def test_extreme_logits_stay_finite_and_exact(dtype):
     eps = torch.finfo(acc).eps
     torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=0, atol=2e4 * eps * 8)
     torch.testing.assert_close(lse.double().cpu(), expected_lse, rtol=0, atol=2e4 * eps * 8)
-    gamma = torch.ones(4, dtype=acc, device="cuda")
-    grads = OPS.parametric_ce_backward(gamma, z, y, None, W, S, L, lse, -100, True)
+    upstream = torch.ones(4, dtype=acc, device="cuda")
+    grads = OPS.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
     u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
-    grads2 = OPS.parametric_ce_double_backward(gamma, z, y, None, W, S, L, lse, *u, -100, True)
+    grads2 = OPS.parametric_ce_double_backward(upstream, z, y, None, W, S, L, lse, *u, -100, True)
     for t in (*grads, *grads2):
         assert torch.isfinite(t).all()
     p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
@@ -235,13 +235,13 @@ def test_extreme_logits_stay_finite_and_exact(dtype):
 def test_deterministic(classes, dtype):
     """Two runs are bit-identical, table gradients included."""
     p = on_gpu(make_problem(1, 4096 if classes < 8142 else 512, classes, 3, dtype))
-    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(1, 4096 if classes < 8142 else 512, classes, 3, dtype)))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(1, 4096 if classes < 8142 else 512, classes, 3, dtype)))
 
     def run():
         loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-        first = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
-        mixed = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, None, None, None, p.ignore_index, True)
-        full = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+        first = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
+        mixed = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, None, None, None, p.ignore_index, True)
+        full = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
         return (loss, lse, *first, *mixed, *full)
 
     for i, (a, b) in enumerate(zip(run(), run())):
@@ -254,13 +254,13 @@ def test_a_missing_table_cotangent_is_zero(classes, dtype):
     """As on the CPU, u_scale without u_shift (or the other way round) gives
     exactly what a zero table gives, in the fused and the two-pass kernels."""
     p = on_gpu(make_problem(6, 64, classes, 2, dtype))
-    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(6, 64, classes, 2, dtype)))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(6, 64, classes, 2, dtype)))
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     for given_us, given_ul in ((us, None), (None, ul)):
         zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
-        got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, given_us, given_ul,
+        got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, given_us, given_ul,
                                                 p.ignore_index, True)
-        want = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, *zero_filled,
+        want = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, *zero_filled,
                                                  p.ignore_index, True)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
@@ -269,16 +269,16 @@ def test_a_missing_table_cotangent_is_zero(classes, dtype):
 @pytest.mark.parametrize("classes", [10, 1000, 2000])
 def test_opcheck(classes):
     p = on_gpu(make_problem(2, 8, classes, 2, torch.float32, use_group=True))
-    gamma, uz, uw, us, ul = on_gpu(cotangents(make_problem(2, 8, classes, 2, torch.float32, use_group=True)))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(make_problem(2, 8, classes, 2, torch.float32, use_group=True)))
     z, W, S, L = (t.detach().clone().requires_grad_(True) for t in (p.logits, *p.tables()))
     torch.library.opcheck(OPS.parametric_ce.default, (z, p.target, p.group, W, S, L, p.ignore_index))
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-    g = gamma.clone().requires_grad_(True)
+    g = upstream.clone().requires_grad_(True)
     torch.library.opcheck(OPS.parametric_ce_backward.default,
                           (g, z, p.target, p.group, W, S, L, lse, p.ignore_index, True))
     # No input requires grad here: third derivatives are not implemented.
     torch.library.opcheck(OPS.parametric_ce_double_backward.default,
-                          (gamma, *p.args(), lse, uz, None, us, ul, p.ignore_index, True))
+                          (upstream, *p.args(), lse, uz, None, us, ul, p.ignore_index, True))
 
 
 def test_module_autograd_matches_reference_backend():
@@ -326,13 +326,13 @@ def test_cpu_cuda_mixup_raises_value_error():
         bad[i] = bad[i].cpu()
         with pytest.raises(ValueError, match="same device"):
             OPS.parametric_ce(*bad)
-    gamma, uz = on_gpu(cotangents(make_problem(0, 8, 10, 1, torch.float32))[:2])
+    upstream, uz = on_gpu(cotangents(make_problem(0, 8, 10, 1, torch.float32))[:2])
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-    for bad_gamma, bad_lse in ((gamma.cpu(), lse), (gamma, lse.cpu())):
+    for bad_gamma, bad_lse in ((upstream.cpu(), lse), (upstream, lse.cpu())):
         with pytest.raises(ValueError, match="same device"):
             OPS.parametric_ce_backward(bad_gamma, *p.args(), bad_lse, p.ignore_index, True)
     with pytest.raises(ValueError, match="same device"):
-        OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz.cpu(), None, None, None, p.ignore_index, True)
+        OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz.cpu(), None, None, None, p.ignore_index, True)
 
 
 def test_out_of_range_target_is_a_device_side_assert():

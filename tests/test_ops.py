@@ -3,6 +3,8 @@ sections 1, 3, 4: values, first and second derivatives, autograd wiring,
 opcheck, torch.compile, determinism and edge cases."""
 import itertools
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,12 +18,12 @@ from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_
 pce = autobalance.parametric_cross_entropy
 
 
-def _from_residual(gamma, *args):
+def _from_residual(upstream, *args):
     """The in-place residual backward on a copy of the residual, as
     (grad_logits, grad_weight, grad_scale, grad_shift)."""
     *rest, residual, ignore_index, table_grads = args
     dz = residual.clone()
-    return (dz, *OPS._parametric_ce_backward_from_residual_(gamma, *rest, dz, ignore_index, table_grads))
+    return (dz, *OPS._parametric_ce_backward_from_residual_(upstream, *rest, dz, ignore_index, table_grads))
 
 
 def _forward(p, impl):
@@ -88,16 +90,16 @@ def _check_table_outputs(got, ref, mags, p, table_grads, what):
 @given(data=st.data(), table_grads=st.booleans(), gamma_kind=st.sampled_from(["random", "expanded", "strided"]))
 def test_backward_matches_reference(dtype, data, table_grads, gamma_kind):
     p = data.draw(problems(dtypes=(dtype,)), label="problem")
-    gamma = cotangents(p)[0]
+    upstream = cotangents(p)[0]
     if gamma_kind == "expanded":  # what a 'mean'/'sum' reduction sends back: stride 0
-        gamma = torch.tensor(0.37, dtype=p.acc).expand(p.N)
+        upstream = torch.tensor(0.37, dtype=p.acc).expand(p.N)
     elif gamma_kind == "strided":
-        gamma = torch.stack([gamma, torch.zeros_like(gamma)], 1).reshape(-1)[::2]
+        upstream = torch.stack([upstream, torch.zeros_like(upstream)], 1).reshape(-1)[::2]
     _, lse = _forward(p, OPS)
     _, ref_lse = _forward(p, reference)
-    got = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, table_grads)
-    ref = reference.parametric_ce_backward(gamma, *p.args(), ref_lse, p.ignore_index, table_grads)
-    o = Oracle(p, gamma)
+    got = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, table_grads)
+    ref = reference.parametric_ce_backward(upstream, *p.args(), ref_lse, p.ignore_index, table_grads)
+    o = Oracle(p, upstream)
     dz = got[0]
     assert dz.dtype == p.dtype and tuple(dz.shape) == (p.N, p.K)
     assert_within(dz, ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits {p}")
@@ -108,7 +110,7 @@ def test_backward_matches_reference(dtype, data, table_grads, gamma_kind):
         r_loss, r_lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
         assert torch.equal(r_loss, loss) and torch.equal(r_lse, lse), "the residual forward changed loss or lse"
         assert_all_zero(residual[_ignored(p)], "residual of ignored rows")
-        got = _from_residual(gamma, *p.args(), lse, residual, p.ignore_index, table_grads)
+        got = _from_residual(upstream, *p.args(), lse, residual, p.ignore_index, table_grads)
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"residual grad_logits {p}")
         assert_all_zero(got[0][_ignored(p)], "residual grad_logits of ignored rows")
         _check_table_outputs(got[1:], ref[1:], (o.mag_dW, o.mag_dS, o.mag_dL), p, table_grads, "residual backward")
@@ -123,11 +125,11 @@ PRESENT = list(itertools.product([False, True], repeat=4))
 @settings(max_examples=examples(6))
 @given(p=problems(max_n=120), table_grads=st.booleans(), uz_layout=st.sampled_from(["contiguous", "transposed"]))
 def test_double_backward_matches_reference(present, p, table_grads, uz_layout):
-    gamma, uz, uw, us, ul = cotangents(p, present, layout=uz_layout)
+    upstream, uz, uw, us, ul = cotangents(p, present, layout=uz_layout)
     _, lse = _forward(p, OPS)
     _, ref_lse = _forward(p, reference)
-    got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, table_grads)
-    ref = reference.parametric_ce_double_backward(gamma, *p.args(), ref_lse, uz, uw, us, ul,
+    got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, table_grads)
+    ref = reference.parametric_ce_double_backward(upstream, *p.args(), ref_lse, uz, uw, us, ul,
                                                   p.ignore_index, table_grads)
     assert len(got) == 5
     dgamma, dz = got[0], got[1]
@@ -137,7 +139,7 @@ def test_double_backward_matches_reference(present, p, table_grads, uz_layout):
         for t in got + ref:
             assert_all_zero(t, "double backward without cotangents")
         return
-    o = Oracle(p, gamma, uz, uw, us, ul)
+    o = Oracle(p, upstream, uz, uw, us, ul)
     assert_within(dgamma, ref[0], tolerance(o.mag_dd_gamma, p.dtype), f"grad_grad_loss {p}")
     assert_within(dz, ref[1], tolerance(o.mag_dd_z, p.dtype, p.dtype, ref[1]), f"grad_logits {p}")
     ignored = _ignored(p)
@@ -152,17 +154,37 @@ def test_a_missing_table_cotangent_is_zero(dtype):
     """u_scale without u_shift, or the other way round, gives exactly what a
     zero table gives: the convention the CPU and CUDA kernels share."""
     p = make_problem(6, 40, 13, 2, dtype)
-    gamma, uz, uw, us, ul = cotangents(p)
+    upstream, uz, uw, us, ul = cotangents(p)
     _, lse = _forward(p, OPS)
     for given_us, given_ul in ((us, None), (None, ul)):
         zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
         for table_grads in (True, False):
-            got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, given_us, given_ul,
+            got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, given_us, given_ul,
                                                     p.ignore_index, table_grads)
-            want = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, *zero_filled,
+            want = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, *zero_filled,
                                                      p.ignore_index, table_grads)
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+def test_a_missing_scale_cotangent_keeps_a_masked_class_finite():
+    """A -inf logit (a masked class) with u_shift given and u_scale missing: the
+    missing table's term US z is left out, not 0 * -inf, so the row's
+    grad_grad_loss, grad_logits and weight and shift gradients stay finite and
+    match the reference. (The scale gradient has z t = -inf * 0 there, NaN in
+    the reference too.)"""
+    p = make_problem(7, 12, 6, 2, torch.float64)
+    p.logits[3, (int(p.target[3]) + 1) % 6] = -math.inf
+    upstream, uz, uw, _, ul = cotangents(p)
+    _, lse = _forward(p, OPS)
+    for u_logits in (uz, None):
+        got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, u_logits, uw, None, ul,
+                                                p.ignore_index, True)
+        want = reference.parametric_ce_double_backward(upstream, *p.args(), lse, u_logits, uw, None, ul,
+                                                       p.ignore_index, True)
+        for i in (0, 1, 2, 4):  # grad_grad_loss, grad_logits, grad_weight, grad_shift
+            assert torch.isfinite(got[i]).all(), f"output {i}: {got[i]}"
+            torch.testing.assert_close(got[i], want[i], rtol=1e-10, atol=1e-12)
 
 
 # -------------------------------------------- end-to-end autograd
@@ -300,12 +322,12 @@ def test_gradcheck_of_the_backward_op():
     double backward with each single cotangent (lse recomputed, as in autograd)."""
     p = _small_f64(seed=5, N=6, K=4, G=2)
 
-    def backward(gamma, z, W, S, L):
+    def backward(upstream, z, W, S, L):
         lse = OPS.parametric_ce(z, p.target, p.group, W, S, L, p.ignore_index)[1]
-        return OPS.parametric_ce_backward(gamma, z, p.target, p.group, W, S, L, lse, p.ignore_index, True)
+        return OPS.parametric_ce_backward(upstream, z, p.target, p.group, W, S, L, lse, p.ignore_index, True)
 
-    gamma = torch.randn(p.N, dtype=torch.float64, generator=p.generator())
-    inputs = [x.detach().clone().requires_grad_() for x in (gamma, p.logits, *p.tables())]
+    upstream = torch.randn(p.N, dtype=torch.float64, generator=p.generator())
+    inputs = [x.detach().clone().requires_grad_() for x in (upstream, p.logits, *p.tables())]
     assert torch.autograd.gradcheck(backward, inputs)
 
 
@@ -356,9 +378,9 @@ def _opcheck_public_ops(p, requires_grad=True):
     for mean in _means(p):
         torch.library.opcheck(OPS.parametric_ce_reduced, (*args, p.ignore_index, mean))
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-    gamma = leaf(cotangents(p)[0])
+    upstream = leaf(cotangents(p)[0])
     for table_grads in (True, False):
-        torch.library.opcheck(OPS.parametric_ce_backward, (gamma, *args, lse, p.ignore_index, table_grads))
+        torch.library.opcheck(OPS.parametric_ce_backward, (upstream, *args, lse, p.ignore_index, table_grads))
     plain = (cotangents(p)[0], *p.args(), lse)
     for present in [(True,) * 4, (True, False, False, False), (False, True, True, False), (False,) * 4]:
         cot = cotangents(p, present)[1:]
@@ -504,11 +526,11 @@ def test_exponentials_far_below_the_row_max(reduction):
 
 def test_residual_backward_into_a_strided_residual():
     p = make_problem(24, 9, 6, 1, torch.float64, ignore_frac=0.2)
-    gamma = cotangents(p)[0]
+    upstream = cotangents(p)[0]
     _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-    expected = _from_residual(gamma, *p.args(), lse, residual, p.ignore_index, True)
+    expected = _from_residual(upstream, *p.args(), lse, residual, p.ignore_index, True)
     strided = residual.t().contiguous().t()
-    tables = OPS._parametric_ce_backward_from_residual_(gamma, *p.args(), lse, strided, p.ignore_index, True)
+    tables = OPS._parametric_ce_backward_from_residual_(upstream, *p.args(), lse, strided, p.ignore_index, True)
     assert not strided.is_contiguous()
     for e, a in zip(expected, (strided, *tables)):
         assert torch.equal(e, a)
@@ -584,16 +606,16 @@ def test_torch_compile_with_transposed_table():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_across_runs_and_thread_counts(dtype, restore_threads):
     p = make_problem(7, 3000, 37, 3, dtype, ignore_frac=0.1)
-    gamma, uz, uw, us, ul = cotangents(p)
+    upstream, uz, uw, us, ul = cotangents(p)
 
     def run():
         loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
-        first = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
-        second = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+        first = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
+        second = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
         if dtype not in (torch.float32, torch.float64):
             return (loss, lse, *first, *second)
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-        from_residual = _from_residual(gamma, *p.args(), lse, residual,
+        from_residual = _from_residual(upstream, *p.args(), lse, residual,
                                                                   p.ignore_index, True)
         with_gradient = [t for mean in (False, True)
                          for t in OPS._parametric_ce_reduced_with_gradient(*p.args(), p.ignore_index, mean, True)]
@@ -644,13 +666,13 @@ def test_empty_batch(dtype):
     p = make_problem(0, 0, 5, 2, dtype)
     loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     assert loss.shape == (0,) and lse.shape == (0,) and loss.dtype == p.acc
-    gamma, uz, uw, us, ul = cotangents(p)
-    dz, dW, dS, dL = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+    upstream, uz, uw, us, ul = cotangents(p)
+    dz, dW, dS, dL = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
     assert dz.shape == (0, 5) and dz.dtype == dtype
     for t in (dW, dS, dL):
         assert t.shape == (2, 5)
         assert_all_zero(t, "table gradient of an empty batch")
-    out = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    out = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
     assert out[0].shape == (0,) and out[1].shape == (0, 5)
     for t in out[2:]:
         assert_all_zero(t, "double-backward table gradient of an empty batch")
@@ -672,14 +694,14 @@ def test_single_class(dtype):
     sz, l0 = p.scale[p.group, 0] * p.logits[:, 0].to(p.acc), p.shift[p.group, 0]
     err = (lse - (sz + l0)).abs()[valid]  # lse is a_y itself, up to the rounding of S z + L
     assert (err <= 2 * torch.finfo(p.acc).eps * (sz.abs() + l0.abs())[valid]).all()
-    gamma, uz, uw, us, ul = cotangents(p)
-    got = OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
-    ref = reference.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)
+    upstream, uz, uw, us, ul = cotangents(p)
+    got = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
+    ref = reference.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)
     for a_, b_ in zip(got, ref):
         torch.testing.assert_close(a_, b_, rtol=0, atol=1e-5)
         assert a_.abs().max() <= 1e-5  # every first derivative vanishes for K = 1 (they are O(1) otherwise)
-    got = OPS.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
-    ref = reference.parametric_ce_double_backward(gamma, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
+    ref = reference.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True)
     for a_, b_ in zip(got, ref):
         torch.testing.assert_close(a_, b_, rtol=1e-5, atol=1e-5)
 
@@ -734,15 +756,15 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
     others = torch.arange(p.N) != 4
     assert torch.isnan(loss[4])
     assert torch.equal(loss[others], clean_loss[others]) and torch.equal(lse[others], clean_lse[others])
-    gamma = cotangents(p)[0]
+    upstream = cotangents(p)[0]
     for table_grads in (False, True):
-        clean_dz = OPS.parametric_ce_backward(gamma, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
-        dz = OPS.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
+        clean_dz = OPS.parametric_ce_backward(upstream, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
+        dz = OPS.parametric_ce_backward(upstream, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
         assert torch.equal(dz[others], clean_dz[others])
         assert not torch.isfinite(dz[4]).all()
     if poison == "nan":
         # documented: "NaN ... logits give a NaN loss (and gradients) on their own rows only"
-        ref_dz = reference.parametric_ce_backward(gamma, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
+        ref_dz = reference.parametric_ce_backward(upstream, bad, *p.args()[1:], lse, p.ignore_index, False)[0]
         assert torch.isnan(ref_dz[4]).all()
         assert torch.isnan(dz[4]).all(), f"grad_logits of the NaN row: {dz[4]}"
     if dtype in (torch.float32, torch.float64):  # the residual path: the same rows poisoned
@@ -750,7 +772,7 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
         r_loss, _, residual = OPS._parametric_ce_with_residual(bad, *p.args()[1:], p.ignore_index)
         assert torch.equal(r_loss[others], clean_loss[others]) and torch.equal(residual[others], clean_r[others])
         assert torch.isnan(residual[4]).all(), f"residual of the poisoned row: {residual[4]}"
-        dz = _from_residual(gamma, bad, *p.args()[1:], lse, residual, p.ignore_index,
+        dz = _from_residual(upstream, bad, *p.args()[1:], lse, residual, p.ignore_index,
                                                        True)[0]
         assert torch.isnan(dz[4]).all() and torch.isfinite(dz[others]).all()
 
@@ -770,10 +792,10 @@ def test_extreme_logits_stay_finite_and_exact(dtype):
     eps = torch.finfo(acc).eps
     torch.testing.assert_close(loss.double(), expected_loss, rtol=0, atol=2e4 * eps * 8)
     torch.testing.assert_close(lse.double(), expected_lse, rtol=0, atol=2e4 * eps * 8)
-    gamma = torch.ones(4, dtype=acc)
-    grads = OPS.parametric_ce_backward(gamma, z, y, None, W, S, L, lse, -100, True)
+    upstream = torch.ones(4, dtype=acc)
+    grads = OPS.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
     u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
-    grads2 = OPS.parametric_ce_double_backward(gamma, z, y, None, W, S, L, lse, *u, -100, True)
+    grads2 = OPS.parametric_ce_double_backward(upstream, z, y, None, W, S, L, lse, *u, -100, True)
     for t in (*grads, *grads2):
         assert torch.isfinite(t).all()
     p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
@@ -781,7 +803,7 @@ def test_extreme_logits_stay_finite_and_exact(dtype):
     expected_dz = W[0, y].double()[:, None] * (p_expected - onehot)
     torch.testing.assert_close(grads[0].double(), expected_dz, rtol=0,
                                atol=4 * 1e4 * eps + 2 * torch.finfo(dtype).eps)
-    ref = reference.parametric_ce_backward(gamma, z, y, None, W, S, L, lse, -100, True)
+    ref = reference.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e4 * 8 * eps + 2 * torch.finfo(dtype).eps)
 
@@ -793,12 +815,12 @@ def test_non_contiguous_logits_give_identical_results(layout):
     assert not odd.logits.is_contiguous() and torch.equal(odd.logits, base.logits)
     a = OPS.parametric_ce(*base.args(), base.ignore_index)
     b = OPS.parametric_ce(*odd.args(), odd.ignore_index)
-    gamma, uz, uw, us, ul = cotangents(base)
-    a += OPS.parametric_ce_backward(gamma, *base.args(), a[1], base.ignore_index, True)
-    b += OPS.parametric_ce_backward(gamma, *odd.args(), b[1], odd.ignore_index, True)
-    a += OPS.parametric_ce_double_backward(gamma, *base.args(), a[1], uz, uw, us, ul, base.ignore_index, True)
+    upstream, uz, uw, us, ul = cotangents(base)
+    a += OPS.parametric_ce_backward(upstream, *base.args(), a[1], base.ignore_index, True)
+    b += OPS.parametric_ce_backward(upstream, *odd.args(), b[1], odd.ignore_index, True)
+    a += OPS.parametric_ce_double_backward(upstream, *base.args(), a[1], uz, uw, us, ul, base.ignore_index, True)
     uz_t = uz.t().contiguous().t()
-    b += OPS.parametric_ce_double_backward(gamma, *odd.args(), b[1], uz_t, uw, us, ul, odd.ignore_index, True)
+    b += OPS.parametric_ce_double_backward(upstream, *odd.args(), b[1], uz_t, uw, us, ul, odd.ignore_index, True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -817,7 +839,7 @@ def test_ignore_index_equal_to_a_class_ignores_those_rows():
 
 
 def test_backward_is_linear_in_grad_loss():
-    """gamma enters every first derivative linearly (docs/math.md section 3)."""
+    """upstream enters every first derivative linearly (docs/math.md section 3)."""
     p = make_problem(14, 25, 9, 2, torch.float64, ignore_frac=0.2)
     _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     g1 = cotangents(p, salt=1)[0]
@@ -832,11 +854,11 @@ def test_backward_is_linear_in_grad_loss():
 def test_residual_ops_refuse_bad_arguments():
     p = make_problem(3, 6, 5, 1, torch.float32, ignore_frac=0.0)
     _, lse, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-    gamma = cotangents(p)[0]
+    upstream = cotangents(p)[0]
     with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
-        _from_residual(gamma, *p.args(), lse, residual[:, :4], p.ignore_index, True)
+        _from_residual(upstream, *p.args(), lse, residual[:, :4], p.ignore_index, True)
     with pytest.raises(ValueError, match="`residual` must have the shape and dtype of logits"):
-        _from_residual(gamma, *p.args(), lse, residual.double(), p.ignore_index, True)
+        _from_residual(upstream, *p.args(), lse, residual.double(), p.ignore_index, True)
     half = make_problem(3, 6, 5, 1, torch.bfloat16, ignore_frac=0.0)
     with pytest.raises(TypeError, match="float32 or float64 `logits`, got torch.bfloat16"):
         OPS._parametric_ce_with_residual(*half.args(), half.ignore_index)
@@ -849,16 +871,16 @@ def test_every_row_tail_against_reference(K, dtype):
     float64 lanes): full chunks, a last chunk that overlaps the one before, and
     rows shorter than one vector."""
     p = make_problem(K, 37, K, 2, dtype, ignore_frac=0.1)
-    gamma = cotangents(p)[0]
+    upstream = cotangents(p)[0]
     loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
     ref_loss, ref_lse = reference.parametric_ce(*p.args(), p.ignore_index)
-    o = Oracle(p, gamma)
+    o = Oracle(p, upstream)
     assert_within(loss, ref_loss, tolerance(o.mag_loss, p.dtype), f"loss K={K}")
-    ref = reference.parametric_ce_backward(gamma, *p.args(), ref_lse, p.ignore_index, True)
-    outs = [OPS.parametric_ce_backward(gamma, *p.args(), lse, p.ignore_index, True)]
+    ref = reference.parametric_ce_backward(upstream, *p.args(), ref_lse, p.ignore_index, True)
+    outs = [OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True)]
     if dtype in (torch.float32, torch.float64):
         _, _, residual = OPS._parametric_ce_with_residual(*p.args(), p.ignore_index)
-        outs.append(_from_residual(gamma, *p.args(), lse, residual, p.ignore_index,
+        outs.append(_from_residual(upstream, *p.args(), lse, residual, p.ignore_index,
                                                               True))
     for got in outs:
         assert_within(got[0], ref[0], tolerance(o.mag_dz, p.dtype, p.dtype, ref[0]), f"grad_logits K={K}")

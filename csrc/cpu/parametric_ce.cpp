@@ -1,4 +1,4 @@
-// CPU forward of the parametric cross-entropy (MATH.md section 1) in three
+// CPU forward of the parametric cross-entropy (docs/math.md section 1) in three
 // modes: the loss alone, the loss with the residual that a backward reads
 // instead of recomputing the softmax, and the loss with the gradients of its
 // sum or mean. The backward ops are in parametric_ce_backward.cpp, the math

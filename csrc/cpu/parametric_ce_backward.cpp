@@ -1,4 +1,4 @@
-// CPU backward of the parametric cross-entropy (MATH.md section 3), the
+// CPU backward of the parametric cross-entropy (docs/math.md section 3), the
 // backward from the forward's residual, and the double backward (section 4);
 // see parametric_ce.cpp for the forward and how the files divide the work.
 #include <ATen/Dispatch.h>
@@ -144,14 +144,14 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
 
 // -------------------------------------------------------- double backward
 
-template <typename scalar_t, typename acc_t, bool HasUz, bool HasUTables>
+template <typename scalar_t, typename acc_t, bool HasUz, bool HasUTables, bool HasUScale>
 void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstream,
                           const acc_t* lse_p, const scalar_t* uz_in,
                           const acc_t* UW, const acc_t* US, const acc_t* UL,
                           bool table_grads, acc_t* grad_grad_loss,
                           scalar_t* dz_out, std::array<acc_t*, 3> table_out) {
   using V = Vec<acc_t>;
-  constexpr math::Given given{HasUz, HasUTables};
+  constexpr math::Given given{HasUz, HasUTables, HasUScale};
   // A given cotangent's chunk; zeros stand for an absent one (math:: leaves it out).
   const auto chunk_if = [](bool present, const acc_t* u, int64_t k, int64_t n) {
     return present ? load(u, k, n) : V(acc_t(0));
@@ -259,9 +259,9 @@ parametric_ce_double_backward_cpu(
         const std::array<acc_t*, 3> out = {grad_weight.mutable_data_ptr<acc_t>(),
                                            grad_scale.mutable_data_ptr<acc_t>(),
                                            grad_shift.mutable_data_ptr<acc_t>()};
-        auto run = [&](auto has_uz_c, auto has_ut_c) {
+        auto run = [&](auto has_uz_c, auto has_ut_c, auto has_us_c) {
           double_backward_rows<scalar_t, acc_t, decltype(has_uz_c)::value,
-                               decltype(has_ut_c)::value>(
+                               decltype(has_ut_c)::value, decltype(has_us_c)::value>(
               in, upstream_c.const_data_ptr<acc_t>(), lse_c.const_data_ptr<acc_t>(),
               uz, ptr(UW), ptr(US), ptr(UL), table_grads,
               grad_grad_loss.mutable_data_ptr<acc_t>(),
@@ -269,10 +269,12 @@ parametric_ce_double_backward_cpu(
         };
         using T = std::true_type;
         using F = std::false_type;
-        if (has_uz && has_ut) run(T{}, T{});
-        else if (has_uz) run(T{}, F{});
-        else if (has_ut) run(F{}, T{});
-        else run(F{}, F{});
+        // u_scale missing but u_shift given: its zero-filled term is left out (math::Given)
+        const bool has_us = u_scale.has_value();
+        if (has_uz && has_ut) has_us ? run(T{}, T{}, T{}) : run(T{}, T{}, F{});
+        else if (has_uz) run(T{}, F{}, F{});
+        else if (has_ut) has_us ? run(F{}, T{}, T{}) : run(F{}, T{}, F{});
+        else run(F{}, F{}, F{});
       });
   return {grad_grad_loss, grad_logits, grad_weight, grad_scale, grad_shift};
 }

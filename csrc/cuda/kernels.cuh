@@ -1,4 +1,4 @@
-// CUDA kernels of the parametric cross-entropy (MATH.md sections 1, 3, 4).
+// CUDA kernels of the parametric cross-entropy (docs/math.md sections 1, 3, 4).
 //
 // Two kernel shapes serve the three ops:
 //
@@ -66,6 +66,7 @@ struct Args {
   // given or both null (autobalance::table_cotangents).
   const scalar_t* uz;
   const acc_t *UW, *US, *UL;
+  bool scale_table;  // US was given, not zero-filled (math::Given)
   const acc_t* vbar;  // double backward, large K: v̄ from row_kernel
   acc_t* loss;
   acc_t* lse_out;
@@ -248,7 +249,7 @@ __device__ __forceinline__ T team_reduce(T v, Op op) {
 
 // ------------------------------------------------------------------ math
 
-// p_k = exp(a_k - lse) (MATH.md section 1).
+// p_k = exp(a_k - lse) (docs/math.md section 1).
 template <typename T>
 __device__ __forceinline__ T prob(T S, T z, T L, T lse) {
   return exp_(math::adjusted_logit(S, z, L) - lse);
@@ -256,14 +257,14 @@ __device__ __forceinline__ T prob(T S, T z, T L, T lse) {
 
 template <typename scalar_t>
 __device__ __forceinline__ math::Given given_cotangents(const Args<scalar_t>& a) {
-  return {a.uz != nullptr, a.US != nullptr};
+  return {a.uz != nullptr, a.US != nullptr, a.scale_table};
 }
 
-// The per-row numbers of the double backward (MATH.md section 4).
+// The per-row numbers of the double backward (docs/math.md section 4).
 template <typename T>
 struct DoubleRow {
-  T c;    // γ W[g,y]: r_k = c (p_k - [k = y])
-  T cu;   // γ UW[g,y]
+  T c;    // ω W[g,y]: r_k = c (p_k - [k = y])
+  T cu;   // ω UW[g,y]
   T ce;   // lse - a_y
   T v_y;  // v at the label
   T Wy, UWy;
@@ -420,7 +421,7 @@ constexpr int tile_min_blocks() {
   return fits ? 2 : 1;
 }
 
-// kDouble = false: backward (MATH.md section 3). kDouble = true: double
+// kDouble = false: backward (docs/math.md section 3). kDouble = true: double
 // backward (section 4); with a.vbar null the tile holds the whole row and
 // the team computes v̄ and grad_grad_loss itself, else row_kernel<true> has.
 template <bool kDouble, typename scalar_t, int TX, int CH>

@@ -1,5 +1,5 @@
 // CUDA kernels of the parametric cross-entropy: forward and backward here,
-// the double backward in parametric_ce_double_backward.cu (MATH.md sections
+// the double backward in parametric_ce_double_backward.cu (docs/math.md sections
 // 1, 3, 4), with the schemas and results of the CPU kernels (csrc/cpu). The
 // kernels are in kernels.cuh, the launch logic in launch.cuh, the math of an
 // element in ../parametric_ce_math.h.

@@ -1,4 +1,4 @@
-// CUDA double backward of the parametric cross-entropy (MATH.md section 4);
+// CUDA double backward of the parametric cross-entropy (docs/math.md section 4);
 // see parametric_ce.cu. In its own file so that it compiles in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -44,6 +44,7 @@ parametric_ce_double_backward_cuda(
         l.a.UW = l.template input<acc_t>(u_weight);
         l.a.US = l.template input<acc_t>(u_tables.first);
         l.a.UL = l.template input<acc_t>(u_tables.second);
+        l.a.scale_table = u_scale.has_value();
         l.a.grad_grad_loss = grad_grad_loss.mutable_data_ptr<acc_t>();
         l.a.dz = grad_logits.mutable_data_ptr<scalar_t>();
         l.set_vec();
