@@ -260,6 +260,24 @@ __device__ __forceinline__ math::Given given_cotangents(const Args<scalar_t>& a)
   return {a.uz != nullptr, a.US != nullptr, a.scale_table};
 }
 
+// One chunk of the cotangent tables US and UL of the group row at `off`;
+// zeros, which math:: does not read, when they are not given.
+template <int VEC, typename T>
+struct CotangentTables {
+  Pack<T, VEC> US{}, UL{};
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ CotangentTables<VEC, at::opmath_type<scalar_t>> load_cotangent_tables(
+    const Args<scalar_t>& a, math::Given given, int64_t off, Cols c) {
+  CotangentTables<VEC, at::opmath_type<scalar_t>> t;
+  if (given.tables) {
+    t.US = load<VEC>(a.US + off, c, a.K);
+    t.UL = load<VEC>(a.UL + off, c, a.K);
+  }
+  return t;
+}
+
 // The per-row numbers of the double backward (docs/math.md section 4).
 template <typename T>
 struct DoubleRow {
@@ -355,18 +373,14 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
                            : neg_inf<acc_t>();
           lse_add(lse, logit);
         } else {
-          Pack<acc_t, VEC> USc{}, ULc{};
-          if (given.tables) {
-            USc = load<VEC>(a.US + r.g * K, c, K);
-            ULc = load<VEC>(a.UL + r.g * K, c, K);
-          }
+          const auto U = load_cotangent_tables<VEC>(a, given, r.g * K, c);
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             if (c[v] >= K) continue;
             const acc_t zk = static_cast<acc_t>(zc[u].v[v]);
             const acc_t uk = given.uz ? static_cast<acc_t>(uc[u].v[v]) : acc_t(0);
             vbar += prob(Sc.v[v], zk, Lc.v[v], lse_in) *
-                    math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
+                    math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
           }
         }
       }
@@ -534,18 +548,14 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const Cols cc = cols(ch);
             const auto Sc = load<VEC>(a.S + off, cc, K);
             const auto Lc = load<VEC>(a.L + off, cc, K);
-            Pack<acc_t, VEC> USc{}, ULc{};
-            if (given.tables) {
-              USc = load<VEC>(a.US + off, cc, K);
-              ULc = load<VEC>(a.UL + off, cc, K);
-            }
+            const auto U = load_cotangent_tables<VEC>(a, given, off, cc);
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               if (cc[v] >= K) continue;
               const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
               const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
               sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
-                     math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
+                     math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
             }
           }
           vbar = team_reduce<TX>(sum, Plus{});
@@ -561,11 +571,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           const Cols cc = cols(ch);
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
-          Pack<acc_t, VEC> USc{}, ULc{};
-          if (given.tables) {
-            USc = load<VEC>(a.US + off, cc, K);
-            ULc = load<VEC>(a.UL + off, cc, K);
-          }
+          const auto U = load_cotangent_tables<VEC>(a, given, off, cc);
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -573,14 +579,14 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
             const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
-            const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, USc.v[v], ULc.v[v]);
+            const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
             const acc_t rk = math::residual(d.c, p);
             const acc_t tk = math::double_residual(d.c, d.cu, p, vk, vbar);
-            acc_t dzk = math::double_grad_logit(given, Sc.v[v], tk, USc.v[v], rk);
+            acc_t dzk = math::double_grad_logit(given, Sc.v[v], tk, U.US.v[v], rk);
             acc[0][e] = math::add_double_grad_scale(given, acc[0][e], zk, tk, uk, rk);
             acc[1][e] = math::add_grad_shift(acc[1][e], tk);
             if (e == y_slot) {
-              math::double_residual_label(given, d.c, d.cu, Sc.v[v], zk, uk, USc.v[v], dzk,
+              math::double_residual_label(given, d.c, d.cu, Sc.v[v], zk, uk, U.US.v[v], dzk,
                                           &acc[0][e], &acc[1][e]);
             }
             out.v[v] = static_cast<scalar_t>(dzk);
