@@ -203,8 +203,28 @@ def poisoned_logits(p: Problem, row: int, poison: str) -> torch.Tensor:
     return bad
 
 
+def check_poison_stays_in_its_row(p: Problem, bad: torch.Tensor, upstream: torch.Tensor, row: int, poison: str):
+    """The forward and backward of ``p`` with logits ``bad`` (``row`` poisoned) against
+    the clean ones: the row's loss is NaN and its logit gradient not finite (all NaN
+    for a NaN), every other row bit-identical. Returns (clean loss, poisoned lse,
+    the other rows' mask)."""
+    clean_loss, clean_lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    loss, lse = OPS.parametric_ce(bad, *p.args()[1:], p.ignore_index)
+    others = torch.arange(p.N, device=bad.device) != row
+    assert torch.isnan(loss[row])
+    assert torch.equal(loss[others], clean_loss[others]) and torch.equal(lse[others], clean_lse[others])
+    for table_grads in (False, True):
+        clean_dz = OPS.parametric_ce_backward(upstream, *p.args(), clean_lse, p.ignore_index, table_grads)[0]
+        dz = OPS.parametric_ce_backward(upstream, bad, *p.args()[1:], lse, p.ignore_index, table_grads)[0]
+        assert torch.equal(dz[others], clean_dz[others])
+        assert not torch.isfinite(dz[row]).all()
+        if poison == "nan":
+            assert torch.isnan(dz[row]).all(), f"grad_logits of the NaN row: {dz[row]}"
+    return clean_loss, lse, others
+
+
 def cotangents(p: Problem, present=(True, True, True, True), salt=3, layout="contiguous"):
-    """Random (gamma, Uz, UW, US, UL) for ``p``; absent ones are None."""
+    """Random (upstream, Uz, UW, US, UL) for ``p``; absent ones are None."""
     gen = p.generator(salt)
     gamma = torch.randn(p.N, generator=gen, dtype=torch.float64).to(p.acc)
     uz = _layout(torch.randn(p.N, p.K, generator=gen, dtype=torch.float64).to(p.dtype), layout)
