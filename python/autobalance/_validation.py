@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Optional
 
+import torch
+
 
 def check_int(value, name: str, minimum: int = 1) -> int:
     """``value`` as an ``int >= minimum`` (numpy integers accepted; bools are not ints here)."""
@@ -41,3 +43,22 @@ def check_fraction(value, name: str, *, closed: bool = False) -> float:
         interval = "the interval [0, 1]" if closed else "the open interval (0, 1)"
         raise ValueError(f"autobalance: `{name}` must be a number in {interval}, got {value!r}")
     return float(value)
+
+
+def check_labels(labels, name: str, count: Optional[int] = None, kind: str = "classes", *,
+                 like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``labels`` as an int64 ``[N]`` tensor (of ``like``'s shape when given) with values in
+    ``[0, count)`` (unchecked when ``count`` is None); ``kind`` names them ("classes",
+    "groups"). A wrong type or shape raises ValueError, a value out of range IndexError
+    (as the ops do)."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1 \
+            or (like is not None and labels.shape != like.shape):
+        expected = "[N]" if like is None else f"[N] = {list(like.shape)}"
+        got = (f"{labels.dtype} of shape {list(labels.shape)}" if isinstance(labels, torch.Tensor)
+               else type(labels).__name__)
+        raise ValueError(f"autobalance: `{name}` must be an int64 tensor of shape {expected}, got {got}")
+    if count is not None and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= count:
+            raise IndexError(f"autobalance: `{name}` must hold {kind} in [0, {count}), got values in [{low}, {high}]")
+    return labels

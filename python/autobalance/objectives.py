@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobalance._validation import check_fraction, check_int, check_positive
+from autobalance._validation import check_fraction, check_int, check_labels, check_positive
 
 
 class CellMeans(NamedTuple):
@@ -38,25 +38,12 @@ def cell_index(target: torch.Tensor, group: Optional[torch.Tensor], num_classes:
     """The flat index ``group * K + target`` of each sample's ``[G, K]`` cell, after checking
     ``target`` (``[N]`` int64 in ``[0, K)``) and ``group`` (``[N]`` int64 in
     ``[0, G)``; may be None only when ``G = 1``)."""
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.dim() != 1:
-        got = f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor) \
-            else type(target).__name__
-        raise ValueError(f"autobalance: `target` must be an int64 tensor of shape [N], got {got}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise IndexError(f"autobalance: `target` must hold classes in [0, {num_classes}), got values in "
-                         f"[{int(target.min())}, {int(target.max())}]")
+    check_labels(target, "target", num_classes, "classes")
     if group is None:
         if num_groups != 1:
             raise ValueError(f"autobalance: `group` is required when num_groups = {num_groups} > 1")
         return target
-    if not isinstance(group, torch.Tensor) or group.dtype != torch.int64 or group.shape != target.shape:
-        got = f"{group.dtype} of shape {list(group.shape)}" if isinstance(group, torch.Tensor) \
-            else type(group).__name__
-        raise ValueError(f"autobalance: `group` must be an int64 tensor of shape [N] = {list(target.shape)}, "
-                         f"got {got}")
-    if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_groups):
-        raise IndexError(f"autobalance: `group` must hold groups in [0, {num_groups}), got values in "
-                         f"[{int(group.min())}, {int(group.max())}]")
+    check_labels(group, "group", num_groups, "groups", like=target)
     return group * num_classes + target
 
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 import torch
 
-from autobalance._validation import check_fraction, check_int
+from autobalance._validation import check_fraction, check_int, check_labels
 
 # Standard per-channel statistics of the CIFAR training images, as used by the
 # long-tailed CIFAR literature the paper follows (LDAM-DRW, logit adjustment).
@@ -82,17 +82,13 @@ def _check_imbalance(imbalance):
 
 
 
-def _check_targets(targets, num_classes=None, name="targets"):
-    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.dim() != 1:
-        got = (f"{targets.dtype} tensor of shape {list(targets.shape)}" if isinstance(targets, torch.Tensor)
-               else type(targets).__name__)
-        raise ValueError(f"autobalance: `{name}` must be an int64 tensor of shape [N], got {got}")
+def _check_targets(targets, num_classes=None):
+    """``num_classes`` (by default 1 + the largest target), after checking ``targets``."""
+    check_labels(targets, "targets")
     if num_classes is None:
         num_classes = int(targets.max()) + 1 if targets.numel() else 0
     num_classes = check_int(num_classes, "num_classes", 2)
-    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
-        raise ValueError(f"autobalance: `{name}` must lie in [0, num_classes = {num_classes}), got values in "
-                         f"[{targets.min().item()}, {targets.max().item()}]")
+    check_labels(targets, "targets", num_classes, "classes")
     return num_classes
 
 
@@ -138,15 +134,11 @@ class ImageDataset:
                 raise ValueError(f"autobalance: `num_groups` must be 1 (or None) without `groups`, got {num_groups!r}")
             self.num_groups = 1
         else:
-            if groups.dtype != torch.int64 or tuple(groups.shape) != tuple(targets.shape):
-                raise ValueError(f"autobalance: `groups` must be an int64 tensor of shape [N] = "
-                                 f"[{targets.shape[0]}], got {groups.dtype} of shape {list(groups.shape)}")
+            check_labels(groups, "groups", like=targets)
             if num_groups is None:
                 num_groups = int(groups.max()) + 1 if groups.numel() else 1
             self.num_groups = check_int(num_groups, "num_groups", 1)
-            if groups.numel() and (groups.min() < 0 or groups.max() >= self.num_groups):
-                raise ValueError(f"autobalance: `groups` must lie in [0, num_groups = {self.num_groups}), got "
-                                 f"values in [{groups.min().item()}, {groups.max().item()}]")
+            check_labels(groups, "groups", self.num_groups, "groups")
         self.inputs, self.targets, self.groups = inputs, targets, groups
 
     def __len__(self) -> int:
