@@ -37,7 +37,7 @@ except (ImportError, OSError) as error:
                   "clean setup`) in the source tree.", RuntimeWarning, stacklevel=2)
 else:
     LOAD_ERROR = None
-    from . import _registrations  # noqa: F401
+    from . import _registrations  # noqa: F401  (fake kernels)
 
 
 def has_compiled_ops() -> bool:

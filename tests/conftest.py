@@ -13,6 +13,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -221,6 +222,37 @@ def check_poison_stays_in_its_row(p: Problem, bad: torch.Tensor, upstream: torch
         if poison == "nan":
             assert torch.isnan(dz[row]).all(), f"grad_logits of the NaN row: {dz[row]}"
     return clean_loss, lse, others
+
+
+def check_extreme_logits(dtype, device="cpu"):
+    """Logits of +-1e4 (far past exp's range) give the loss, lse and logit gradient
+    of the exact softmax, and finite first and second derivatives. Returns the
+    problem and its backward, for further checks."""
+    acc = acc_dtype(dtype)
+    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [-1e4, 1e4, 1e4]]).to(dtype)
+    z, y = z.to(device), torch.tensor([0, 2, 1, 0], device=device)
+    W = torch.tensor([[1.0, 2.0, 0.5]], dtype=acc, device=device)
+    S, L = torch.ones(1, 3, dtype=acc, device=device), torch.zeros(1, 3, dtype=acc, device=device)
+    loss, lse = OPS.parametric_ce(z, y, None, W, S, L, -100)
+    m = float(z[0, 0])  # 1e4 as stored in `dtype` (bfloat16 rounds it)
+    ln2, ln3 = torch.log(torch.tensor(2.0, dtype=torch.float64)), torch.log(torch.tensor(3.0, dtype=torch.float64))
+    expected_loss = torch.stack([torch.tensor(0.0, dtype=torch.float64), 0.5 * ln3, 2.0 * ln3, 2 * m + ln2])
+    expected_lse = torch.stack([torch.tensor(m, dtype=torch.float64), -m + ln3, m + ln3, m + ln2])
+    eps = torch.finfo(acc).eps
+    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=0, atol=2e4 * eps * 8)
+    torch.testing.assert_close(lse.double().cpu(), expected_lse, rtol=0, atol=2e4 * eps * 8)
+    upstream = torch.ones(4, dtype=acc, device=device)
+    grads = OPS.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
+    u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
+    grads2 = OPS.parametric_ce_double_backward(upstream, z, y, None, W, S, L, lse, *u, -100, True)
+    for t in (*grads, *grads2):
+        assert torch.isfinite(t).all()
+    p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
+    onehot = F.one_hot(y.cpu(), 3).double()
+    expected_dz = W[0, y].double().cpu()[:, None] * (p_expected - onehot)
+    torch.testing.assert_close(grads[0].double().cpu(), expected_dz, rtol=0,
+                               atol=4 * 1e4 * eps + 2 * torch.finfo(dtype).eps)
+    return (upstream, z, y, W, S, L, lse), grads
 
 
 def cotangents(p: Problem, present=(True, True, True, True), salt=3, layout="contiguous"):

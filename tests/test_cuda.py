@@ -11,13 +11,12 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autobalance
 import autobalance_ext
 from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_zero, assert_within,
-                      check_poison_stays_in_its_row, cotangents, make_problem, poisoned_logits, reference,
-                      tolerance)
+                      check_extreme_logits, check_poison_stays_in_its_row, cotangents, make_problem,
+                      poisoned_logits, reference, tolerance)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -194,30 +193,7 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_extreme_logits_stay_finite_and_exact(dtype):
-    acc = acc_dtype(dtype)
-    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [-1e4, 1e4, 1e4]]).to(dtype).cuda()
-    y = torch.tensor([0, 2, 1, 0], device="cuda")
-    W = torch.tensor([[1.0, 2.0, 0.5]], dtype=acc, device="cuda")
-    S, L = torch.ones(1, 3, dtype=acc, device="cuda"), torch.zeros(1, 3, dtype=acc, device="cuda")
-    loss, lse = OPS.parametric_ce(z, y, None, W, S, L, -100)
-    m = float(z[0, 0])  # 1e4 as stored in `dtype`
-    ln2, ln3 = torch.log(torch.tensor(2.0, dtype=torch.float64)), torch.log(torch.tensor(3.0, dtype=torch.float64))
-    expected_loss = torch.stack([torch.tensor(0.0, dtype=torch.float64), 0.5 * ln3, 2.0 * ln3, 2 * m + ln2])
-    expected_lse = torch.stack([torch.tensor(m, dtype=torch.float64), -m + ln3, m + ln3, m + ln2])
-    eps = torch.finfo(acc).eps
-    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=0, atol=2e4 * eps * 8)
-    torch.testing.assert_close(lse.double().cpu(), expected_lse, rtol=0, atol=2e4 * eps * 8)
-    upstream = torch.ones(4, dtype=acc, device="cuda")
-    grads = OPS.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
-    u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
-    grads2 = OPS.parametric_ce_double_backward(upstream, z, y, None, W, S, L, lse, *u, -100, True)
-    for t in (*grads, *grads2):
-        assert torch.isfinite(t).all()
-    p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
-    onehot = F.one_hot(y.cpu(), 3).double()
-    expected_dz = W[0, y].double().cpu()[:, None] * (p_expected - onehot)
-    torch.testing.assert_close(grads[0].double().cpu(), expected_dz, rtol=0,
-                               atol=4 * 1e4 * eps + 2 * torch.finfo(dtype).eps)
+    check_extreme_logits(dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import autobalance
 from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_zero, assert_within,
-                      check_poison_stays_in_its_row, cotangents, examples, make_problem, poisoned_logits,
-                      problems, reference, tolerance)
+                      check_extreme_logits, check_poison_stays_in_its_row, cotangents, examples, make_problem,
+                      poisoned_logits, problems, reference, tolerance)
 
 pce = autobalance.parametric_cross_entropy
 
@@ -770,30 +770,8 @@ def test_non_finite_logits_poison_only_their_row(dtype, poison):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_extreme_logits_stay_finite_and_exact(dtype):
-    acc = acc_dtype(dtype)
-    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [-1e4, 1e4, 1e4]]).to(dtype)
-    y = torch.tensor([0, 2, 1, 0])
-    W = torch.tensor([[1.0, 2.0, 0.5]], dtype=acc)
-    S, L = torch.ones(1, 3, dtype=acc), torch.zeros(1, 3, dtype=acc)
-    loss, lse = OPS.parametric_ce(z, y, None, W, S, L, -100)
-    m = float(z[0, 0])  # 1e4 as stored in `dtype` (bfloat16 rounds it)
-    ln2, ln3 = torch.log(torch.tensor(2.0, dtype=torch.float64)), torch.log(torch.tensor(3.0, dtype=torch.float64))
-    expected_loss = torch.stack([torch.tensor(0.0, dtype=torch.float64), 0.5 * ln3, 2.0 * ln3, 2 * m + ln2])
-    expected_lse = torch.stack([torch.tensor(m, dtype=torch.float64), -m + ln3, m + ln3, m + ln2])
-    eps = torch.finfo(acc).eps
-    torch.testing.assert_close(loss.double(), expected_loss, rtol=0, atol=2e4 * eps * 8)
-    torch.testing.assert_close(lse.double(), expected_lse, rtol=0, atol=2e4 * eps * 8)
-    upstream = torch.ones(4, dtype=acc)
-    grads = OPS.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
-    u = [torch.ones_like(z)] + [torch.ones_like(W)] * 3
-    grads2 = OPS.parametric_ce_double_backward(upstream, z, y, None, W, S, L, lse, *u, -100, True)
-    for t in (*grads, *grads2):
-        assert torch.isfinite(t).all()
-    p_expected = torch.tensor([[1, 0, 0], [1 / 3] * 3, [1 / 3] * 3, [0, 0.5, 0.5]], dtype=torch.float64)
-    onehot = F.one_hot(y, 3).double()
-    expected_dz = W[0, y].double()[:, None] * (p_expected - onehot)
-    torch.testing.assert_close(grads[0].double(), expected_dz, rtol=0,
-                               atol=4 * 1e4 * eps + 2 * torch.finfo(dtype).eps)
+    (upstream, z, y, W, S, L, lse), grads = check_extreme_logits(dtype)
+    eps = torch.finfo(acc_dtype(dtype)).eps
     ref = reference.parametric_ce_backward(upstream, z, y, None, W, S, L, lse, -100, True)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=1e4 * 8 * eps + 2 * torch.finfo(dtype).eps)

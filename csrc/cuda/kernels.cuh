@@ -278,6 +278,27 @@ __device__ __forceinline__ CotangentTables<VEC, at::opmath_type<scalar_t>> load_
   return t;
 }
 
+// Adds Σ_k p_k v_k over one chunk of a row (columns past K left out) to
+// `sum`: the chunk's share of v̄ (docs/math.md section 4). `off` is the
+// offset of the row's group in the tables.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void add_vbar_chunk(at::opmath_type<scalar_t>& sum, const Args<scalar_t>& a,
+                                               math::Given given, int64_t off, Cols c,
+                                               const Pack<scalar_t, VEC>& z, const Pack<scalar_t, VEC>& uz,
+                                               at::opmath_type<scalar_t> lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto Sc = load<VEC>(a.S + off, c, a.K);
+  const auto Lc = load<VEC>(a.L + off, c, a.K);
+  const auto U = load_cotangent_tables<VEC>(a, given, off, c);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (c[v] >= a.K) continue;
+    const acc_t zk = static_cast<acc_t>(z.v[v]);
+    const acc_t uk = given.uz ? static_cast<acc_t>(uz.v[v]) : acc_t(0);
+    sum += prob(Sc.v[v], zk, Lc.v[v], lse) * math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
+  }
+}
+
 // The per-row numbers of the double backward (docs/math.md section 4).
 template <typename T>
 struct DoubleRow {
@@ -362,9 +383,9 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
         const int b = base + u * kStride;
         if (b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
-        const auto Sc = load<VEC>(S, c, K);
-        const auto Lc = load<VEC>(L, c, K);
         if constexpr (!kPrep) {
+          const auto Sc = load<VEC>(S, c, K);
+          const auto Lc = load<VEC>(L, c, K);
           acc_t logit[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
@@ -373,15 +394,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
                            : neg_inf<acc_t>();
           lse_add(lse, logit);
         } else {
-          const auto U = load_cotangent_tables<VEC>(a, given, r.g * K, c);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            if (c[v] >= K) continue;
-            const acc_t zk = static_cast<acc_t>(zc[u].v[v]);
-            const acc_t uk = given.uz ? static_cast<acc_t>(uc[u].v[v]) : acc_t(0);
-            vbar += prob(Sc.v[v], zk, Lc.v[v], lse_in) *
-                    math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
-          }
+          add_vbar_chunk<VEC>(vbar, a, given, r.g * K, c, zc[u], uc[u], lse_in);
         }
       }
     }
@@ -544,19 +557,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           acc_t sum = 0;
 #pragma unroll
           for (int ch = 0; ch < CH; ++ch) {
-            if (!in_row(ch)) continue;
-            const Cols cc = cols(ch);
-            const auto Sc = load<VEC>(a.S + off, cc, K);
-            const auto Lc = load<VEC>(a.L + off, cc, K);
-            const auto U = load_cotangent_tables<VEC>(a, given, off, cc);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-              if (cc[v] >= K) continue;
-              const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-              const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
-              sum += prob(Sc.v[v], zk, Lc.v[v], lse) *
-                     math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
-            }
+            if (in_row(ch)) add_vbar_chunk<VEC>(sum, a, given, off, cols(ch), zc[ch], uc[ch], lse);
           }
           vbar = team_reduce<TX>(sum, Plus{});
           if (lane == 0) a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
