@@ -255,6 +255,21 @@ def check_extreme_logits(dtype, device="cpu"):
     return (upstream, z, y, W, S, L, lse), grads
 
 
+def check_missing_table_cotangent_is_zero(p: Problem, upstream, uz, uw, us, ul, table_grads=(True, False)):
+    """u_scale without u_shift, or the other way round, gives exactly what a zero
+    table gives at finite logits: the convention the CPU and CUDA kernels share."""
+    _, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    for given_us, given_ul in ((us, None), (None, ul)):
+        zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
+        for with_tables in table_grads:
+            got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, given_us, given_ul,
+                                                    p.ignore_index, with_tables)
+            want = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, *zero_filled,
+                                                     p.ignore_index, with_tables)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+
+
 def cotangents(p: Problem, present=(True, True, True, True), salt=3, layout="contiguous"):
     """Random (upstream, Uz, UW, US, UL) for ``p``; absent ones are None."""
     gen = p.generator(salt)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import autobalance
 from conftest import (FLOAT_DTYPES, OPS, POISONS, Oracle, acc_dtype, assert_all_zero, assert_within,
-                      check_extreme_logits, check_poison_stays_in_its_row, cotangents, examples, make_problem,
-                      poisoned_logits, problems, reference, tolerance)
+                      check_extreme_logits, check_missing_table_cotangent_is_zero, check_poison_stays_in_its_row,
+                      cotangents, examples, make_problem, poisoned_logits, problems, reference, tolerance)
 
 pce = autobalance.parametric_cross_entropy
 
@@ -152,20 +152,8 @@ def test_double_backward_matches_reference(present, p, table_grads, uz_layout):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_a_missing_table_cotangent_is_zero(dtype):
-    """u_scale without u_shift, or the other way round, gives exactly what a
-    zero table gives: the convention the CPU and CUDA kernels share."""
     p = make_problem(6, 40, 13, 2, dtype)
-    upstream, uz, uw, us, ul = cotangents(p)
-    _, lse = _forward(p, OPS)
-    for given_us, given_ul in ((us, None), (None, ul)):
-        zero_filled = [torch.zeros_like(uw) if u is None else u for u in (given_us, given_ul)]
-        for table_grads in (True, False):
-            got = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, given_us, given_ul,
-                                                    p.ignore_index, table_grads)
-            want = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, *zero_filled,
-                                                     p.ignore_index, table_grads)
-            for a, b in zip(got, want):
-                assert torch.equal(a, b)
+    check_missing_table_cotangent_is_zero(p, *cotangents(p))
 
 
 def test_a_missing_scale_cotangent_keeps_a_masked_class_finite():
