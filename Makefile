@@ -7,10 +7,10 @@ MAIN ?= run
 
 .PHONY: run test setup bench clean
 
+# torch pinned; then the extras "experiments" and "test" of setup.py (mlxtend without its many deps)
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# torch pinned; then the extras "experiments" and "test" of setup.py (mlxtend without its many deps)
 	$(PY) -m pip install -q "$(TORCH)" numpy ninja pytest hypothesis matplotlib tqdm scikit-learn
 	$(PY) -m pip install -q --no-deps mlxtend
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps

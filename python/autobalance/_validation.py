@@ -20,6 +20,13 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_choice(value, name: str, choices: tuple):
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"autobalance: `{name}` must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_positive(value, name: str, allow_none: bool = False) -> Optional[float]:
     """``value`` as a positive finite float (or None when ``allow_none``)."""
     if value is None and allow_none:

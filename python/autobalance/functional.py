@@ -7,6 +7,7 @@ import torch
 
 import autobalance_ext
 from autobalance import reference
+from autobalance._validation import check_choice
 
 BACKENDS = ("fused", "reference")
 REDUCTIONS = ("none", "sum", "mean")
@@ -23,8 +24,7 @@ if autobalance_ext.has_compiled_ops():
 
 
 def _op(backend, on_cuda):
-    if backend not in BACKENDS:
-        raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, "backend", BACKENDS)
     if backend == "reference" or _FUSED is None:
         return reference.parametric_ce
     if on_cuda and not _FUSED_HAS_CUDA:
@@ -53,8 +53,7 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
     gradients NaN; other rows are unaffected.
     The loss is returned in the accumulation dtype.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    check_choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
     op = _op(backend, logits.is_cuda)

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from autobalance._validation import check_int, check_positive
+from autobalance._validation import check_choice, check_int, check_positive
 from autobalance.functional import BACKENDS, REDUCTIONS, parametric_cross_entropy
 
 INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
@@ -73,8 +73,7 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
     that take a log or a reciprocal need positive counts.
     """
     counts = _as_counts(counts, "counts")
-    if init not in INITS:
-        raise ValueError(f"autobalance: `init` must be one of {INITS}, got {init!r}")
+    check_choice(init, "init", INITS)
     groups = counts.shape[0] if counts.dim() == 2 else 1
     cells = counts if counts.dim() == 2 else counts[None]
     classes = cells.shape[1]
@@ -160,10 +159,8 @@ class ParametricCE(nn.Module):
                  backend: str = "fused"):
         super().__init__()
         num_classes, num_groups = check_int(num_classes, "num_classes"), check_int(num_groups, "num_groups")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+        check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(backend, "backend", BACKENDS)
         if isinstance(learn, str):
             learn = (learn,)
         unknown = [x for x in learn if x not in LEARNABLE]
@@ -331,10 +328,8 @@ class LATemperature(nn.Module):
     def __init__(self, class_counts, tau: float = 1.0, *, reduction: str = "mean", ignore_index: int = -100,
                  backend: str = "fused"):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"autobalance: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"autobalance: `backend` must be one of {BACKENDS}, got {backend!r}")
+        check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(backend, "backend", BACKENDS)
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise ValueError(f"autobalance: `tau` must be a finite float, got {tau!r}")
         tables = loss_tables(class_counts, "la", tau=1.0)
