@@ -1,154 +1,285 @@
-"""The cost of one hyper-step of ``BilevelOptimizer`` (default solver: Neumann,
-J terms, automatic step size) in units of one plain training step, for the
-small CNN and the CIFAR ResNet-32 of ``autobalance.experiments.models``, fused vs reference
-loss backend side by side (docs/math.md section 5).
+"""One hyper-step of ``BilevelOptimizer`` side by side with the paper's published
+hypergradient code path (``paper_baseline.py``, a re-implementation used as the
+baseline): wall time, peak memory and the hypergradients' agreement, for the small
+CNN and the CIFAR ResNet-32 of ``autobalance.experiments.models``, with ``n``
+training and ``n`` validation batches per hyper-step (the published code: ``n =
+10`` batches of 128).
 
-A plain training step is forward + backward + ``SGD.step`` on one batch of
-random CIFAR-shaped inputs; a hyper-step uses one training and one validation
-batch of the same size. Times are medians of process CPU time (one thread by
-default); every repeat runs each kind of step once, backends and kinds
-interleaved, so that drifting machine load affects all alike. The first
-hyper-step (cold power iteration) is not timed.
+Variants, on the same batches, weights and solver settings (Neumann, ``J`` terms,
+one fixed step ``eta``; no weight decay in the inner problem, as the baseline has
+none):
 
-A steady-state hyper-step makes a validation gradient, a training gradient with
-its graph, J Hessian-vector products and one forward-mode pass (the mixed
-term); every ``power_refresh_every``-th hyper-step (``--refresh``, default 10)
-adds one warm-started power-iteration step, i.e. one more Hessian-vector
-product. Both are timed (the latter with ``power_refresh_every=1``); the
-*amortized* cost, ``steady + (refresh - steady) / power_refresh_every``, is the
-mean cost per hyper-step, and ``refresh - steady`` is the cost of one
-Hessian-vector product. Target: amortized at most ``1.5 (J + 2)`` plain steps
-with the fused backend, and fused faster than reference.
+- ``package``: the package's hyper-step with every training graph kept
+  (``graph_memory=inf``; what the default ``"auto"`` does unless memory is short);
+- ``package lean``: ``graph_memory=0``, one training graph alive at a time (only
+  with ``n > 1``);
+- ``baseline train``: the published path with the model in train mode, the mode
+  the published code leaves it in (BatchNorm with batch statistics);
+- ``baseline eval``: the same path in eval mode, the package's math.
 
-    python bench/bench_hyperstep.py                   # table + bench/results_hyperstep.json
-    python bench/bench_hyperstep.py --models small_cnn --repeats 3 --batch 64
-    python bench/bench_hyperstep.py --theta fc        # theta = the last layer only
+Every repeat runs each variant once, in rotating order, so drifting load hits all
+alike; times are medians of wall time. Before each call the model's state is
+restored (train-mode BatchNorm updates its running statistics). Peak memory is the
+largest rise of the process's resident memory during a call (Linux ``VmHWM`` after
+resetting it, with large allocations returned to the system at free), or of
+``torch.cuda.max_memory_allocated`` on a GPU; it includes the baseline's and the
+package's transient tensors alike. Agreement is the relative difference of the
+hypergradients (with the package's shift gauge applied to the baseline's), which
+should be rounding against ``baseline eval`` (the same math); against ``baseline
+train`` it differs by the BatchNorm mode.
+
+``eta``: ``--step-size auto`` (default) uses ``1 / lambda_max`` of the first
+model's Hessian, estimated by the package's power iteration, for both; the
+published ``eta = 1`` (``--step-size 1``) makes the Neumann series diverge on these
+networks (hypergradient norms of 1e12 and more), which leaves the times as they are
+but the agreement meaningless. Targets printed with the results: ``package`` at
+least 1.5x faster than ``baseline train`` at every model and ``n``; at ``n = 10``
+``package lean`` at most half the baseline's peak memory and ``package`` no slower
+than the baseline.
+
+    python bench/bench_hyperstep.py                  # ~15 min on 1 CPU thread
+    python bench/bench_hyperstep.py --quick          # small batches, one repeat
+    python bench/bench_hyperstep.py --device cuda --threads 0
 """
 import argparse
+import ctypes
+import gc
+import copy
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from autobalance import ParametricCE
-from autobalance.bilevel import BilevelOptimizer
-from autobalance.experiments.models import SmallCNN, resnet32
-from autobalance.objectives import BalancedCE
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import paper_baseline  # noqa: E402
 
-BACKENDS = ("fused", "reference")
+from autobalance import ParametricCE  # noqa: E402
+from autobalance.bilevel import BilevelOptimizer  # noqa: E402
+from autobalance.bilevel.solvers import Neumann  # noqa: E402
+from autobalance.experiments.models import SmallCNN, resnet32  # noqa: E402
+from autobalance.objectives import BalancedCE  # noqa: E402
+
 MODELS = {"small_cnn": lambda k: SmallCNN(k, in_channels=3), "resnet32": lambda k: resnet32(k)}
 
 
-def _cpu_seconds(fn):
-    """CPU time of the process: with one thread it is the compute time, and
-    other load on a shared machine inflates it far less than wall time."""
-    start = time.process_time()
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def peak_memory(fn, device):
+    """The rise of memory in use during ``fn()`` (bytes, None where it cannot be told):
+    CUDA's allocator peak, or on the CPU the resident set's high-water mark after
+    resetting it (Linux), with large allocations returned to the system at free (set
+    by ``main`` before the memory pass) and freed heap memory trimmed before the call."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status("VmRSS")
+    except OSError:
+        return None
     fn()
-    return time.process_time() - start
+    return _status("VmHWM") - base
 
 
-def setup(name, backend, args):
-    """``(train_step, hyper_step, refresh_hyper_step)`` closures for one model and loss
-    backend: a steady-state hyper-step and one that refreshes the power iteration."""
+def return_large_allocations():
+    """Large allocations from ``mmap``, returned to the system at free (glibc), so the
+    resident set tracks the live tensors; only for the memory pass (it slows allocation)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def wall_time(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gauge(criterion, flat_grad):
+    """The package's shift gauge (zero mean across clusters per row) on a flat hypergradient."""
+    sizes = [p.numel() for p in criterion.parameters()]
+    parts = list(flat_grad.split(sizes))
+    for i, (name, p) in enumerate(criterion.named_parameters()):
+        if name == "shift_param":
+            shift = parts[i].view(p.shape)
+            parts[i] = (shift - shift.mean(1, keepdim=True)).reshape(-1)
+    return torch.cat(parts)
+
+
+def setup(name, n, args, device):
+    """The variants' closures (each returns the flat hypergradient) for one model and ``n``."""
     torch.manual_seed(0)
-    model = MODELS[name](args.classes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    criterion = ParametricCE(args.classes, backend=backend)
-    theta = list(model.fc.parameters()) if args.theta == "fc" else None
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, args.classes, (args.batch,))
-    xv, yv = torch.randn_like(x), torch.randint(0, args.classes, (args.batch,))
+    k = args.classes
+    model = MODELS[name](k).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = ParametricCE(k).to(device)
+    with torch.no_grad():  # away from the identity, so every hyperparameter has a gradient
+        criterion.scale_param.normal_(0, 0.1)
+        criterion.shift_param.normal_(0, 0.1)
+    objective = BalancedCE(k)
 
-    def train_step():
+    def batch():
+        return torch.randn(args.batch, 3, 32, 32, device=device), torch.randint(0, k, (args.batch,), device=device)
+    train, val = [batch() for _ in range(n)], [batch() for _ in range(n)]
+    for x, y in train[:2]:  # a few training steps: sensible running statistics
         loss = criterion(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    opt.zero_grad()
+    eta = args.eta
+    if eta == "auto":  # 1 / lambda_max by the package's power iteration, on a copy of the loss
+        probe = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), copy.deepcopy(criterion), objective,
+                                 power_iterations=10)
+        probe.steps = 1
+        probe.hyper_step(model, train[:1], val[:1])
+        eta = 1.0 / probe.solver_state.eigenvalue
+    theta, alpha = list(model.parameters()), list(criterion.parameters())
+    saved = {key: value.clone() for key, value in model.state_dict().items()}
 
-    def hyper_step_of(refresh_every):
-        bopt = BilevelOptimizer(opt, criterion, BalancedCE(args.classes), hyper_every=1, neumann_terms=args.terms,
-                                power_refresh_every=refresh_every, inner_params=theta)
-        bopt.steps = 1  # the training steps are taken by ``train_step``
+    def package(graph_memory):
+        bopt = BilevelOptimizer(opt, criterion, objective, solver=Neumann(terms=args.terms, step_size=eta),
+                                graph_memory=graph_memory)
+        bopt.steps = 1
+        return lambda: torch.cat([g.reshape(-1) for g in bopt.hypergradient(model, train, val)])
 
-        def hyper_step():
-            result = bopt.hyper_step(model, [(x, y)], [(xv, yv)])
-            assert result.applied, result
-        hyper_step()  # cold power iteration, not timed
-        return hyper_step
+    def baseline(mode):
+        def run():
+            model.load_state_dict(saved)
+            try:
+                return gauge(criterion, paper_baseline.hypergradient(model, criterion, objective, train, val, theta,
+                                                                     alpha, eta=eta, terms=args.terms,
+                                                                     mode=mode))
+            finally:
+                model.load_state_dict(saved)
+                model.train()
+        return run
 
-    train_step()
-    # the steady one takes repeats + 1 hyper-steps and never reaches its next refresh
-    return train_step, hyper_step_of(args.repeats + 2), hyper_step_of(1)
+    variants = {"package": package(float("inf"))}
+    if n > 1:
+        variants["package lean"] = package(0)
+    variants.update({"baseline train": baseline("train"), "baseline eval": baseline("eval")})
+    return variants, eta
 
 
-KINDS = ("plain", "hyper", "refresh")
 
-
-def measure(name, args):
-    """Median times per backend and kind, interleaved in every repeat."""
-    steps = {backend: setup(name, backend, args) for backend in BACKENDS}
-    times = {(backend, kind): [] for backend in BACKENDS for kind in KINDS}
-    for _ in range(args.repeats):
-        for backend, closures in steps.items():
-            for kind, fn in zip(KINDS, closures):
-                times[backend, kind].append(_cpu_seconds(fn))
-    return [{"model": name, "backend": backend,
-             **{f"{kind}_s": statistics.median(times[backend, kind]) for kind in KINDS}} for backend in BACKENDS]
+def run(name, n, args, device):
+    """The timing pass: the variants' rows without their peak memory."""
+    variants, eta = setup(name, n, args, device)
+    grads = {label: fn() for label, fn in variants.items()}  # warm-up, and the hypergradients
+    times = {label: [] for label in variants}
+    labels = list(variants)
+    for r in range(args.repeats):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            times[label].append(wall_time(variants[label], device))
+    reference = grads["baseline eval"]
+    rows = []
+    for label in labels:
+        difference = float((grads[label] - reference).norm() / reference.norm())
+        train_difference = float((grads[label] - grads["baseline train"]).norm() / grads["baseline train"].norm())
+        rows.append({"model": name, "n": n, "variant": label, "eta": eta, "wall_s": statistics.median(times[label]),
+                     "rel_diff_vs_baseline_eval": difference, "rel_diff_vs_baseline_train": train_difference,
+                     "hypergrad_norm": float(grads[label].norm())})
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--n", nargs="+", type=int, default=[1, 10], help="training and validation batches")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--terms", type=int, default=5, help="Neumann terms J")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--refresh", type=int, default=10, help="power_refresh_every of the amortized cost")
-    parser.add_argument("--theta", choices=("all", "fc"), default="all",
-                        help="the hypergradient's weights: all of them (default) or the last layer")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (CPU times add up over threads)")
+    parser.add_argument("--step-size", default="auto", help="Neumann eta: 'auto' (1 / lambda_max) or a number")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (0: PyTorch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="batch 16, one repeat")
     parser.add_argument("--json", default="bench/results_hyperstep.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    target = 1.5 * (args.terms + 2)
+    if args.quick:
+        args.batch, args.repeats = 16, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.eta = "auto" if args.step_size == "auto" else float(args.step_size)
     load_before = os.getloadavg()
     rows = []
     for name in args.models:
-        fused, reference = measure(name, args)
-        unit = fused["plain_s"]
-        for row in (fused, reference):
-            row["amortized_s"] = row["hyper_s"] + (row["refresh_s"] - row["hyper_s"]) / args.refresh
-            for kind in ("hyper", "refresh", "amortized"):
-                row[f"{kind}_in_plain_steps"] = row[f"{kind}_s"] / unit
-            row["hvp_in_plain_steps"] = (row["refresh_s"] - row["hyper_s"]) / unit
-            rows.append(row)
-        fused["fused_speedup_over_reference"] = reference["amortized_s"] / fused["amortized_s"]
-        fused["meets_target"] = fused["amortized_in_plain_steps"] <= target
-
-    print(f"hyper-step cost, default solver (Neumann J={args.terms}, step 'auto', power refresh every "
-          f"{args.refresh}), theta={args.theta}; batch {args.batch}, K={args.classes}, {torch.get_num_threads()} "
-          f"threads, median of {args.repeats}; target <= {target:g} plain steps (fused, amortized)")
+        for n in args.n:
+            rows += run(name, n, args, device)
+            print(f"  timed {name} n={n}", flush=True)
+    if device.type == "cpu":
+        return_large_allocations()
+    for name in args.models:  # the memory pass: one call of each variant
+        for n in args.n:
+            variants, _ = setup(name, n, args, device)
+            for row in rows:
+                if row["model"] == name and row["n"] == n:
+                    row["peak_bytes"] = peak_memory(variants[row["variant"]], device)
+            print(f"  measured memory {name} n={n}", flush=True)
     load = {"before": load_before, "after": os.getloadavg()}
-    print(f"times: CPU ms; ratios: in plain fused training steps; load average (1, 5, 15 min) before "
-          f"{load['before']}, after {load['after']}")
-    print(f"{'model':<10} {'backend':<10} {'plain':>7} {'hyper':>8} {'+refresh':>9} {'hyper/plain':>12} "
-          f"{'+refresh':>9} {'amortized':>10} {'one HVP':>8}")
-    for row in rows:
-        print(f"{row['model']:<10} {row['backend']:<10} {1e3 * row['plain_s']:7.1f} {1e3 * row['hyper_s']:8.1f} "
-              f"{1e3 * row['refresh_s']:9.1f} {row['hyper_in_plain_steps']:12.2f} "
-              f"{row['refresh_in_plain_steps']:9.2f} {row['amortized_in_plain_steps']:10.2f} "
-              f"{row['hvp_in_plain_steps']:8.2f}")
-    for row in rows:
-        if row["backend"] == "fused":
-            print(f"{row['model']}: fused hyper-step {row['fused_speedup_over_reference']:.2f}x faster than "
-                  f"reference; target {'met' if row['meets_target'] else 'NOT met'}")
+
+    etas = ", ".join(f"{name} {next(r['eta'] for r in rows if r['model'] == name):.3g}" for name in args.models)
+    print(f"\nhyper-step vs the published code path (paper_baseline.py): Neumann J={args.terms}, eta: {etas}, "
+          f"batch {args.batch}, K={args.classes}, {torch.get_num_threads()} threads on {device}, median of "
+          f"{args.repeats}; load average before {load['before']}, after {load['after']}")
+    print(f"{'model':<10} {'n':>3} {'variant':<15} {'wall s':>8} {'peak MiB':>9} {'train/this':>11} "
+          f"{'eval/this':>10} {'mem/train':>10} {'rel diff (eval)':>16}")
+    verdicts = []
+    for name in args.models:
+        for n in args.n:
+            group = {r["variant"]: r for r in rows if r["model"] == name and r["n"] == n}
+            train, evaluation = group["baseline train"], group["baseline eval"]
+            for label, row in group.items():
+                row["speedup_vs_baseline_train"] = train["wall_s"] / row["wall_s"]
+                row["speedup_vs_baseline_eval"] = evaluation["wall_s"] / row["wall_s"]
+                mem = (row["peak_bytes"] / train["peak_bytes"]) if row["peak_bytes"] and train["peak_bytes"] else None
+                row["memory_vs_baseline_train"] = mem
+                peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2 ** 20:.0f}"
+                print(f"{name:<10} {n:>3} {label:<15} {row['wall_s']:8.2f} {peak:>9} "
+                      f"{row['speedup_vs_baseline_train']:11.2f} {row['speedup_vs_baseline_eval']:10.2f} "
+                      f"{'-' if mem is None else f'{mem:.2f}':>10} {row['rel_diff_vs_baseline_eval']:16.1e}")
+            package = group["package"]
+            verdicts.append((f"{name} n={n}: package {package['speedup_vs_baseline_train']:.2f}x faster than "
+                             "baseline train (target >= 1.5)", package["speedup_vs_baseline_train"] >= 1.5))
+            if n >= 10 and "package lean" in group:
+                lean = group["package lean"]["memory_vs_baseline_train"]
+                if lean is not None:
+                    verdicts.append((f"{name} n={n}: package lean peak memory {lean:.2f}x baseline train's "
+                                     "(target <= 0.5)", lean <= 0.5))
+                verdicts.append((f"{name} n={n}: package (graphs kept) {package['speedup_vs_baseline_train']:.2f}x "
+                                 "baseline train's speed (target >= 1)", package["speedup_vs_baseline_train"] >= 1))
+    for text, met in verdicts:
+        print(f"{text}: {'met' if met else 'NOT met'}")
     with open(args.json, "w") as f:
-        config = {**vars(args), "target_plain_steps": target, "torch": torch.__version__,
+        config = {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "machine": platform.processor() or platform.machine(), "load_average": load}
-        json.dump({"config": config, "results": rows}, f, indent=2)
+        json.dump({"config": config, "results": rows, "targets": verdicts}, f, indent=2)
     print(f"wrote {args.json}")
 
 

@@ -6,8 +6,9 @@ PyTorch's generic double backward of a convolution runs slower kernels than its 
 and that of eval-mode BatchNorm is a long chain of full-size elementwise ops: on CPU
 about a fifth of each Hessian-vector product of ResNet-32 and a third of the small
 CNN's. During the hyper-step's passes ``HyperStepLayers`` routes these layers through
-autograd Functions that compute the same values and gradients with the same kernels and
-whose derivatives are written out: the double backward of a convolution is two
+autograd Functions that compute the same values and gradients with the same kernels (on
+a CPU with oneDNN, 2-D convolutions in channels-last layout, see ``_nhwc``: the same
+values up to rounding) and whose derivatives are written out: the double backward of a convolution is two
 convolutions and PyTorch's backward-data and backward-weights kernels, and eval-mode
 BatchNorm, an affine map per channel, needs a few elementwise passes. They also give the
 forward-mode derivatives (``jvp``) of the mixed term. Third derivatives are not needed.
@@ -25,8 +26,18 @@ def _per_channel(t, like):
     return t.view((1, -1) + (1,) * (like.dim() - 2))
 
 
+def _nhwc(*tensors):
+    """The tensors in channels-last layout where that is the faster one: 4-D, on a CPU
+    with oneDNN, whose NCHW convolutions reorder their operands at every call (measured
+    on ResNet-32's 16-channel layers: backward 2.1x, forward 1.5x faster)."""
+    if tensors[0].dim() != 4 or tensors[0].device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return tensors
+    return tuple(t.contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
 def _conv(x, weight, bias, args):
     stride, padding, dilation, groups = args
+    x, weight = _nhwc(x, weight)
     return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
@@ -45,6 +56,7 @@ def _conv_jvp(x, weight, t_x, t_weight, t_bias, args, shape):
 def _conv_backward(grad, x, weight, args, mask):
     """PyTorch's convolution backward: ``(grad_x, grad_weight, grad_bias)``, None where ``mask`` is False."""
     stride, padding, dilation, groups = args
+    grad, x, weight = _nhwc(grad, x, weight)
     bias_sizes = [weight.shape[0]] if mask[2] else None
     out = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
                                               [0] * len(stride), groups, list(mask))

@@ -9,6 +9,7 @@ space, docs/math.md section 2), ``L_T`` the training loss, ``L_V`` the validatio
 objective (docs/math.md section 6), ``H = d^2 L_T / d theta^2``.
 """
 import math
+import numbers
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from autobalance._validation import check_int, check_positive
 from autobalance.bilevel.distributed import mean_over_ranks, ordered_mean_over_ranks, process_group
 from autobalance.bilevel.layers import hyper_passes
-from autobalance.bilevel.products import TrainGradients, flat, split, validation_gradient
+from autobalance.bilevel.products import TrainGradients, flat, graph_budget, split, validation_gradient
 from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
 from autobalance.losses import ParametricCE
 
@@ -31,12 +32,17 @@ class HyperStepResult(NamedTuple):
     """What one hyper-step did. ``hypergrad_norm`` is the norm after gauge
     fixing and before clipping (NaN or inf when the step was skipped);
     ``train_loss`` / ``val_loss`` are this rank's means over its batches;
-    ``step_size`` is the Neumann / first-order ``eta`` (None for CG)."""
+    ``step_size`` is the Neumann / first-order ``eta`` (None for CG);
+    ``kept_graphs`` is how many of the training batches' graphs were kept for the
+    solver's products (the rest were rebuilt for each, see ``graph_memory``) and
+    ``graph_bytes`` their measured size if all were kept."""
     applied: bool
     hypergrad_norm: float
     train_loss: float
     val_loss: float
     step_size: Optional[float]
+    kept_graphs: int = 1
+    graph_bytes: int = 0
 
 
 def fix_shift_gauge(criterion, names, grads):
@@ -135,8 +141,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
     a hyper-step leaves for the next is ``solver_state`` (saved by ``state_dict``);
     ``step_size_corrections`` counts the Neumann series' restarts.
 
-    **Cost** (one training batch): each Hessian-vector product is one ``torch.autograd.grad``
-    through a ``create_graph=True`` gradient of the training loss (built once). The
+    **Cost**: each Hessian-vector product is one ``torch.autograd.grad`` per training
+    batch through a ``create_graph=True`` gradient of its loss (built once). The
     mixed term uses that the loss sees ``theta`` only through the logits ``z``:
     ``d/dalpha <grad_theta L_T, p> = d/dalpha <dl/dz, J_theta p>``, with ``J_theta p`` from
     one forward pass in forward-mode AD and the rest a second derivative of the loss
@@ -144,8 +150,20 @@ class BilevelOptimizer(torch.optim.Optimizer):
     over reverse). With ``ParametricCE(backend="fused")`` the loss part of both runs in
     the fused double backward kernel. So a Neumann hyper-step costs a validation
     gradient, a training gradient with graph, ``J`` Hessian-vector products (plus one
-    every ``power_refresh_every`` hyper-steps) and one forward-mode pass. At most one
-    training batch's second-order graph is alive at a time (``products.TrainGradients``).
+    every ``power_refresh_every`` hyper-steps) and one forward-mode pass, per batch.
+
+    **Memory** (``graph_memory``): the training batches' gradient graphs are what a
+    hyper-step holds; with ``n`` batches they take ``n`` times one batch's. They are
+    kept for the solver's products while their total size, measured as they are built,
+    stays within ``graph_memory`` bytes; the graphs of the batches beyond it are rebuilt
+    for every product, one at a time, which costs one forward and one backward more per
+    such batch and product (about 1.7x the time of a kept graph's product on the CPU,
+    ``bench/README.md``). The default ``"auto"`` is half the memory available when the
+    hyper-step starts (free CUDA memory plus PyTorch's unused cache; on the CPU the
+    system's available memory), so graphs are kept unless memory is short;
+    ``float("inf")`` keeps all of them (as the published code does); ``0`` keeps only
+    one batch's (the least memory). ``HyperStepResult.kept_graphs`` and ``graph_bytes``
+    report what a hyper-step kept and what keeping all would have taken.
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
@@ -199,6 +217,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
             positions are not part of ``state_dict``.
         batches_per_hyper_step: ``(n_train, n_val)``, how many batches of each loader a
             hyper-step averages over (the published code: 10 and 10).
+        graph_memory: ``"auto"``, or the bytes of training graphs a hyper-step may keep
+            alive (``float("inf")``: all; ``0``: one batch's); see **Memory** above.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
@@ -209,7 +229,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
                  cg_iterations: Optional[int] = None, cg_tol: Optional[float] = None,
                  inner_params: Optional[Iterable[torch.Tensor]] = None, max_hypergrad_norm: Optional[float] = None,
                  model: Optional[nn.Module] = None, train_loader: Optional[BatchSource] = None,
-                 val_loader: Optional[BatchSource] = None, batches_per_hyper_step: Tuple[int, int] = (1, 1)):
+                 val_loader: Optional[BatchSource] = None, batches_per_hyper_step: Tuple[int, int] = (1, 1),
+                 graph_memory: Union[str, float] = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(criterion, nn.Module):
@@ -293,6 +314,11 @@ class BilevelOptimizer(torch.optim.Optimizer):
                              f"{batches_per_hyper_step!r}")
         self.batches_per_hyper_step = tuple(check_int(n, f"batches_per_hyper_step[{i}]", 1)
                                             for i, n in enumerate(batches_per_hyper_step))
+        if not (graph_memory == "auto" if isinstance(graph_memory, str) else
+                isinstance(graph_memory, numbers.Real) and not isinstance(graph_memory, bool) and graph_memory >= 0):
+            raise ValueError(f"autobalance: `graph_memory` must be 'auto' or a number of bytes >= 0 (float('inf') "
+                             f"keeps every graph), got {graph_memory!r}")
+        self.graph_memory = graph_memory
 
         self.steps = self.hyper_steps = self.skipped_hyper_steps = self.step_size_corrections = 0
         self.frozen = False
@@ -487,13 +513,14 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 v, val_loss = v + grad, val_loss + loss / len(val)
             v = mean_over_ranks(v / len(val), group)
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
-                                      self._forward_ad)
+                                      self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device))
             p, state = self.solver.solve(ridge(products.hvp, self._weight_decay()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad
             train_loss = sum(products.losses) / len(products.losses)
         hypergrad = split(ordered_mean_over_ranks(hypergrad, group), self._hyper)
-        return fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, state
+        graphs = (products.kept, sum(products.graph_bytes))
+        return fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, state, graphs
 
     def hypergradient(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
                       val_batches: Optional[Sequence[Batch]] = None) -> List[torch.Tensor]:
@@ -513,12 +540,12 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if self.steps == 0:
             raise RuntimeError("autobalance: hyper_step before any training step; the hypergradient assumes weights "
                                "trained on the current loss (take at least one step(), see warmup_steps)")
-        hypergrad, train_loss, val_loss, state = self._hypergradient(model, train_batches, val_batches)
+        hypergrad, train_loss, val_loss, state, graphs = self._hypergradient(model, train_batches, val_batches)
         self._last_hyper_step_at = self.steps
         norm = float(torch.linalg.vector_norm(flat(hypergrad)))
         if not math.isfinite(norm):
             self.skipped_hyper_steps += 1
-            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size)
+            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size, *graphs)
         factor = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
         for p, g in zip(self._hyper, hypergrad):
             p.grad = (g * factor).to(p.dtype)
@@ -528,4 +555,4 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.solver_state = state
         self.step_size_corrections += state.corrections
         self.hyper_steps += 1
-        return HyperStepResult(True, norm, train_loss, val_loss, state.step_size)
+        return HyperStepResult(True, norm, train_loss, val_loss, state.step_size, *graphs)

@@ -3,6 +3,9 @@
 Hessian-vector product ``H v`` and the mixed product
 ``d/d alpha <grad_theta L_T, p>``. Vectors over ``theta`` (and ``alpha``) are
 flat: one tensor, the parameters' entries in order."""
+import math
+import os
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
@@ -59,6 +62,78 @@ def validation_gradient(model, objective, theta, hyper, batch):
     return flat([torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)]), float(loss.detach())
 
 
+AUTO_GRAPH_MEMORY = 0.5  # graph_memory="auto": this fraction of the memory available at the hyper-step
+
+
+def _read_int(path, field=None):
+    """The integer in a file (``field``: of its line ``field: value kB``), None where unreadable."""
+    try:
+        with open(path) as f:
+            if field is None:
+                return int(f.read().strip())
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_memory(device):
+    """Bytes available for new tensors on ``device``: on CUDA the device's free memory
+    plus what PyTorch's caching allocator holds unused; on the CPU the system's
+    ``MemAvailable`` (Linux; the page count elsewhere), capped by a cgroup v2 memory
+    limit; ``inf`` where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return math.inf
+    available = _read_int("/proc/meminfo", "MemAvailable")
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return math.inf
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        available = min(available, max(limit - used, 0))
+    return float(available)
+
+
+def graph_budget(graph_memory, device):
+    """The bytes of training graphs a hyper-step may keep: ``graph_memory`` itself, or
+    for ``"auto"`` ``AUTO_GRAPH_MEMORY`` times ``available_memory(device)``."""
+    return AUTO_GRAPH_MEMORY * available_memory(device) if graph_memory == "auto" else graph_memory
+
+
+class SavedBytes:
+    """Counts the bytes of the tensors autograd saves for backward inside the ``with``
+    block (each storage once), leaving out the storages of ``exclude`` (the weights,
+    which exist anyway): the size of the graph built there. The hook keeps each tensor
+    detached: autograd re-attaches its history when it unpacks it, and a node that kept
+    its own output with that output's history would form a reference cycle, which only
+    the garbage collector frees."""
+
+    def __init__(self, exclude=()):
+        self.bytes, self._seen = 0, {t.untyped_storage().data_ptr() for t in exclude}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return t.detach()
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
 class TrainGradients:
     """The two second-order products of docs/math.md section 5 on the training batches
     ``(inputs, target, group)``, averaged over the batches (and over ranks under DDP,
@@ -77,17 +152,24 @@ class TrainGradients:
       over reverse through ``grad_theta L_T``, like ``hvp``, and sets ``forward_ad``
       to False (pass that to the next hyper-step's products).
 
-    Both are linear in the batches, so at most one batch's second-order graph is
-    alive at a time: with several batches each product rebuilds each batch's
-    graph in turn; a single batch's graph is kept for the solver's products.
-    ``losses`` holds each batch's training loss from the first pass over them.
+    **Kept graphs.** Each batch's gradient graph is built once and kept for the
+    solver's products as long as the kept graphs' size (``SavedBytes``, measured as
+    they are built) stays within ``graph_memory`` bytes; the graphs of the batches
+    beyond it are rebuilt for every product, one at a time (a forward and a
+    backward more per batch and product, and at most one such graph alive). A
+    single batch's graph is always kept. ``kept`` counts the kept graphs,
+    ``graph_bytes`` holds each batch's measured size (leaving out the model's
+    parameters and buffers and the batch's inputs), ``losses`` each batch's training
+    loss from the first pass over them.
     """
 
-    def __init__(self, model, criterion, theta, hyper, batches, group, forward_ad=True):
+    def __init__(self, model, criterion, theta, hyper, batches, group, forward_ad=True,
+                 graph_memory=float("inf")):
         self.model, self.criterion, self.theta, self.hyper = model, criterion, theta, hyper
         self.batches, self.group, self.forward_ad = batches, group, forward_ad
-        self.losses = []
-        self._kept = None
+        self.graph_memory = graph_memory
+        self.losses, self.graph_bytes, self.kept = [], [], 0
+        self._kept = [None] * len(batches)
 
     def _record(self, loss):
         check_scalar(loss, "criterion")
@@ -100,15 +182,30 @@ class TrainGradients:
         self._record(loss)
         return torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True)
 
+    def _graph(self, i):
+        """Batch ``i``'s ``grad_theta L_T`` with its graph: the kept one, or built (and
+        kept if it is the first build and fits the budget)."""
+        if self._kept[i] is not None:
+            return self._kept[i]
+        if i < len(self.graph_bytes):  # built before and not kept
+            return self._build(self.batches[i])
+        module = unwrap(self.model)
+        with SavedBytes([*module.parameters(), *module.buffers(), self.batches[i][0]]) as size:
+            grads = self._build(self.batches[i])
+        kept_bytes = sum(b for b, g in zip(self.graph_bytes, self._kept) if g is not None)
+        self.graph_bytes.append(size.bytes)
+        if len(self.batches) == 1 or kept_bytes + size.bytes <= self.graph_memory:
+            self._kept[i] = grads
+            self.kept += 1
+        return grads
+
     def _average(self, inputs, vector):
         parts = split(vector, self.theta)
         total = None
-        for batch in self.batches:
-            grads = self._kept if self._kept is not None else self._build(batch)
-            if len(self.batches) == 1:
-                self._kept = grads
+        for i in range(len(self.batches)):
+            grads = self._graph(i)
             term = flat_grad(grads, inputs, parts, retain_graph=True)
-            del grads  # free this batch's second-order graph before the next one is built
+            del grads  # free a graph that is not kept before the next one is built
             total = term if total is None else total + term
         return total / len(self.batches)
 
@@ -136,7 +233,7 @@ class TrainGradients:
 
     def mixed(self, p):
         if self.forward_ad:
-            self._kept = None  # the solver's graph is not needed any more
+            self._kept = [None] * len(self.batches)  # the solver's graphs are not needed any more
             parts = split(p, self.theta)
             try:
                 return sum(self._mixed_term(batch, parts) for batch in self.batches) / len(self.batches)
