@@ -266,10 +266,10 @@ class NoForwardAD(nn.Module):
 
 
 def test_hypergradient_is_the_same_through_every_path(monkeypatch):
-    """The mixed term from a forward-mode J_theta p and the loss's second derivative, and
-    the hyper-step's layers, give the hypergradient of reverse over reverse through the
-    network (the fallback for a model with a layer that lacks forward-mode AD) and of
-    PyTorch's own layers."""
+    """The mixed term through the kept graphs, from a forward-mode J_theta p and the
+    loss's second derivative (graphs not kept), through rebuilt graphs (the fallback
+    for a model with a layer that lacks forward-mode AD), and with PyTorch's own
+    layers: one hypergradient."""
     g = torch.Generator().manual_seed(16)
     data = [(torch.randn(12, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, K, (12,), generator=g))
             for _ in range(3)]
@@ -279,23 +279,24 @@ def test_hypergradient_is_the_same_through_every_path(monkeypatch):
                           nn.Linear(24, K)).double()
     model(data[0][0])  # running statistics away from their initial values
 
-    def hypergradient(net):
-        bopt, criterion = make(net, ParametricCE(K).double(), solver="cg", cg_iterations=4)
+    def hypergradient(net, graph_memory=float("inf")):
+        bopt, criterion = make(net, ParametricCE(K).double(), solver="cg", cg_iterations=4, graph_memory=graph_memory)
         with torch.no_grad():
             criterion.shift_param.copy_(0.1 * torch.arange(K, dtype=torch.float64))
         return bopt, bopt.hypergradient(net, data[:2], data[2:])
 
-    bopt, ours = hypergradient(model)
+    _, kept = hypergradient(model)
+    bopt, forward = hypergradient(model, graph_memory=0)
     assert bopt._forward_ad
     layers = list(copy.deepcopy(model))
-    bopt, fallback = hypergradient(nn.Sequential(layers[0], NoForwardAD(), *layers[1:]))
+    bopt, fallback = hypergradient(nn.Sequential(layers[0], NoForwardAD(), *layers[1:]), graph_memory=0)
     assert not bopt._forward_ad
     monkeypatch.setattr(HyperStepLayers, "LAYERS", {})
     _, native = hypergradient(model)
-    for a, b, c in zip(ours, fallback, native):
-        assert a.abs().max() > 1e-6
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
+    for ours, *others in zip(kept, forward, fallback, native):
+        assert ours.abs().max() > 1e-6
+        for other in others:
+            torch.testing.assert_close(ours, other, rtol=1e-9, atol=1e-12)
 
 
 def hyper_step_layers_net(x, conv1_w, conv1_b, conv2_w, bn_w, bn_b, mean, var, mode=HyperStepLayers):
@@ -636,9 +637,9 @@ class ForwardProbe(nn.Module):
 
 @pytest.mark.parametrize("keep", ["none", "one", "all"])
 def test_graph_memory_keeps_the_graphs_that_fit_and_rebuilds_the_rest(keep):
-    """3 training batches, 2 CG products and the mixed term (by forward mode): kept
-    graphs are built once; the others are rebuilt for every product, one at a time;
-    the hypergradient is the same."""
+    """3 training batches, 2 CG products and the mixed term: kept graphs are built once
+    and serve the mixed term too; the others are rebuilt for every product, one at a
+    time, and their mixed term takes a forward-mode pass; the hypergradient is the same."""
     probe = ForwardProbe(mlp(batch_norm=True))
     train_batches, val_batches = batches(14, 3), batches(15, 2)
     reference = make(probe, solver="cg", cg_iterations=2, graph_memory=float("inf"))[0]
@@ -653,8 +654,8 @@ def test_graph_memory_keeps_the_graphs_that_fit_and_rebuilds_the_rest(keep):
     bopt.steps = 1
     grads = bopt.hypergradient(probe, train_batches, val_batches)
     built = 3 + (3 - kept)  # the first product builds all, the second rebuilds those not kept
-    assert len(probe.alive) == 2 + built + 3  # val batches, the products, the mixed term
-    assert max(probe.alive[2:2 + built]) <= max(kept, 1) and max(probe.alive[2 + built:]) == 0, probe.alive
+    assert len(probe.alive) == 2 + built + 3 - kept  # val batches, the products, the mixed term
+    assert max(probe.alive[2:2 + built]) <= max(kept, 1) and max(probe.alive[2 + built:], default=0) == 0, probe.alive
     result = bopt.hyper_step(probe, train_batches, val_batches)
     assert (result.kept_graphs, result.graph_bytes) == (kept, everything.graph_bytes)
     for ours, theirs in zip(grads, make(probe, solver="cg", cg_iterations=2, graph_memory=0)[0]

@@ -142,15 +142,15 @@ class TrainGradients:
     - ``hvp(v) = H v``: reverse over reverse, through ``grad_theta L_T`` of each batch
       built with its graph (``create_graph``). (The wrapped optimizer's L2 term is
       added by the caller, ``solvers.ridge``.)
-    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``. The loss depends on theta only
-      through the logits ``z``, so this is ``d/d alpha <dl/dz, u>`` with
-      ``u = J_theta p`` the network's Jacobian-vector product in logit space. ``u``
-      comes from one forward pass in forward-mode AD; the rest is a second
-      derivative of the loss alone, ``[N, K]``-sized (with ``ParametricCE(backend=
-      "fused")`` the fused double backward with the logit cotangent ``u``). Where a
-      layer of the model has no forward-mode derivative, it falls back to reverse
-      over reverse through ``grad_theta L_T``, like ``hvp``, and sets ``forward_ad``
-      to False (pass that to the next hyper-step's products).
+    - ``mixed(p) = d/d alpha <grad_theta L_T, p>``: for a batch whose graph is kept,
+      one more backward through it (no new pass over the network). Otherwise, as the
+      loss depends on theta only through the logits ``z``, it is ``d/d alpha <dl/dz,
+      u>`` with ``u = J_theta p`` the network's Jacobian-vector product in logit
+      space, from one forward pass in forward-mode AD; the rest is a second derivative
+      of the loss alone, ``[N, K]``-sized (with ``ParametricCE(backend="fused")`` the
+      fused double backward with the logit cotangent ``u``). Where a layer of the
+      model has no forward-mode derivative, it goes through a rebuilt graph and sets
+      ``forward_ad`` to False (pass that to the next hyper-step's products).
 
     **Kept graphs.** Each batch's gradient graph is built once and kept for the
     solver's products as long as the kept graphs' size (``SavedBytes``, measured as
@@ -232,11 +232,23 @@ class TrainGradients:
         return flat_grad([grad_logits], self.hyper, [jvp])
 
     def mixed(self, p):
-        if self.forward_ad:
-            self._kept = [None] * len(self.batches)  # the solver's graphs are not needed any more
-            parts = split(p, self.theta)
-            try:
-                return sum(self._mixed_term(batch, parts) for batch in self.batches) / len(self.batches)
-            except NotImplementedError:  # a layer without a forward-mode derivative
-                self.forward_ad = False
-        return self._average(self.hyper, p)
+        """The mixed product, batch by batch: through the batch's kept graph (no new
+        pass), else by forward mode (one forward pass instead of a rebuilt graph),
+        else through a rebuilt graph. Each kept graph is freed after its term."""
+        parts = split(p, self.theta)
+        total = None
+        for i, batch in enumerate(self.batches):
+            grads, self._kept[i] = self._kept[i], None
+            term = None
+            if grads is None and self.forward_ad:
+                try:
+                    term = self._mixed_term(batch, parts)
+                except NotImplementedError:  # a layer without a forward-mode derivative
+                    self.forward_ad = False
+            if term is None:
+                grads = self._graph(i) if grads is None else grads
+                self._kept[i] = None
+                term = flat_grad(grads, self.hyper, parts)
+            del grads
+            total = term if total is None else total + term
+        return total / len(self.batches)
