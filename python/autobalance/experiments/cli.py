@@ -91,6 +91,10 @@ def run(args):
     os.makedirs(out, exist_ok=True)
     config = recipes.TrainConfig(epochs=args.epochs, device=args.device)
     search = recipes.SearchConfig(last_layer_only=args.theta == "last")
+    if args.hyper_batches is not None:
+        if min(args.hyper_batches) < 1:
+            raise SystemExit(f"autobalance: --hyper-batches must be two ints >= 1, got {args.hyper_batches}")
+        search.train_batches, search.val_batches = args.hyper_batches
     if args.hyper_every is not None:
         search.hyper_every = args.hyper_every
     results, start = [], time.perf_counter()
@@ -108,6 +112,9 @@ def run(args):
             print(f"{splits.name}: train {len(splits.train)}, val {len(splits.val)}, full train "
                   f"{len(splits.full_train)}, test {len(splits.test)}; model {model_name}; "
                   f"{len(methods)} methods x {args.seeds} seeds x {args.epochs} epochs", flush=True)
+            n_train, n_val, val_batch = search.hyper_batches(len(splits.train), len(splits.val), config.batch_size)
+            print(f"hyper-step every {search.hyper_every} steps: {n_train} training batches of "
+                  f"{config.batch_size}, {n_val} validation batches of {val_batch}", flush=True)
         for method in methods.values():
             result = recipes.run_method(method, splits, factory, config, search, seed=seed, progress=progress)
             results.append(result.to_json())
@@ -164,6 +171,9 @@ def main(argv=None):
     p.add_argument("--theta", choices=("last", "all"), default="last",
                    help="weights of the implicit-differentiation hypergradient: the last layer (default) or all")
     p.add_argument("--hyper-every", type=int, default=None, help="training steps between hyper-steps (default: SearchConfig's, the paper's 20; 2 with --quick)")
+    p.add_argument("--hyper-batches", type=int, nargs=2, default=None, metavar=("N_TRAIN", "N_VAL"),
+                   help="training and validation batches per hyper-step (default: the paper's 10 and 10, each "
+                        "capped at the batches its split holds; recipes.SearchConfig)")
     p.add_argument("--out", default=None, help="results folder (default results/EXPERIMENT-DATASET)")
     p.add_argument("--quick", action="store_true", help="a small preset for smoke tests (under 2 minutes)")
     p.add_argument("--threads", type=int, default=None)

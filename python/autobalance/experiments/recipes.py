@@ -9,7 +9,6 @@ baselines, as a Python API; ``autobalance run`` is a thin layer over it.
 Every choice (the learned loss, when to stop searching) is made on the
 training and validation splits; the test split is only scored at the end.
 """
-import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,29 +41,49 @@ class TrainConfig:
     device: str = "cpu"
 
 
+PAPER_HYPER_BATCHES = 10  # the published code: 10 training and 10 validation batches per hyper-step
+
+
 @dataclass
 class SearchConfig:
     """The search phase of Algorithm 1 (on the train/validation split).
 
     ``warmup_fraction`` of the steps train with the initial loss; then a
     hyper-step every ``hyper_every`` steps, each averaging ``train_batches``
-    fresh training batches and ``val_batches`` validation batches of
-    ``val_batch_size``. The rest goes to :class:`BilevelOptimizer`. By
-    default ``theta`` is the last layer (``model.fc``), which makes a
-    hyper-step cost one to two training steps; ``last_layer_only=False`` uses
-    every weight (about 10 training steps per hyper-step for the small CNN and 14 for
-    ResNet-32 on a CPU; bench/bench_hyperstep.py).
+    training batches and ``val_batches`` validation batches of ``val_batch_size``
+    (all of equal size). The rest goes to :class:`BilevelOptimizer`.
+
+    **The paper's batching, scaled to the data** (``None``, the default, for any of
+    the three; ``hyper_batches``): the published code averages 10 training and 10
+    validation batches of the training batch size every 20 steps. Here the batches
+    have the training batch size too (the validation split's size if that is
+    smaller), and each count is 10 or as many whole batches as the split holds, if
+    fewer: on the embedded long-tailed MNIST (790 training, 198 validation examples,
+    batch 64) 10 training and 3 validation batches, so a hyper-step sees 640
+    training examples and nearly the whole validation split.
+
+    By default ``theta`` is the last layer (``model.fc``), which makes a
+    hyper-step cost about one forward pass per batch; ``last_layer_only=False``
+    uses every weight (bench/bench_hyperstep.py measures that).
     """
     warmup_fraction: float = 0.4
     hyper_every: int = HYPER_EVERY
-    train_batches: int = 2
-    val_batches: int = 1
-    val_batch_size: int = 256
+    train_batches: Optional[int] = None
+    val_batches: Optional[int] = None
+    val_batch_size: Optional[int] = None
     hyper_lr: float = 0.05
     solver: str = "neumann"
     neumann_terms: int = 5
     last_layer_only: bool = True  # theta = model.fc: cheap hyper-steps on a CPU budget
     max_hypergrad_norm: Optional[float] = None
+
+    def hyper_batches(self, train_size: int, val_size: int, batch_size: int) -> Tuple[int, int, int]:
+        """``(train_batches, val_batches, val_batch_size)`` for splits of these sizes: the
+        set values, and the paper's scheme scaled to the data for those left None."""
+        val_batch = self.val_batch_size or min(batch_size, val_size)
+        train = self.train_batches or max(1, min(PAPER_HYPER_BATCHES, train_size // batch_size))
+        val = self.val_batches or max(1, min(PAPER_HYPER_BATCHES, val_size // val_batch))
+        return train, val, val_batch
 
 
 @dataclass
@@ -156,11 +175,6 @@ def group_methods(lam: float = 0.1, dro_step: float = 0.01) -> Dict[str, Method]
 
 # --------------------------------------------------------------------------- training
 
-def _cycle(dataset, batch_size, seed, augment):
-    loader = data.BatchLoader(dataset, batch_size, shuffle=True, seed=seed, augment=augment)
-    return itertools.chain.from_iterable(itertools.repeat(loader))
-
-
 def _progress(total, label, enabled):
     if tqdm is None or not enabled:
         return None
@@ -197,15 +211,18 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     step, trace = optimizer, []
     if search is not None:
         hyper = [p for p in criterion.parameters() if p.requires_grad]
+        n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         step = BilevelOptimizer(
             optimizer, criterion, objective,
             hyper_optimizer=torch.optim.SGD(hyper, lr=search.hyper_lr, momentum=0.9, weight_decay=1e-4),
             warmup_steps=int(search.warmup_fraction * total), hyper_every=search.hyper_every,
             solver=search.solver, neumann_terms=search.neumann_terms,
             inner_params=model.fc.parameters() if search.last_layer_only else None,
-            max_hypergrad_norm=search.max_hypergrad_norm)
-        train_stream = _cycle(dataset, config.batch_size, seed + 1, augment)
-        val_stream = _cycle(val, search.val_batch_size, seed + 2, None)
+            max_hypergrad_norm=search.max_hypergrad_norm, model=model,
+            train_loader=data.BatchLoader(dataset, min(config.batch_size, len(dataset)), seed=seed + 1,
+                                          augment=augment, drop_last=True),
+            val_loader=data.BatchLoader(val, val_batch, seed=seed + 2, drop_last=True),
+            batches_per_hyper_step=(n_train, n_val))
         trace.append({"epoch": 0.0, "tables": _table_snapshot(criterion)})
     bar = _progress(config.epochs, label, progress)
     for epoch in range(config.epochs):
@@ -218,11 +235,10 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
             step.step()
             schedule.step()
             if search is not None and step.hyper_step_due:
-                result = step.hyper_step(
-                    model, [_to(next(train_stream), device) for _ in range(search.train_batches)],
-                    [_to(next(val_stream), device) for _ in range(search.val_batches)])
+                result = step.hyper_step()
                 trace.append({"epoch": epoch + (i + 1) / len(loader), "val_objective": float(result.val_loss),
-                              "applied": bool(result.applied), "hypergrad_norm": float(result.hypergrad_norm),
+                              "train_loss": float(result.train_loss), "applied": bool(result.applied),
+                              "hypergrad_norm": float(result.hypergrad_norm), "step_size": result.step_size,
                               "tables": _table_snapshot(criterion)})
         if bar is not None:
             bar.update(1)
