@@ -41,14 +41,14 @@ def test_search_draws_the_configured_batches_and_traces_the_hyper_steps(monkeypa
 
     def spy(self, *args):
         model, train_batches, val_batches = original(self, *args)
-        drawn.append(tuple((len(b), {len(x) for x, *_ in b}) for b in (train_batches, val_batches)))
+        drawn.append(tuple((len(b), tuple(sorted({len(x) for x, *_ in b}))) for b in (train_batches, val_batches)))
         return model, train_batches, val_batches
     monkeypatch.setattr(BilevelOptimizer, "_arguments", spy)
     config = recipes.TrainConfig(epochs=2, batch_size=16)
     search = recipes.SearchConfig(warmup_fraction=0.0, hyper_every=3)
     trace = recipes.train(_Net(), train, ParametricCE(3), config, search=search, objective=BalancedCE(3), val=val)
     # 90 // 16 training and 40 // 16 validation batches, all of 16 examples
-    assert drawn and set(drawn) == {((5, {16}), (2, {16}))}
+    assert drawn and set(drawn) == {((5, (16,)), (2, (16,)))}
     steps = trace[1:]
     assert len(steps) == len(drawn)
     for step in steps:
