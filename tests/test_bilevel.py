@@ -66,6 +66,24 @@ def test_conjugate_gradient_converges_to_exact(checks):
     assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
 
 
+def test_minibatch_estimates_approach_the_exact_one_with_more_batches(checks):
+    """check_hypergrad's mini-batch draws: one draw of every row is the full-batch
+    estimate (up to the summation order); more batches per hyper-step, closer to exact."""
+    run = lambda **kw: check_hypergrad(checks["criterion"], BalancedCE(K), checks["train"], checks["val"],  # noqa
+                                       l2=0.05, solver="cg", cg_iterations=30, cg_tol=1e-12, **kw)
+    every_row = run(batch_size=50, draws=2)
+    assert every_row.draws.shape == (2, every_row.exact.numel())
+    for draw in every_row.draws:
+        torch.testing.assert_close(draw, checks["cg"].estimate, rtol=1e-5, atol=1e-8)
+    few, many = (run(batch_size=8, batches=(n, n), draws=12).draw_cosines.mean() for n in (1, 6))
+    assert few + 0.05 < many, (few, many)
+    for bad, match in (({"batches": (2, 1)}, "need a `batch_size`"), ({"batch_size": 0}, "`batch_size` must be"),
+                       ({"batch_size": 4, "batches": (1,)}, "`batches` must be a pair"),
+                       ({"batch_size": 4, "draws": 0}, "`draws` must be")):
+        with pytest.raises(ValueError, match=match):
+            run(**bad)
+
+
 def test_default_configuration_is_close(checks):
     c = checks["default"]
     assert c.cosine >= 0.95, c.cosine

@@ -12,11 +12,12 @@ from autobalance.objectives import BalancedCE
 
 
 @pytest.mark.parametrize("sizes, set_values, expected", [
-    ((790, 198, 64), {}, (10, 3, 64)),       # the embedded long-tailed MNIST
-    ((2604, 400, 64), {}, (10, 6, 64)),      # the group experiment
-    ((100, 30, 64), {}, (1, 1, 30)),         # splits smaller than a batch: one batch of the whole split
-    ((100000, 100000, 128), {}, (10, 10, 128)),  # the published 10 and 10 of the training batch size
-    ((790, 198, 64), {"train_batches": 2, "val_batches": 1, "val_batch_size": 256}, (2, 1, 256)),
+    ((790, 198, 64), {}, (10, 1, 198)),        # the embedded long-tailed MNIST: the validation split in one batch
+    ((2604, 400, 64), {}, (10, 1, 400)),       # the group experiment
+    ((100, 30, 64), {}, (1, 1, 30)),           # splits smaller than a batch
+    ((100000, 100000, 128), {}, (10, 1, 1280)),  # the published 10 x 128 examples on each side
+    ((790, 198, 64), {"val_batch_size": 64}, (10, 3, 64)),
+    ((790, 198, 64), {"train_batches": 2, "val_batches": 2, "val_batch_size": 256}, (2, 2, 256)),
 ])
 def test_hyper_batches_scale_the_papers_scheme_to_the_data(sizes, set_values, expected):
     assert recipes.SearchConfig(**set_values).hyper_batches(*sizes) == expected
@@ -47,8 +48,8 @@ def test_search_draws_the_configured_batches_and_traces_the_hyper_steps(monkeypa
     config = recipes.TrainConfig(epochs=2, batch_size=16)
     search = recipes.SearchConfig(warmup_fraction=0.0, hyper_every=3)
     trace = recipes.train(_Net(), train, ParametricCE(3), config, search=search, objective=BalancedCE(3), val=val)
-    # 90 // 16 training and 40 // 16 validation batches, all of 16 examples
-    assert drawn and set(drawn) == {((5, (16,)), (2, (16,)))}
+    # 90 // 16 training batches of 16, the 40 validation examples in one batch
+    assert drawn and set(drawn) == {((5, (16,)), (1, (40,)))}
     steps = trace[1:]
     assert len(steps) == len(drawn)
     for step in steps:

@@ -2,11 +2,12 @@
 exact ones of a problem solved to optimality (docs/math.md section 5, "Checking it")."""
 import copy
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from autobalance._validation import check_int
 from autobalance.bilevel.optimizer import BilevelOptimizer, fix_shift_gauge
 from autobalance.bilevel.products import call_loss, flat, flat_grad, split
 
@@ -15,10 +16,12 @@ from autobalance.bilevel.products import call_loss, flat, flat_grad, split
 class HypergradCheck:
     """The exact implicit hypergradient, the ``BilevelOptimizer`` estimate and
     (optionally) central finite differences, as flat float64 vectors over the
-    criterion's learnable parameters."""
+    criterion's learnable parameters. With mini-batch draws, ``estimate`` is the
+    first draw's and ``draws`` holds every draw's, ``[draws, P]``."""
     exact: torch.Tensor
     estimate: torch.Tensor
     finite_difference: Optional[torch.Tensor] = None
+    draws: Optional[torch.Tensor] = None
 
     @staticmethod
     def _compare(a, b):
@@ -33,6 +36,12 @@ class HypergradCheck:
     def relative_error(self) -> float:
         """``|estimate - exact| / |exact|``."""
         return self._compare(self.estimate, self.exact)[1]
+
+    @property
+    def draw_cosines(self) -> torch.Tensor:
+        """The cosine of every draw's estimate with the exact hypergradient, ``[draws]``."""
+        draws = self.estimate[None] if self.draws is None else self.draws
+        return draws @ self.exact / (draws.norm(dim=1) * self.exact.norm())
 
     @property
     def fd_cosine(self) -> float:
@@ -52,7 +61,8 @@ def _unpack(batch, name):
 
 def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
                     l2: float = 1e-2, finite_differences: bool = False, fd_step: float = 1e-4,
-                    **options) -> HypergradCheck:
+                    batch_size: Union[int, Tuple[int, int], None] = None, batches: Tuple[int, int] = (1, 1), draws: int = 1,
+                    seed: int = 0, **options) -> HypergradCheck:
     """Checks ``BilevelOptimizer``'s hypergradient against the exact one (docs/math.md section 5).
 
     The inner problem is L2-regularised multinomial logistic regression on
@@ -65,10 +75,29 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     ``finite_differences``, it also returns central differences (step ``fd_step``)
     of the re-solved validation loss along every coordinate of alpha.
 
+    With ``batch_size``, the estimate is the one a hyper-step during training makes:
+    it averages ``batches = (n_train, n_val)`` mini-batches of ``batch_size`` rows
+    (or of ``batch_size = (train_rows, val_rows)``; each drawn at random without replacement from ``train`` / ``val``, generator
+    seeded with ``seed``), while the exact hypergradient still uses all the rows;
+    ``draws`` such estimates are made (``HypergradCheck.draws``, ``draw_cosines``).
+
     ``criterion`` (a ``ParametricCE``) is copied and cast to float64; the original
     is not changed. The exact hypergradient gets the same shift-gauge projection
     as the estimate; the finite differences get none (they are gauge-free).
     """
+    if batch_size is not None:
+        pair = batch_size if isinstance(batch_size, (tuple, list)) else (batch_size, batch_size)
+        if len(pair) != 2:
+            raise ValueError(f"autobalance: `batch_size` must be an int or a pair (train_rows, val_rows), got "
+                             f"{batch_size!r}")
+        batch_size = tuple(check_int(b, "batch_size", 1) for b in pair)
+    if not isinstance(batches, (tuple, list)) or len(batches) != 2:
+        raise ValueError(f"autobalance: `batches` must be a pair (n_train, n_val), got {batches!r}")
+    batches = tuple(check_int(n, f"batches[{i}]", 1) for i, n in enumerate(batches))
+    check_int(draws, "draws", 1)
+    if batch_size is None and (batches != (1, 1) or draws != 1):
+        raise ValueError("autobalance: `batches` and `draws` need a `batch_size` (without one the estimate uses "
+                         "all of `train` and `val` as one batch)")
     criterion = copy.deepcopy(criterion).double()
     x, y, g = _unpack(train, "train")
     xv, yv, gv = _unpack(val, "val")
@@ -109,8 +138,19 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
         model.weight.copy_(w_star.view(classes, features))
     bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=l2), criterion, objective,
                             **options)
-    estimate = bopt.hypergradient(model, [(x, y, g)[:3 if g is not None else 2]],
-                                  [(xv, yv, gv)[:3 if gv is not None else 2]])
+    whole = [(x, y, g)[:3 if g is not None else 2]], [(xv, yv, gv)[:3 if gv is not None else 2]]
+    generator = torch.Generator().manual_seed(seed)
+
+    def minibatches(data, n, size):
+        rows = data[0][0].shape[0]
+        picks = [torch.randperm(rows, generator=generator)[:size] for _ in range(n)]
+        return [tuple(t[i] for t in data[0]) for i in picks]
+
+    estimates = []
+    for _ in range(draws):
+        pair = whole if batch_size is None else tuple(minibatches(part, n, size) for part, n, size
+                                                       in zip(whole, batches, batch_size))
+        estimates.append(flat(bopt.hypergradient(model, *pair)).double())
 
     fd = None
     if finite_differences:
@@ -125,4 +165,4 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
                     entries[j] -= sign * fd_step
                 columns.append((values[0] - values[1]) / (2 * fd_step))
         fd = torch.tensor(columns, dtype=torch.float64)
-    return HypergradCheck(flat(exact).double(), flat(estimate).double(), fd)
+    return HypergradCheck(flat(exact).double(), estimates[0], fd, torch.stack(estimates) if draws > 1 else None)
