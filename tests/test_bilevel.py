@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import io
+import math
 import itertools
 import warnings
 import weakref
@@ -679,6 +680,16 @@ def test_graph_memory_keeps_the_graphs_that_fit_and_rebuilds_the_rest(keep):
     for ours, theirs in zip(grads, make(probe, solver="cg", cg_iterations=2, graph_memory=0)[0]
                             .hypergradient(probe, train_batches, val_batches)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_graph_memory_is_half_the_available_memory(monkeypatch):
+    from autobalance.bilevel import products
+    cpu = torch.device("cpu")
+    assert products.graph_budget(123, cpu) == 123
+    available = products.available_memory(cpu)
+    assert 0 < available < math.inf
+    monkeypatch.setattr(products, "available_memory", lambda device: 1000.0)
+    assert products.graph_budget("auto", cpu) == 500.0
 
 
 def test_graph_memory_is_checked():
