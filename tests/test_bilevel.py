@@ -2,8 +2,8 @@
 import contextlib
 import copy
 import io
-import math
 import itertools
+import math
 import warnings
 import weakref
 
