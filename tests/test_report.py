@@ -61,3 +61,28 @@ def test_parameter_evolution_plot_per_cell(tmp_path):
     assert path.stat().st_size > 0
     report.plot_parameter_evolution([{"method": "CE", "trace": []}], str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()  # nothing searched: no figure
+
+
+def test_paired_differences_pair_by_seed_with_a_t_interval():
+    """AutoBalance minus each baseline per seed; the interval is the textbook t-interval."""
+    values = {"LA": [0.12, 0.11, 0.13], "CE": [0.20, 0.30, 0.25], "AutoBalance: x": [0.10, 0.10, 0.11]}
+    results = [{"method": m, "seed": s, "metrics": {"balanced_error": v}} for m, vs in values.items()
+               for s, v in enumerate(vs)]
+    pairs = {p["baseline"]: p for p in report.paired_differences(results, "classes")}
+    assert set(pairs) == {"LA", "CE"}  # AutoBalance against the baselines only
+    la = pairs["LA"]
+    assert la["seeds"] == [0, 1, 2]
+    torch.testing.assert_close(torch.tensor(la["differences"]), torch.tensor([-0.02, -0.01, -0.02]))
+    assert abs(la["mean"] + 0.05 / 3) < 1e-12
+    sd = float(torch.tensor(la["differences"], dtype=torch.float64).std())
+    assert abs((la["high"] - la["low"]) / 2 - 4.302652729911275 * sd / 3 ** 0.5) < 1e-12  # t(0.975, 2) sd / sqrt(n)
+    assert la["beyond_noise"] and la["high"] < 0
+    table = report.paired_table(list(pairs.values()))
+    assert "| AutoBalance: x | LA | 3 | -1.67 |" in table and "yes, AutoBalance better" in table
+
+
+def test_paired_differences_with_one_seed_have_no_interval():
+    results = [{"method": m, "seed": 0, "metrics": {"deo_error": v}} for m, v in (("CE", 0.3), ("AutoBalance", 0.2))]
+    (pair,) = report.paired_differences(results, "groups")
+    assert pair["low"] is None and not pair["beyond_noise"] and abs(pair["mean"] + 0.1) < 1e-12
+    assert "n/a (one seed)" in report.paired_table([pair])

@@ -114,7 +114,7 @@ def run(args):
                   f"{len(methods)} methods x {args.seeds} seeds x {args.epochs} epochs", flush=True)
             n_train, n_val, val_batch = search.hyper_batches(len(splits.train), len(splits.val), config.batch_size)
             print(f"hyper-step every {search.hyper_every} steps: {n_train} training batches of "
-                  f"{config.batch_size}, {n_val} validation batches of {val_batch}", flush=True)
+                  f"{config.batch_size}, {n_val} validation batch{'es' if n_val > 1 else ''} of {val_batch}", flush=True)
         for method in methods.values():
             result = recipes.run_method(method, splits, factory, config, search, seed=seed, progress=progress)
             results.append(result.to_json())
@@ -130,6 +130,8 @@ def run(args):
         points = recipes.lam_sweep(splits, factory, config, search, lams, progress=progress)
     rows = report.summarise(results, args.experiment)
     table = report.markdown_table(rows, args.experiment)
+    pairs = report.paired_differences(results, args.experiment)
+    paired = report.paired_table(pairs)
     baseline = [r["seconds"] for r in results if r["method"] == "CE"]
     searched = [r["seconds"] for r in results if r["search_seconds"] > 0]
     multiple = (sum(searched) / len(searched)) / (sum(baseline) / len(baseline)) if baseline and searched else None
@@ -137,14 +139,14 @@ def run(args):
     summary = {"experiment": args.experiment, "dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs,
                "imbalance": args.imbalance, "train_config": vars(config), "search_config": vars(search),
                "autobalance_time_multiple": multiple, "wall_seconds": time.perf_counter() - start,
-               "summary": rows, "results": results, "pareto": points}
+               "summary": rows, "paired": pairs, "results": results, "pareto": points}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     title = "Table 1 (class imbalance)" if args.experiment == "classes" else "Table 3 (group imbalance)"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"# {title}: {splits.name}, {args.seeds} seeds, {args.epochs} epochs\n\n"
-                f"Errors in % on the balanced test set, mean ± std over seeds.\n\n{table}\n")
-    print(f"\n{title}: {splits.name}, errors in % (mean ± std over {args.seeds} seeds)\n{table}")
+                f"Errors in % on the balanced test set, mean ± std over seeds.\n\n{table}\n\n{paired}\n")
+    print(f"\n{title}: {splits.name}, errors in % (mean ± std over {args.seeds} seeds)\n{table}\n\n{paired}")
     if multiple is not None:
         print(f"\nAutoBalance wall time (search + retrain) = {multiple:.2f} x one standard training run (CE)")
     print(f"results: {out}/results.json, {out}/table.md" + "".join(f", {p}" for p in plots))

@@ -11,6 +11,58 @@ GROUP_COLUMNS = [("group_balanced_error", "group-balanced err"), ("worst_cell_er
                  ("deo_error", "DEO"), ("standard_error", "standard err")]
 
 
+HEADLINE = {"classes": "balanced_error", "groups": "deo_error"}  # the metric each experiment is judged by
+
+
+def paired_differences(results: List[dict], experiment: str, confidence: float = 0.95) -> List[Dict[str, object]]:
+    """AutoBalance against each baseline, paired by seed (every method of a seed runs on
+    the same splits, from the same initial weights): the per-seed differences of the
+    headline metric (``HEADLINE``; AutoBalance minus baseline, so negative favours
+    AutoBalance), their mean and a ``confidence`` t-interval over the seeds
+    (``scipy.stats.t``; None with fewer than two seeds). ``beyond_noise`` is True when
+    the interval excludes 0."""
+    from scipy import stats
+
+    key = HEADLINE[experiment]
+    value = {(r["method"], r["seed"]): r["metrics"][key] for r in results}
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    out = []
+    for method in (m for m in methods if m.startswith("AutoBalance")):
+        for baseline in (m for m in methods if not m.startswith("AutoBalance")):
+            seeds = sorted(s for m, s in value if m == method and (baseline, s) in value
+                           and not math.isnan(value[method, s]) and not math.isnan(value[baseline, s]))
+            diffs = [value[method, s] - value[baseline, s] for s in seeds]
+            row = {"method": method, "baseline": baseline, "metric": key, "seeds": seeds, "differences": diffs,
+                   "mean": sum(diffs) / len(diffs) if diffs else float("nan"), "low": None, "high": None,
+                   "beyond_noise": False, "confidence": confidence}
+            if len(diffs) >= 2:
+                t = torch.tensor(diffs, dtype=torch.float64)
+                half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * t.std() / math.sqrt(len(diffs)))
+                row.update(low=row["mean"] - half, high=row["mean"] + half)
+                row["beyond_noise"] = row["low"] > 0 or row["high"] < 0
+            out.append(row)
+    return out
+
+
+def paired_table(pairs: List[Dict[str, object]]) -> str:
+    """The paired differences as a Markdown table (percentage points)."""
+    if not pairs:
+        return ""
+    confidence = round(100 * pairs[0]["confidence"])
+    lines = [f"| AutoBalance | baseline | seeds | mean difference (pp) | {confidence}% interval (t, over seeds) |"
+             " beyond noise |", "|---|---|---|---|---|---|"]
+    for p in pairs:
+        interval = "n/a (one seed)" if p["low"] is None else f"[{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"
+        verdict = ("yes, AutoBalance better" if p["beyond_noise"] and p["mean"] < 0 else
+                   "yes, AutoBalance worse" if p["beyond_noise"] else "no")
+        lines.append(f"| {p['method']} | {p['baseline']} | {len(p['seeds'])} | {100 * p['mean']:+.2f} | {interval} "
+                     f"| {verdict} |")
+    metric = pairs[0]["metric"].replace("_", " ")
+    lines.append(f"\nPaired by seed: {metric} of AutoBalance minus that of the baseline, in percentage points "
+                 "(negative: AutoBalance better); the interval is a t-interval over the per-seed differences.")
+    return "\n".join(lines)
+
+
 def _mean_std(values):
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
