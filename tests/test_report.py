@@ -63,6 +63,39 @@ def test_parameter_evolution_plot_per_cell(tmp_path):
     assert not (tmp_path / "none.png").exists()  # nothing searched: no figure
 
 
+def test_search_trajectory_plot(tmp_path, monkeypatch):
+    """One row per searched method, one line per seed and panel; skipped steps (non-finite
+    norms are left out) do not break it; nothing searched: no figure."""
+    def steps(seed):
+        return [{"epoch": 0.0, "tables": None}] + [
+            {"epoch": t, "val_objective": 1.0 / (t + 1), "train_loss": 0.5, "applied": t != 2,
+             "hypergrad_norm": float("nan") if t == 2 else 0.1 * (seed + 1), "step_size": 0.01} for t in range(1, 5)]
+    results = [{"method": "AutoBalance", "seed": s, "trace": steps(s)} for s in range(2)]
+    results.append({"method": "CE", "seed": 0, "trace": []})
+    drawn = []
+    original = report._pyplot
+
+    def spy():
+        plt = original()
+        subplots = plt.subplots
+
+        def counting(*args, **kwargs):
+            fig, axes = subplots(*args, **kwargs)
+            drawn.append(axes)
+            return fig, axes
+        monkeypatch.setattr(plt, "subplots", counting)
+        return plt
+    monkeypatch.setattr(report, "_pyplot", spy)
+    path = tmp_path / "trajectory.png"
+    report.plot_search_trajectory(results, str(path))
+    assert path.stat().st_size > 0
+    (axes,) = drawn
+    assert axes.shape == (1, len(report.TRAJECTORY))
+    assert all(len(ax.get_legend_handles_labels()[0]) == 2 for ax in axes[0])  # a line per seed
+    report.plot_search_trajectory(results[-1:], str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_paired_differences_pair_by_seed_with_a_t_interval():
     """AutoBalance minus each baseline per seed; the interval is the textbook t-interval."""
     values = {"LA": [0.12, 0.11, 0.13], "CE": [0.20, 0.30, 0.25], "AutoBalance: x": [0.10, 0.10, 0.11]}

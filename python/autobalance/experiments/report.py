@@ -152,6 +152,45 @@ def plot_parameter_evolution(results: List[dict], path: str, clusters: Sequence[
     plt.close(fig)
 
 
+TRAJECTORY = (("val_objective", "validation objective", False), ("train_loss", "training loss", False),
+              ("hypergrad_norm", "hypergradient norm", True), ("step_size", "Neumann step size", True))
+
+
+def plot_search_trajectory(results: List[dict], path: str) -> None:
+    """The search's own diagnostics per hyper-step, beside Figure 3: validation
+    objective, training loss, hypergradient norm and the Neumann step size, one row
+    per searched method and one line per seed; skipped hyper-steps are crosses."""
+    searched = {}
+    for r in results:
+        steps = [t for t in r["trace"] if "val_objective" in t]
+        if steps:
+            searched.setdefault(r["method"], []).append((r["seed"], steps))
+    if not searched:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(searched), len(TRAJECTORY), figsize=(15, 2.8 * len(searched)), squeeze=False)
+    for row, (method, runs) in zip(axes, searched.items()):
+        for ax, (key, label, log) in zip(row, TRAJECTORY):
+            for seed, steps in runs:
+                points = [(t["epoch"], t.get(key)) for t in steps if t.get(key) is not None]
+                if not points:
+                    continue
+                line, = ax.plot(*zip(*points), marker=".", markersize=3, label=f"seed {seed}")
+                skipped = [(t["epoch"], t.get(key)) for t in steps if not t["applied"] and t.get(key) is not None
+                           and math.isfinite(t[key])]
+                if skipped:
+                    ax.plot(*zip(*skipped), "x", color=line.get_color())
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"{method}: {label}", fontsize=8)
+            ax.set_xlabel("epoch of the search phase", fontsize=7)
+            ax.tick_params(labelsize=7)
+        row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_per_class_accuracy(rows, path: str) -> None:
     """Per-class test accuracy by method (mean over seeds), classes from most
     to least frequent."""
@@ -204,6 +243,10 @@ def write_plots(out: str, experiment: str, results, rows, points=None) -> List[s
     plot_parameter_evolution(results, evolution)
     if os.path.exists(evolution):
         paths.append(evolution)
+    trajectory = os.path.join(out, "search_trajectory.png")
+    plot_search_trajectory(results, trajectory)
+    if os.path.exists(trajectory):
+        paths.append(trajectory)
     if points:
         paths.append(os.path.join(out, "pareto.png"))
         plot_pareto(points, paths[-1])
