@@ -7,7 +7,7 @@ import sys
 
 
 def check(folder, experiment):
-    expected = ["results.json", "table.md", "parameter_evolution.png"]
+    expected = ["results.json", "table.md", "parameter_evolution.png", "search_trajectory.png"]
     expected.append("per_class_accuracy.png" if experiment == "classes" else "pareto.png")
     for name in expected:
         path = os.path.join(folder, name)
@@ -28,8 +28,13 @@ def check(folder, experiment):
     assert any(m.startswith("AutoBalance") for m in methods), methods
     multiple = results["autobalance_time_multiple"]
     assert multiple is not None and math.isfinite(multiple) and multiple > 0
-    searched = [r for r in results["results"] if r["search_seconds"] > 0]
+    searched = [r for r in results["results"] if r["method"].startswith("AutoBalance")]
     assert searched and all(len(r["trace"]) > 1 for r in searched), "no hyper-step was taken"
+    for run in results["results"]:  # knobs picked on validation, with every candidate's score
+        if len(run["selection"]) > 1:
+            assert run["choice"] and run["choice"] in [c["choice"] for c in run["selection"]], run["method"]
+    assert any(len(r["selection"]) > 1 for r in results["results"]), "no knob was picked on validation"
+    assert results["paired"] and all(p["method"].startswith("AutoBalance") for p in results["paired"])
     print(f"{folder}: {len(results['results'])} runs, outputs complete, AutoBalance time x{multiple:.2f}")
 
 

@@ -55,3 +55,69 @@ def test_search_draws_the_configured_batches_and_traces_the_hyper_steps(monkeypa
     for step in steps:
         assert {"val_objective", "train_loss", "hypergrad_norm", "step_size", "applied", "tables"} <= set(step)
         assert step["applied"] and step["train_loss"] > 0 and step["step_size"] > 0
+
+
+def _splits(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 4, generator=g) * 3
+
+    def dataset(n):
+        targets = torch.arange(n) % 3
+        inputs = (centres[targets] + torch.randn(n, 4, generator=g)).view(n, 1, 2, 2)
+        return ImageDataset(inputs, targets, None, num_classes=3)
+    train, val, test = dataset(60), dataset(30), dataset(30)
+    return recipes.data.DataSplits(train, val, train, test, None, "toy")
+
+
+def test_knobs_are_picked_on_validation_never_a_degenerate_candidate(monkeypatch):
+    """A grid's candidates are trained on the train split and scored on the validation
+    split; the best non-degenerate one (a model predicting one class is degenerate,
+    however good its metric) is retrained and reported; the test split is evaluated
+    once, after the choice."""
+    method = recipes.Method("LA", lambda counts, tau: ParametricCE.from_counts(counts, "la", tau=tau, learn=()),
+                            grid={"tau": (0.5, 1.0, 2.0)})
+    splits = _splits()
+    # on validation: tau 0.5 predicts one class (balanced error 0, the best number), 2.0 is the best real one
+    fake = {0.5: (1, 0.0), 1.0: (3, 0.4), 2.0: (3, 0.2)}
+    evaluated, trained = [], []
+    original_train, original_evaluate = recipes.train, recipes.evaluate
+
+    def spy_train(model, dataset, criterion, config, **kw):
+        trained.append((dataset, float(criterion.tables().shift[0, -1])))
+        return original_train(model, dataset, criterion, config, **kw)
+
+    tau_of_shift = {round(_la_shift(splits, tau), 6): tau for tau in fake}
+
+    def spy_evaluate(model, dataset, **kw):
+        evaluated.append(dataset)
+        metrics = original_evaluate(model, dataset, **kw)
+        if dataset is splits.val:  # the candidate trained last is the one scored
+            classes, error = fake[tau_of_shift[round(trained[-1][1], 6)]]
+            metrics.update(predicted_classes=classes, balanced_error=error)
+        return metrics
+    monkeypatch.setattr(recipes, "train", spy_train)
+    monkeypatch.setattr(recipes, "evaluate", spy_evaluate)
+    result = recipes.run_method(method, splits, _Net, recipes.TrainConfig(epochs=1, batch_size=16),
+                                recipes.SearchConfig())
+    assert [c["choice"] for c in result.selection] == [{"tau": 0.5}, {"tau": 1.0}, {"tau": 2.0}]
+    assert [c["degenerate"] for c in result.selection] == [True, False, False]
+    assert result.choice == {"tau": 2.0}
+    assert [d for d, _ in trained] == [splits.train] * 3 + [splits.full_train]
+    assert abs(trained[-1][1] - _la_shift(splits, 2.0)) < 1e-6  # the retrain uses the chosen tau
+    assert evaluated == [splits.val] * 3 + [splits.test]
+
+
+def _la_shift(splits, tau):
+    """LA's shift of the last class, tau log(prior), from the retrain counts."""
+    counts = splits.full_train.class_counts().double()
+    return float(tau * torch.log(counts[-1] / counts.sum()))
+
+
+def test_group_methods_pick_lam_and_the_dro_step_unless_fixed():
+    methods = recipes.group_methods()
+    assert methods["AutoBalance"].grid == {"lam": recipes.LAMS} and 0.9 in recipes.LAMS  # the paper's Table 3 blend
+    assert methods["Group DRO"].grid == {"step_size": recipes.DRO_STEPS}
+    fixed = recipes.group_methods(lam=0.9, dro_step=0.01)
+    assert fixed["AutoBalance (lam=0.9)"].choices() == [{"lam": 0.9}]
+    assert fixed["Group DRO"].choices() == [{"step_size": 0.01}]
+    assert recipes.class_methods()["LA"].grid == {"tau": recipes.LA_TAUS}

@@ -119,3 +119,13 @@ def test_paired_differences_with_one_seed_have_no_interval():
     (pair,) = report.paired_differences(results, "groups")
     assert pair["low"] is None and not pair["beyond_noise"] and abs(pair["mean"] + 0.1) < 1e-12
     assert "n/a (one seed)" in report.paired_table([pair])
+
+
+def test_paired_differences_leave_out_single_class_predictors():
+    runs = {("CE_deo", 0): (0.0, 1), ("CE_deo", 1): (0.1, 2), ("CE_deo", 2): (0.2, 2),
+            ("AutoBalance", 0): (0.3, 2), ("AutoBalance", 1): (0.05, 2), ("AutoBalance", 2): (0.1, 2)}
+    results = [{"method": m, "seed": s, "metrics": {"deo_error": v, "predicted_classes": c}}
+               for (m, s), (v, c) in runs.items()]
+    (pair,) = report.paired_differences(results, "groups")
+    assert pair["seeds"] == [1, 2]  # seed 0: CE_deo predicts one class (DEO trivially 0)
+    torch.testing.assert_close(torch.tensor(pair["differences"]), torch.tensor([-0.05, -0.1]))

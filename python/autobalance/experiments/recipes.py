@@ -9,6 +9,7 @@ baselines, as a Python API; ``autobalance run`` is a thin layer over it.
 Every choice (the learned loss, when to stop searching) is made on the
 training and validation splits; the test split is only scored at the end.
 """
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -106,6 +107,8 @@ class RunResult:
     search_seconds: float = 0.0
     trace: List[Dict[str, object]] = field(default_factory=list)  # hyper-steps: epoch, tables
     tables: Optional[Dict[str, list]] = None  # the learned (or fixed) loss tables
+    choice: Dict[str, float] = field(default_factory=dict)  # the knobs picked on validation
+    selection: List[Dict[str, object]] = field(default_factory=list)  # every candidate's validation score
 
     def to_json(self):
         out = asdict(self)
@@ -117,40 +120,55 @@ class RunResult:
 
 @dataclass
 class Method:
-    """A training loss for an experiment: ``make(counts)`` builds it from the
-    training counts (``[K]`` or ``[G, K]``); with ``objective`` set it is
-    searched by Algorithm 1 first."""
+    """A training loss for an experiment: ``make(counts, **choice)`` builds it from the
+    training counts (``[K]`` or ``[G, K]``); with ``objective`` (called as
+    ``objective(K, G, **choice)``) it is searched by Algorithm 1 first. ``grid``
+    holds candidate values of the method's knobs (e.g. LA's ``tau``), picked per seed
+    on the validation split (``run_method``)."""
     name: str
-    make: Callable[[torch.Tensor], nn.Module]
-    objective: Optional[Callable[[int, int], nn.Module]] = None
+    make: Callable[..., nn.Module]
+    objective: Optional[Callable[..., nn.Module]] = None
     model_transform: Optional[Callable[[nn.Module], nn.Module]] = None  # e.g. LDAM's cosine classifier
+    grid: Dict[str, Sequence[float]] = field(default_factory=dict)
 
     @property
     def searched(self) -> bool:
         return self.objective is not None
 
+    def choices(self) -> List[Dict[str, float]]:
+        """Every combination of the grid's values (``[{}]`` without a grid)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
 
 def _fixed(init, **kw):
-    return lambda counts: ParametricCE.from_counts(counts, init, learn=(), **kw)
+    return lambda counts, **choice: ParametricCE.from_counts(counts, init, learn=(), **{**kw, **choice})
 
 
 def _searched(init, learn, **kw):
-    return lambda counts: ParametricCE.from_counts(counts, init, learn=learn, **kw)
+    return lambda counts, **_: ParametricCE.from_counts(counts, init, learn=learn, **kw)
 
 
-def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float = 1.0) -> Dict[str, Method]:
+LA_TAUS = (0.5, 1.0, 2.0)  # LA's tau, picked per seed on validation
+LAMS = (0.1, 0.5, 0.9)  # AutoBalance's validation blend (1 - lam) CE + lam CE_deo (Table 3: 0.9)
+DRO_STEPS = (0.001, 0.01, 0.1)  # Group DRO's step size
+
+
+def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float = 1.0,
+                  la_taus: Sequence[float] = LA_TAUS) -> Dict[str, Method]:
     """Table 1: the baselines and the AutoBalance designs, validation objective
-    the class-balanced CE. AutoBalance starts at the balanced CE except the
-    last design, which starts at LA (tau = 1)."""
-    balanced = lambda k, g: BalancedCE(k)  # noqa: E731
+    the class-balanced CE. LA's ``tau`` is picked per seed from ``la_taus`` on
+    validation; CDT and VS keep the values given. AutoBalance starts at the
+    balanced CE except the last design, which starts at LA (tau = 1)."""
+    balanced = lambda k, g, **_: BalancedCE(k)  # noqa: E731
     methods = [
         Method("CE", _fixed("ce")),
-        Method("LDAM", lambda counts: LDAMLoss(counts, max_margin=0.5, logit_multiplier=30.0),
+        Method("LDAM", lambda counts, **_: LDAMLoss(counts, max_margin=0.5, logit_multiplier=30.0),
                model_transform=with_cosine_classifier),
-        Method("LA", _fixed("la", tau=1.0)),
+        Method("LA", _fixed("la"), grid={"tau": tuple(la_taus)}),
         Method("CDT", _fixed("cdt", gamma=cdt_gamma)),
         Method("VS", _fixed("vs", gamma=vs_gamma, tau=vs_tau)),
-        Method("AutoBalance: tau (LA)", lambda counts: LATemperature(counts, 1.0), balanced),
+        Method("AutoBalance: tau (LA)", lambda counts, **_: LATemperature(counts, 1.0), balanced),
         Method("AutoBalance: l", _searched("balanced", ("shift",)), balanced),
         Method("AutoBalance: Delta", _searched("balanced", ("scale",)), balanced),
         Method("AutoBalance: Delta & l", _searched("balanced", ("scale", "shift")), balanced),
@@ -166,19 +184,24 @@ def group_regularisers() -> Dict[str, Callable[[torch.Tensor], nn.Module]]:
             "Group-LA": _fixed("group_la")}
 
 
-def group_methods(lam: float = 0.1, dro_step: float = 0.01) -> Dict[str, Method]:
-    """Table 3: baselines and AutoBalance with validation loss
-    ``(1 - lam) CE + lam CE_deo`` (searching per-group scales and shifts, from Group-LA)."""
+def group_methods(lam: Optional[float] = None, dro_step: Optional[float] = None) -> Dict[str, Method]:
+    """Table 3: baselines and AutoBalance with validation loss ``(1 - lam) CE + lam
+    CE_deo`` (searching per-group scales and shifts, from Group-LA). ``lam`` and Group
+    DRO's step size are picked per seed on validation from ``LAMS`` / ``DRO_STEPS``
+    unless given."""
     regs = group_regularisers()
-    objective = lambda k, g: Blend(DeoCE(k, g), lam)  # noqa: E731
+    lams = LAMS if lam is None else (lam,)
+    steps = DRO_STEPS if dro_step is None else (dro_step,)
     methods = [
         Method("CE", _fixed("ce")),
         Method("CE_bal^G", regs["CE_bal^G"]),
         Method("Group-LA", regs["Group-LA"]),
-        Method("CE_deo", lambda counts: Blend(regs["CE_deo"](counts), 1.0)),
-        Method("0.1 CE + 0.9 CE_deo", lambda counts: Blend(regs["CE_deo"](counts), 0.9)),
-        Method("Group DRO", lambda counts: GroupDRO(counts.shape[1], counts.shape[0], step_size=dro_step)),
-        Method(f"AutoBalance (lam={lam})", _searched("group_la", ("scale", "shift")), objective),
+        Method("CE_deo", lambda counts, **_: Blend(regs["CE_deo"](counts), 1.0)),
+        Method("0.1 CE + 0.9 CE_deo", lambda counts, **_: Blend(regs["CE_deo"](counts), 0.9)),
+        Method("Group DRO", lambda counts, step_size: GroupDRO(counts.shape[1], counts.shape[0], step_size=step_size),
+               grid={"step_size": steps}),
+        Method("AutoBalance" if lam is None else f"AutoBalance (lam={lam})", _searched("group_la", ("scale", "shift")),
+               lambda k, g, lam: Blend(DeoCE(k, g), lam), grid={"lam": lams}),
     ]
     return {m.name: m for m in methods}
 
@@ -289,33 +312,61 @@ def _train_cell_weights(dataset):
     return counts / counts.sum()
 
 
+def validation_score(metrics: Dict[str, object], grouped: bool) -> Tuple[bool, float, float]:
+    """How a candidate is ranked on the validation split (lower is better): a model that
+    predicts a single class there is degenerate and ranks last (its DEO is trivially 0);
+    then the headline metric (balanced error, or DEO with groups), then the standard
+    error."""
+    headline = metrics["deo_error"] if grouped else metrics["balanced_error"]
+    return metrics["predicted_classes"] <= 1, headline, metrics["standard_error"]
+
+
 def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[[], nn.Module],
                config: TrainConfig, search: SearchConfig, *, seed: int = 0, progress: bool = False) -> RunResult:
     """Trains and scores one method. A searched method runs Algorithm 1: search
     on ``splits.train`` with ``splits.val``, freeze, retrain a fresh model on
-    ``splits.full_train`` with the learned loss, score on ``splits.test``."""
+    ``splits.full_train`` with the learned loss, score on ``splits.test``.
+
+    A method with a ``grid`` first trains every candidate on ``splits.train`` (for a
+    searched method, its search) and scores it on ``splits.val`` (``validation_score``);
+    the best one is retrained on ``splits.full_train`` and scored on the test split,
+    which never enters a choice. ``RunResult.choice`` and ``selection`` report it;
+    ``seconds`` includes the selection."""
     if method.model_transform is not None:
         model_factory = (lambda make: lambda: method.model_transform(make()))(model_factory)
     grouped = splits.full_train.num_groups > 1
     counts = splits.full_train.group_class_counts() if grouped else splits.full_train.class_counts()
-    torch.manual_seed(seed)
-    criterion = method.make(counts)
-    trace, search_seconds = [], 0.0
+    k, g = splits.full_train.num_classes, splits.full_train.num_groups
     start = time.perf_counter()
-    if method.searched:
-        objective = method.objective(splits.full_train.num_classes, splits.full_train.num_groups)
+    choices = method.choices()
+    candidates, selection = [], []
+    for choice in choices:
         torch.manual_seed(seed)
-        trace = train(model_factory(), splits.train, criterion, config, seed=seed, augment=splits.augment,
-                      search=search, objective=objective, val=splits.val, progress=progress,
-                      label=f"{method.name} search")
-        search_seconds = time.perf_counter() - start
+        criterion = method.make(counts, **choice)
+        trace = []
+        if method.searched or len(choices) > 1:
+            torch.manual_seed(seed)
+            model = model_factory()
+            objective = method.objective(k, g, **choice) if method.searched else None
+            trace = train(model, splits.train, criterion, config, seed=seed, augment=splits.augment,
+                          search=search if method.searched else None, objective=objective, val=splits.val,
+                          progress=progress, label=f"{method.name} {'search' if method.searched else choice}")
+            if len(choices) > 1:
+                val = evaluate(model, splits.val, device=config.device, cell_weights=_train_cell_weights(splits.train))
+                selection.append({"choice": choice, "score": list(validation_score(val, grouped)),
+                                  "degenerate": val["predicted_classes"] <= 1})
+        candidates.append((choice, criterion, trace))
+    best = min(range(len(candidates)), key=lambda i: selection[i]["score"]) if selection else 0
+    choice, criterion, trace = candidates[best]
+    search_seconds = time.perf_counter() - start
     torch.manual_seed(seed + 1000)
     model = model_factory()
     train(model, splits.full_train, criterion, config, seed=seed + 1000, augment=splits.augment, progress=progress,
           label=method.name)
     seconds = time.perf_counter() - start
     metrics = evaluate(model, splits.test, device=config.device, cell_weights=_train_cell_weights(splits.full_train))
-    return RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion))
+    return RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion), choice,
+                     selection)
 
 
 def autobalance(model_factory: Callable[[], nn.Module], splits: data.DataSplits, criterion: nn.Module,

@@ -20,11 +20,13 @@ def paired_differences(results: List[dict], experiment: str, confidence: float =
     headline metric (``HEADLINE``; AutoBalance minus baseline, so negative favours
     AutoBalance), their mean and a ``confidence`` t-interval over the seeds
     (``scipy.stats.t``; None with fewer than two seeds). ``beyond_noise`` is True when
-    the interval excludes 0."""
+    the interval excludes 0. A seed in which either model predicts a single class on
+    the test set is left out of the pair (``seeds`` lists those kept)."""
     from scipy import stats
 
     key = HEADLINE[experiment]
-    value = {(r["method"], r["seed"]): r["metrics"][key] for r in results}
+    value = {(r["method"], r["seed"]): r["metrics"][key] for r in results
+             if r["metrics"].get("predicted_classes", 2) > 1}  # a single-class predictor's DEO is trivially 0
     methods = list(dict.fromkeys(r["method"] for r in results))
     out = []
     for method in (m for m in methods if m.startswith("AutoBalance")):
@@ -55,11 +57,14 @@ def paired_table(pairs: List[Dict[str, object]]) -> str:
         interval = "n/a (one seed)" if p["low"] is None else f"[{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"
         verdict = ("yes, AutoBalance better" if p["beyond_noise"] and p["mean"] < 0 else
                    "yes, AutoBalance worse" if p["beyond_noise"] else "no")
+        if not p["seeds"]:
+            interval, verdict = "n/a (no seed without a single-class model)", "n/a"
         lines.append(f"| {p['method']} | {p['baseline']} | {len(p['seeds'])} | {100 * p['mean']:+.2f} | {interval} "
                      f"| {verdict} |")
     metric = pairs[0]["metric"].replace("_", " ")
     lines.append(f"\nPaired by seed: {metric} of AutoBalance minus that of the baseline, in percentage points "
-                 "(negative: AutoBalance better); the interval is a t-interval over the per-seed differences.")
+                 "(negative: AutoBalance better); the interval is a t-interval over the per-seed differences. Seeds "
+                 "in which either model predicts a single class on the test set are left out.")
     return "\n".join(lines)
 
 
@@ -80,7 +85,8 @@ def summarise(results: List[dict], experiment: str, tail: int = 3) -> List[Dict[
     for m in methods:
         runs = [r for r in results if r["method"] == m]
         row = {"method": m, "seeds": len(runs), "seconds": _mean_std([r["seconds"] for r in runs])[0],
-               "single_class_runs": sum(r["metrics"].get("predicted_classes", 2) == 1 for r in runs)}
+               "single_class_runs": sum(r["metrics"].get("predicted_classes", 2) == 1 for r in runs),
+               "choices": [r.get("choice") or {} for r in runs]}
         for key, _ in columns:
             row[key] = _mean_std([r["metrics"][key] for r in runs])
         if experiment == "classes":
@@ -98,6 +104,9 @@ def markdown_table(rows, experiment: str, tail: int = 3) -> str:
         classes = len(rows[0]["per_class_error"])
         tail_ids = list(range(classes - tail, classes))
         head += [f"class {k} err" for k in tail_ids]
+    chosen = any(any(c for c in r.get("choices", [])) for r in rows)
+    if chosen:
+        head.append("chosen on validation (per seed)")
     head.append("time (s)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -105,6 +114,9 @@ def markdown_table(rows, experiment: str, tail: int = 3) -> str:
         cells = [name] + [f"{100 * r[k][0]:.2f} ± {100 * r[k][1]:.2f}" for k, _ in columns]
         if experiment == "classes":
             cells += [f"{100 * r['per_class_error'][k]:.1f}" for k in tail_ids]
+        if chosen:
+            names = list(dict.fromkeys(n for c in r.get("choices", []) for n in c))
+            cells.append("; ".join(f"{n} " + ", ".join(f"{c[n]:g}" for c in r["choices"] if n in c) for n in names))
         cells.append(f"{r['seconds']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     if any(r.get("single_class_runs") for r in rows):
