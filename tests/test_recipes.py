@@ -1,5 +1,7 @@
 """The search recipe of the main job: the paper's batching scaled to the data, and the
 hyper-step's diagnostics in the trace."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ class _Net(nn.Module):
         return self.fc(self.body(x))
 
 
+@pytest.mark.filterwarnings("ignore:autobalance. this search makes only")
 def test_search_draws_the_configured_batches_and_traces_the_hyper_steps(monkeypatch):
     g = torch.Generator().manual_seed(0)
     targets = torch.arange(90) % 3
@@ -121,3 +124,33 @@ def test_group_methods_pick_lam_and_the_dro_step_unless_fixed():
     assert fixed["AutoBalance (lam=0.9)"].choices() == [{"lam": 0.9}]
     assert fixed["Group DRO"].choices() == [{"step_size": 0.01}]
     assert recipes.class_methods()["LA"].grid == {"tau": recipes.LA_TAUS}
+
+
+def test_schedule_counts_the_hyper_steps_as_the_optimizer_takes_them():
+    search = recipes.SearchConfig(warmup_fraction=0.4, hyper_every=20)
+    for total in (0, 1, 10, 312, 1000):
+        warmup, every, count = search.schedule(total)
+        model = _Net()
+        bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ParametricCE(3), BalancedCE(3),
+                                warmup_steps=warmup, hyper_every=every)
+        taken = 0
+        for _ in range(total):
+            bopt.steps += 1
+            taken += bopt.hyper_step_due
+            bopt._last_hyper_step_at = bopt.steps if bopt.hyper_step_due else bopt._last_hyper_step_at
+        assert count == taken, (total, count, taken)
+
+
+def test_a_search_with_few_hyper_steps_or_tiny_validation_cells_warns(monkeypatch):
+    monkeypatch.setattr(recipes, "_warned", set())
+    splits = _splits()
+    tiny = ImageDataset(splits.val.inputs[:4], torch.tensor([0, 0, 1, 2]), None, num_classes=3)
+    with pytest.warns(UserWarning) as record:
+        recipes.check_search(3, 40, 16, 8, tiny)
+    messages = [str(w.message) for w in record]
+    assert any("only 3 hyper-steps (40 training steps, warm-up 16, one every 8)" in m for m in messages)
+    assert any("3 validation cells hold fewer than 5 examples (class 0: 2, class 1: 1, class 2: 1)" in m
+               for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recipes.check_search(25, 600, 100, 20, splits.val)  # 10 per class, enough hyper-steps: silent

@@ -11,6 +11,7 @@ training and validation splits; the test split is only scored at the end.
 """
 import itertools
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -85,6 +86,14 @@ class SearchConfig:
     neumann_terms: int = 5
     last_layer_only: bool = True  # theta = model.fc: cheap hyper-steps on a CPU budget
     max_hypergrad_norm: Optional[float] = None
+
+    def schedule(self, total_steps: int) -> Tuple[int, int, int]:
+        """``(warmup_steps, hyper_every, hyper_steps)`` of a search of ``total_steps``
+        training steps: the warm-up, the interval and how many hyper-steps it makes."""
+        warmup = int(self.warmup_fraction * total_steps)
+        first = warmup if warmup >= 1 else self.hyper_every  # BilevelOptimizer.hyper_step_due
+        count = 0 if first > total_steps else 1 + (total_steps - first) // self.hyper_every
+        return warmup, self.hyper_every, count
 
     def hyper_batches(self, train_size: int, val_size: int, batch_size: int) -> Tuple[int, int, int]:
         """``(train_batches, val_batches, val_batch_size)`` for splits of these sizes: the
@@ -222,6 +231,38 @@ def _table_snapshot(criterion):
     return {"weight": weight.tolist(), "scale": scale.tolist(), "shift": shift.tolist()}
 
 
+MIN_HYPER_STEPS = 20  # fewer, and a search can hardly move the tables: warn
+MIN_VAL_CELL = 5  # validation (group, class) cells with fewer examples: warn (the hypergradient rests on them)
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def check_search(hyper_steps: int, total: int, warmup: int, hyper_every: int, val: data.ImageDataset) -> None:
+    """Warns (once per message) when a search makes fewer than ``MIN_HYPER_STEPS``
+    hyper-steps, or when a validation (group, class) cell holds fewer than
+    ``MIN_VAL_CELL`` examples: the learned parameters of that cell then follow a
+    handful of validation images (overfitting the validation split; clusters,
+    ``ParametricCE(clusters=...)``, share parameters across classes)."""
+    if hyper_steps < MIN_HYPER_STEPS:
+        _warn_once(f"autobalance: this search makes only {hyper_steps} hyper-steps ({total} training steps, warm-up "
+                   f"{warmup}, one every {hyper_every}); the tables can hardly move from their start. Train longer, "
+                   "or take hyper-steps more often (SearchConfig.hyper_every)")
+    counts = val.group_class_counts()
+    small = [(g, k, int(counts[g, k])) for g in range(counts.shape[0]) for k in range(counts.shape[1])
+             if counts[g, k] < MIN_VAL_CELL]
+    if small:
+        cells = ", ".join(f"class {k}" + (f" group {g}" if counts.shape[0] > 1 else "") + f": {n}"
+                          for g, k, n in small[:6]) + (", ..." if len(small) > 6 else "")
+        _warn_once(f"autobalance: {len(small)} validation cells hold fewer than {MIN_VAL_CELL} examples ({cells}); "
+                   "their learned parameters follow those few images (validation overfitting); share parameters "
+                   "across classes with ParametricCE(clusters=...)")
+
+
 def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, config: TrainConfig, *,
           seed: int = 0, augment=None, search: Optional[SearchConfig] = None, objective: Optional[nn.Module] = None,
           val: Optional[data.ImageDataset] = None, progress: bool = False, label: str = "train"):
@@ -245,10 +286,12 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     if search is not None:
         hyper = [p for p in criterion.parameters() if p.requires_grad]
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
+        warmup, hyper_every, count = search.schedule(total)
+        check_search(count, total, warmup, hyper_every, val)
         step = BilevelOptimizer(
             optimizer, criterion, objective,
             hyper_optimizer=torch.optim.SGD(hyper, lr=search.hyper_lr, momentum=0.9, weight_decay=1e-4),
-            warmup_steps=int(search.warmup_fraction * total), hyper_every=search.hyper_every,
+            warmup_steps=warmup, hyper_every=hyper_every,
             solver=search.solver, neumann_terms=search.neumann_terms,
             inner_params=model.fc.parameters() if search.last_layer_only else None,
             max_hypergrad_norm=search.max_hypergrad_norm, model=model,
