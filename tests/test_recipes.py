@@ -154,3 +154,16 @@ def test_a_search_with_few_hyper_steps_or_tiny_validation_cells_warns(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         recipes.check_search(25, 600, 100, 20, splits.val)  # 10 per class, enough hyper-steps: silent
+
+
+@pytest.mark.filterwarnings("ignore:autobalance")
+def test_sweep_command_pairs_every_setting_against_la(tmp_path):
+    import json
+
+    from autobalance.experiments import cli
+    cli.main(["sweep", "--dataset", "digits", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert [p["method"] for p in saved["paired"]] == [f"AutoBalance [{name}]" for name, _, _ in cli.SWEEP]
+    assert all(p["baseline"] == "LA" and p["seeds"] == [0] for p in saved["paired"])
+    assert (tmp_path / "table.md").stat().st_size > 0

@@ -163,6 +163,59 @@ def run(args):
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
+SWEEP = (("default", {}, {}), ("hyper_lr x0.3", {"hyper_lr": 0.3}, {}), ("hyper_lr x3", {"hyper_lr": 3.0}, {}),
+         ("warm-up 0.2", {"warmup_fraction": 0.2}, {}), ("warm-up 0.6", {"warmup_fraction": 0.6}, {}),
+         ("hyper_every 10", {"hyper_every": 10}, {}), ("hyper_every 40", {"hyper_every": 40}, {}),
+         ("clusters of 2 classes", {}, {"clusters": 2}))
+
+
+def sweep(args):
+    """The search's sensitivity on the class experiment: "AutoBalance: Delta & l (LA
+    init)" with one search setting changed at a time (``SWEEP``; ``hyper_lr`` as a
+    multiple of the default), each paired by seed against LA."""
+    import torch
+
+    from autobalance import BalancedCE, ParametricCE
+    from autobalance.experiments import models, recipes, report
+
+    args.experiment, args.imbalance, args.data_root = "classes", None, None
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # the lazy import, outside any timing
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = recipes.TrainConfig(epochs=args.epochs)
+    base = recipes.class_methods()
+    results = []
+    for seed in range(args.seeds):
+        args.seed = seed
+        splits = _load(args)
+        factory = lambda: models.build_model("small_cnn", splits.full_train.num_classes,  # noqa: E731
+                                             splits.full_train.in_channels)
+        result = recipes.run_method(base["LA"], splits, factory, config, recipes.SearchConfig(), seed=seed)
+        results.append(result.to_json())
+        for name, search_options, loss_options in SWEEP:
+            search = recipes.SearchConfig()
+            for key, value in search_options.items():
+                setattr(search, key, value * search.hyper_lr if key == "hyper_lr" else value)
+            method = recipes.Method(
+                f"AutoBalance [{name}]",
+                lambda counts, **_: ParametricCE.from_counts(counts, "la", learn=("scale", "shift"), **loss_options),
+                lambda k, g, **_: BalancedCE(k))
+            result = recipes.run_method(method, splits, factory, config, search, seed=seed)
+            results.append(result.to_json())
+            print(f"  seed {seed} {name:<24} balanced_error {100 * result.metrics['balanced_error']:6.2f}%  "
+                  f"({result.seconds:.1f} s, {len(result.trace) - 1} hyper-steps)", flush=True)
+    pairs = report.paired_differences(results, "classes")
+    table = report.paired_table(pairs)
+    out = args.out or os.path.join("results", f"sweep-{args.dataset}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs, "paired": pairs,
+                   "results": results}, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"# Search sensitivity: {args.dataset}, {args.seeds} seeds, {args.epochs} epochs\n\n{table}\n")
+    print(f"\n{table}\nresults: {out}/results.json, {out}/table.md")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="autobalance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +244,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run, seed=0)
+    p = sub.add_parser("sweep", help="the search's sensitivity (hyper-lr, warm-up, interval, clusters) against LA")
+    p.add_argument("--dataset", default="mnist", help="an embedded data set: mnist (default), digits")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--out", default=None, help="results folder (default results/sweep-DATASET)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=sweep)
     p = sub.add_parser("demo", help="small training demo of ParametricCE on synthetic long-tailed data")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--imbalance", type=float, default=100.0)
