@@ -692,6 +692,26 @@ def test_auto_graph_memory_is_half_the_available_memory(monkeypatch):
     assert products.graph_budget("auto", cpu) == 500.0
 
 
+def test_hyper_passes_record_no_graph_before_theta_and_restore_requires_grad():
+    """With theta the last layer, the layers before it run without grad during the
+    hyper-step (no graph through them), and every flag is restored, also after an error."""
+    model = mlp()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    bopt, criterion = make(model, inner_params=model[-1].parameters())
+    bopt.steps = 1
+    x, y = batches(3, 1)[0]
+    result = bopt.hyper_step(model, [(x, y)], [(x, y)])
+    assert result.applied and seen and not any(seen)
+    assert all(p.requires_grad for p in model.parameters())
+    failing = make(model, inner_params=model[-1].parameters())[0]
+    failing.objective = lambda logits, target: logits.sum(1)  # not a scalar: raises inside the passes
+    failing.steps = 1
+    with pytest.raises(ValueError, match="must return a scalar"):
+        failing.hyper_step(model, [(x, y)], [(x, y)])
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_graph_memory_is_checked():
     for bad in (-1, "all", True, float("nan"), None):
         with pytest.raises(ValueError, match="`graph_memory` must be 'auto' or a number of bytes >= 0"):

@@ -185,7 +185,7 @@ class HyperStepLayers(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def hyper_passes(model):
+def hyper_passes(model, theta=None):
     """Runs the hyper-step's forward passes with every module of the model in
     eval mode (each module's own mode is restored afterwards), for three reasons:
 
@@ -201,12 +201,24 @@ def hyper_passes(model):
 
     Under DDP the passes also run in ``no_sync()``: DDP's gradient hooks do not
     fire for ``torch.autograd.grad``, and the hyper-step reduces explicitly.
+
+    With ``theta`` (the hypergradient's weights), the model's other parameters stop
+    requiring grad for the passes (restored afterwards): nothing is differentiated
+    with respect to them, so autograd records no graph through the layers before
+    the first weight of ``theta`` (e.g. only the classifier's, for ``theta`` = the
+    last layer).
     """
     modes = [(m, m.training) for m in model.modules()]
+    keep = None if theta is None else {id(p) for p in theta}
+    fixed = [] if keep is None else [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     model.eval()
     try:
+        for p in fixed:
+            p.requires_grad_(False)
         with no_sync(model), torch.enable_grad(), HyperStepLayers():
             yield
     finally:
+        for p in fixed:
+            p.requires_grad_(True)
         for module, training in modes:
             module.training = training

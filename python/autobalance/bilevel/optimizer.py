@@ -506,7 +506,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
     def _hypergradient(self, model, train_batches, val_batches):
         model, train, val = self._arguments(model, train_batches, val_batches)
         group = process_group(model)
-        with hyper_passes(model):
+        with hyper_passes(model, self._theta):
             v, val_loss = 0.0, 0.0
             for batch in val:
                 grad, loss = validation_gradient(model, self.objective, self._theta, self._hyper, batch)

@@ -52,7 +52,8 @@ def validation_gradient(model, objective, theta, hyper, batch):
     inputs, target, group = batch
     loss = call_loss(objective, model(inputs), target, group)
     check_scalar(loss, "objective")
-    grads = torch.autograd.grad(loss, theta + hyper, allow_unused=True)
+    grads = (torch.autograd.grad(loss, theta + hyper, allow_unused=True) if loss.requires_grad
+             else [None] * len(theta + hyper))
     if any(g is not None for g in grads[len(theta):]):
         raise ValueError("autobalance: the `objective` depends on the loss hyperparameters; L_V must be a "
                          "function of the network weights only (docs/math.md section 5)")
