@@ -1,5 +1,6 @@
 """The search recipe of the main job: the paper's batching scaled to the data, and the
 hyper-step's diagnostics in the trace."""
+import math
 import warnings
 
 import pytest
@@ -167,3 +168,35 @@ def test_sweep_command_pairs_every_setting_against_la(tmp_path):
     assert [p["method"] for p in saved["paired"]] == [f"AutoBalance [{name}]" for name, _, _ in cli.SWEEP]
     assert all(p["baseline"] == "LA" and p["seeds"] == [0] for p in saved["paired"])
     assert (tmp_path / "table.md").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("ignore:autobalance")
+def test_cifar_recipe_end_to_end_on_a_tiny_cifar_folder(tmp_path):
+    """`autobalance run --dataset cifar10 --data-root DIR` on a CIFAR-format folder the
+    test writes: the paper's recipe (ResNet-32, its SGD settings and schedule, batch
+    128), one epoch here, through search, retrain and the report."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from autobalance.experiments import cli
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 30)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"labels": list(range(10)) * (n // 10),
+                         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}, f)
+    out = tmp_path / "out"
+    cli.main(["run", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--imbalance", "5",
+              "--epochs", "1", "--seeds", "1", "--hyper-every", "1", "--no-progress", "--out", str(out),
+              "--methods", "CE,AutoBalance: Delta & l (LA init)"])
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["model"] == "resnet32" and saved["dataset"] == "cifar10"
+    config = saved["train_config"]
+    paper = {**recipes.PAPER_CIFAR_TRAIN, "epochs": 1, "lr_decay_at": list(recipes.PAPER_CIFAR_TRAIN["lr_decay_at"])}
+    assert {key: config[key] for key in paper} == paper
+    searched = next(r for r in saved["results"] if r["method"].startswith("AutoBalance"))
+    assert len(searched["trace"]) > 1 and all(math.isfinite(r["metrics"]["balanced_error"]) for r in saved["results"])

@@ -75,12 +75,16 @@ def run(args):
     from autobalance.experiments import models, recipes, report
 
     preset = dict(DEFAULTS[args.experiment], **(QUICK[args.experiment] if args.quick else {}))
+    cifar = (args.dataset or preset["dataset"]).startswith("cifar")
+    if cifar and not args.quick:
+        preset["epochs"] = recipes.PAPER_CIFAR_TRAIN["epochs"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = (recipes.class_methods() if args.experiment == "classes" else recipes.group_methods(lam=args.lam))
+    methods = (recipes.class_methods(clusters=recipes.PAPER_CIFAR_CLUSTER_SIZE.get(args.dataset))
+               if args.experiment == "classes" else recipes.group_methods(lam=args.lam))
     if args.methods != "all":
         chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in chosen if m not in methods]
@@ -89,7 +93,8 @@ def run(args):
         methods = {m: methods[m] for m in chosen}
     out = args.out or os.path.join("results", f"{args.experiment}-{args.dataset}")
     os.makedirs(out, exist_ok=True)
-    config = recipes.TrainConfig(epochs=args.epochs, device=args.device)
+    config = recipes.TrainConfig(**dict(recipes.PAPER_CIFAR_TRAIN if cifar else {}, epochs=args.epochs,
+                                        device=args.device))
     search = recipes.SearchConfig(last_layer_only=args.theta == "last")
     if args.hyper_batches is not None:
         if min(args.hyper_batches) < 1:
@@ -143,7 +148,8 @@ def run(args):
         single = sum(r["seconds"] - r["search_seconds"] * (1 - 1 / max(len(r["selection"]), 1))
                      for r in searched) / len(searched) / unit
     plots = report.write_plots(out, args.experiment, results, rows, points)
-    summary = {"experiment": args.experiment, "dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs,
+    summary = {"experiment": args.experiment, "dataset": args.dataset, "model": model_name, "seeds": args.seeds,
+               "epochs": args.epochs,
                "imbalance": args.imbalance, "train_config": vars(config), "search_config": vars(search),
                "autobalance_time_multiple": multiple, "autobalance_time_multiple_one_candidate": single,
                "wall_seconds": time.perf_counter() - start,
