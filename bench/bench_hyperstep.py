@@ -202,6 +202,7 @@ def run(name, n, args, device):
         difference = float((grads[label] - reference).norm() / reference.norm())
         train_difference = float((grads[label] - grads["baseline train"]).norm() / grads["baseline train"].norm())
         rows.append({"model": name, "n": n, "variant": label, "eta": eta, "wall_s": statistics.median(times[label]),
+                     "peak_bytes": None,
                      "rel_diff_vs_baseline_eval": difference, "rel_diff_vs_baseline_train": train_difference,
                      "hypergrad_norm": float(grads[label].norm())})
     return rows
@@ -219,6 +220,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (0: PyTorch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="batch 16, one repeat")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass (times only)")
     parser.add_argument("--json", default="bench/results_hyperstep.json")
     args = parser.parse_args()
     if args.quick:
@@ -233,9 +235,9 @@ def main():
         for n in args.n:
             rows += run(name, n, args, device)
             print(f"  timed {name} n={n}", flush=True)
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.no_memory:
         return_large_allocations()
-    for name in args.models:  # the memory pass: one call of each variant
+    for name in args.models if not args.no_memory else ():  # the memory pass: one call of each variant
         for n in args.n:
             variants, _ = setup(name, n, args, device)
             for row in rows:
