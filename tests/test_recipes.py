@@ -200,3 +200,25 @@ def test_cifar_recipe_end_to_end_on_a_tiny_cifar_folder(tmp_path):
     assert {key: config[key] for key in paper} == paper
     searched = next(r for r in saved["results"] if r["method"].startswith("AutoBalance"))
     assert len(searched["trace"]) > 1 and all(math.isfinite(r["metrics"]["balanced_error"]) for r in saved["results"])
+
+
+@pytest.mark.filterwarnings("ignore:autobalance")
+def test_hyper_optimizer_choice():
+    splits = _splits()
+    for name, kind in (("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)):
+        made = []
+        original = BilevelOptimizer.__init__
+
+        def spy(self, *args, **kwargs):
+            made.append(type(kwargs["hyper_optimizer"]))
+            original(self, *args, **kwargs)
+        BilevelOptimizer.__init__ = spy
+        try:
+            recipes.train(_Net(), splits.train, ParametricCE(3), recipes.TrainConfig(epochs=1, batch_size=16),
+                          search=recipes.SearchConfig(hyper_optimizer=name), objective=BalancedCE(3), val=splits.val)
+        finally:
+            BilevelOptimizer.__init__ = original
+        assert made == [kind]
+    with pytest.raises(ValueError, match="`SearchConfig.hyper_optimizer` must be one of"):
+        recipes.train(_Net(), splits.train, ParametricCE(3), recipes.TrainConfig(epochs=1, batch_size=16),
+                      search=recipes.SearchConfig(hyper_optimizer="rmsprop"), objective=BalancedCE(3), val=splits.val)

@@ -172,7 +172,8 @@ def run(args):
 SWEEP = (("default", {}, {}), ("hyper_lr x0.3", {"hyper_lr": 0.3}, {}), ("hyper_lr x3", {"hyper_lr": 3.0}, {}),
          ("warm-up 0.2", {"warmup_fraction": 0.2}, {}), ("warm-up 0.6", {"warmup_fraction": 0.6}, {}),
          ("hyper_every 10", {"hyper_every": 10}, {}), ("hyper_every 40", {"hyper_every": 40}, {}),
-         ("clusters of 2 classes", {}, {"clusters": 2}))
+         ("clusters of 2 classes", {}, {"clusters": 2}),
+         ("Adam 0.1, every 10", {"hyper_optimizer": "adam", "hyper_lr": 2.0, "hyper_every": 10}, {}))
 
 
 def sweep(args):

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from autobalance._validation import check_choice
 from autobalance.bilevel import HYPER_EVERY, BilevelOptimizer
 from autobalance.experiments import data
 from autobalance.experiments.models import with_cosine_classifier
@@ -90,6 +91,7 @@ class SearchConfig:
     val_batches: Optional[int] = None
     val_batch_size: Optional[int] = None
     hyper_lr: float = 0.05
+    hyper_optimizer: str = "sgd"  # "sgd": SGD(momentum 0.9, weight decay 1e-4) as the paper; "adam": scale-free steps
     solver: str = "neumann"
     neumann_terms: int = 5
     last_layer_only: bool = True  # theta = model.fc: cheap hyper-steps on a CPU budget
@@ -294,12 +296,14 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     step, trace = optimizer, []
     if search is not None:
         hyper = [p for p in criterion.parameters() if p.requires_grad]
+        check_choice(search.hyper_optimizer, "SearchConfig.hyper_optimizer", ("sgd", "adam"))
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         warmup, hyper_every, count = search.schedule(total)
         check_search(count, total, warmup, hyper_every, val)
         step = BilevelOptimizer(
             optimizer, criterion, objective,
-            hyper_optimizer=torch.optim.SGD(hyper, lr=search.hyper_lr, momentum=0.9, weight_decay=1e-4),
+            hyper_optimizer=(torch.optim.Adam(hyper, lr=search.hyper_lr) if search.hyper_optimizer == "adam" else
+                             torch.optim.SGD(hyper, lr=search.hyper_lr, momentum=0.9, weight_decay=1e-4)),
             warmup_steps=warmup, hyper_every=hyper_every,
             solver=search.solver, neumann_terms=search.neumann_terms,
             inner_params=model.fc.parameters() if search.last_layer_only else None,
