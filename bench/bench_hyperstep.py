@@ -37,7 +37,7 @@ least 1.5x faster than ``baseline train`` at every model and ``n``; at ``n = 10`
 ``package lean`` at most half the baseline's peak memory and ``package`` no slower
 than the baseline.
 
-    python bench/bench_hyperstep.py                  # ~15 min on 1 CPU thread
+    python bench/bench_hyperstep.py                  # about an hour on 1 CPU thread at batch 128
     python bench/bench_hyperstep.py --quick          # small batches, one repeat
     python bench/bench_hyperstep.py --device cuda --threads 0
 """
