@@ -59,6 +59,8 @@ import paper_baseline  # noqa: E402
 
 from autobalance import ParametricCE  # noqa: E402
 from autobalance.bilevel import BilevelOptimizer  # noqa: E402
+from autobalance.bilevel.optimizer import fix_shift_gauge  # noqa: E402
+from autobalance.bilevel.products import flat, split  # noqa: E402
 from autobalance.bilevel.solvers import Neumann  # noqa: E402
 from autobalance.experiments.models import SmallCNN, resnet32  # noqa: E402
 from autobalance.objectives import BalancedCE  # noqa: E402
@@ -120,14 +122,9 @@ def wall_time(fn, device):
 
 
 def gauge(criterion, flat_grad):
-    """The package's shift gauge (zero mean across clusters per row) on a flat hypergradient."""
-    sizes = [p.numel() for p in criterion.parameters()]
-    parts = list(flat_grad.split(sizes))
-    for i, (name, p) in enumerate(criterion.named_parameters()):
-        if name == "shift_param":
-            shift = parts[i].view(p.shape)
-            parts[i] = (shift - shift.mean(1, keepdim=True)).reshape(-1)
-    return torch.cat(parts)
+    """The package's shift gauge (``fix_shift_gauge``) on a flat hypergradient."""
+    names, params = zip(*criterion.named_parameters())
+    return flat(fix_shift_gauge(criterion, list(names), split(flat_grad, params)))
 
 
 def setup(name, n, args, device):

@@ -69,9 +69,17 @@ def _load(args):
     return data.load_waterbirds_like(args.dataset, seed=args.seed)
 
 
-def run(args):
+def _prepare_torch(threads):
+    """The thread count, and the first optimizer's import of torch._dynamo (seconds) done
+    now, so that no method's time includes it."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
+def run(args):
     from autobalance.experiments import models, recipes, report
 
     preset = dict(DEFAULTS[args.experiment], **(QUICK[args.experiment] if args.quick else {}))
@@ -81,8 +89,7 @@ def run(args):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _prepare_torch(args.threads)
     methods = (recipes.class_methods(clusters=recipes.PAPER_CIFAR_CLUSTER_SIZE.get(args.dataset))
                if args.experiment == "classes" else recipes.group_methods(lam=args.lam))
     if args.methods != "all":
@@ -102,8 +109,7 @@ def run(args):
         search.train_batches, search.val_batches = args.hyper_batches
     if args.hyper_every is not None:
         search.hyper_every = args.hyper_every
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # its first build imports torch._dynamo (seconds):
-    results, start = [], time.perf_counter()                # not inside the first method's time
+    results, start = [], time.perf_counter()
     progress = not args.no_progress
     for seed in range(args.seeds):
         args.seed = seed
@@ -180,15 +186,11 @@ def sweep(args):
     """The search's sensitivity on the class experiment: "AutoBalance: Delta & l (LA
     init)" with one search setting changed at a time (``SWEEP``; ``hyper_lr`` as a
     multiple of the default), each paired by seed against LA."""
-    import torch
-
     from autobalance import BalancedCE, ParametricCE
     from autobalance.experiments import models, recipes, report
 
     args.experiment, args.imbalance, args.data_root = "classes", None, None
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # the lazy import, outside any timing
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _prepare_torch(args.threads)
     config = recipes.TrainConfig(epochs=args.epochs)
     base = recipes.class_methods()
     results = []
