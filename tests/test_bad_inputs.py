@@ -444,6 +444,12 @@ def test_frequency_clusters_bad_size(size):
         frequency_clusters([3, 2, 1], size)
 
 
+@pytest.mark.parametrize("min_count", [0, -1.0, float("nan"), float("inf")])
+def test_frequency_clusters_bad_min_count(min_count):
+    with pytest.raises(ValueError, match=r"`min_count` must be a positive finite"):
+        frequency_clusters([3, 2, 1], min_count=min_count)
+
+
 def test_module_group_checks():
     module = ParametricCE(K, num_groups=2)
     logits, target = torch.randn(N, K), torch.zeros(N, dtype=torch.long)

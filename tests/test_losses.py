@@ -176,6 +176,39 @@ def test_frequency_clusters_example():
     assert frequency_clusters([5, 100, 7, 100, 1], 9).tolist() == [0] * 5
 
 
+def test_frequency_clusters_min_count_example():
+    # long-tailed MNIST's validation counts: the four rarest classes (4 + 2 + 1 + 1) share one cluster
+    val = [80, 48, 29, 17, 10, 6, 4, 2, 1, 1]
+    assert frequency_clusters(val, min_count=5).tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6, 6]
+    assert frequency_clusters(val, 2, min_count=5).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert frequency_clusters([5, 100, 7, 100, 1], min_count=8).tolist() == [2, 0, 2, 1, 2]
+    assert frequency_clusters([1, 1, 1], min_count=5).tolist() == [0, 0, 0]  # too few for two clusters
+    assert frequency_clusters([3, 9, 1], min_count=4).tolist() == [1, 0, 1]  # the head never stands alone short
+
+
+@settings(max_examples=examples(40))
+@given(counts=st.lists(st.integers(0, 20), min_size=1, max_size=40), size=st.integers(1, 5),
+       min_count=st.floats(0.5, 60))
+def test_frequency_clusters_min_count(counts, size, min_count):
+    clusters = frequency_clusters(counts, size, min_count=min_count)
+    chunks = frequency_clusters(counts, size)
+    K = len(counts)
+    # contiguous merges of the plain chunks, in frequency order
+    order = sorted(range(K), key=lambda k: (-counts[k], k))
+    ranks = [int(clusters[k]) for k in order]
+    assert ranks[0] == 0 and all(b - a in (0, 1) for a, b in zip(ranks, ranks[1:]))
+    assert all(chunks[a] != chunks[b] or clusters[a] == clusters[b] for a in range(K) for b in range(K))
+    sums = torch.zeros(int(clusters.max()) + 1, dtype=torch.float64).index_add_(
+        0, clusters, torch.tensor(counts, dtype=torch.float64))
+    if len(sums) > 1:
+        assert (sums >= min_count).all()  # every cluster holds min_count examples, or there is one cluster
+    # nothing merged that did not need it: a cluster of several chunks falls short without its most frequent one
+    for c in range(1, int(clusters.max()) + 1):
+        members = sorted({int(chunks[k]) for k in range(K) if clusters[k] == c})
+        rest = sum(counts[k] for k in range(K) if clusters[k] == c and chunks[k] != members[0])
+        assert len(members) == 1 or rest < min_count
+
+
 def _randomize_parameters(module, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -33,21 +33,43 @@ def _as_counts(counts, name="class_counts"):
     return counts.to(torch.float64)
 
 
-def frequency_clusters(class_counts, cluster_size: int) -> torch.Tensor:
+def frequency_clusters(class_counts, cluster_size: int = 1, *, min_count: Optional[float] = None) -> torch.Tensor:
     """The frequency-aware dictionary of docs/math.md section 2 as a cluster map.
 
-    Sorts classes by training count, descending (ties by class index), and
-    cuts them into contiguous chunks of ``cluster_size``: returns
-    ``cluster[k] in [0, ceil(K / cluster_size))``. ``class_counts`` may be
-    ``[K]`` or ``[G, K]`` (summed over groups).
+    Sorts classes by count, descending (ties by class index), and cuts them
+    into contiguous chunks of ``cluster_size``: returns ``cluster[k] in [0,
+    ceil(K / cluster_size))``. ``class_counts`` may be ``[K]`` or ``[G, K]``
+    (summed over groups).
+
+    ``min_count``: chunks whose counts sum to less are merged with their more
+    frequent neighbour, from the rarest up, so every cluster holds at least
+    ``min_count`` examples (or all of them). Pass validation counts and the
+    fewest validation examples a learned parameter should rest on: a tail class
+    with one validation image then shares its parameters with its neighbours
+    instead of following that image (docs/math.md section 2).
     """
     counts = _as_counts(class_counts)
     if counts.dim() == 2:
         counts = counts.sum(0)
     cluster_size = check_int(cluster_size, "cluster_size")
     order = torch.sort(-counts, stable=True).indices
+    chunk = torch.arange(counts.numel()) // cluster_size  # cluster of the i-th most frequent class
+    if min_count is not None:
+        min_count = check_positive(min_count, "min_count")
+        sums = torch.zeros(int(chunk[-1]) + 1, dtype=torch.float64).index_add_(0, chunk, counts[order])
+        starts, total = [], 0.0  # the first chunk of each cluster, found from the rarest chunk up
+        for c in range(len(sums) - 1, -1, -1):
+            total += float(sums[c])
+            if total >= min_count:
+                starts.append(c)
+                total = 0.0
+        if not starts:
+            starts = [0]
+        starts[-1] = 0  # the most frequent chunks left short of min_count join the cluster after them
+        starts = torch.tensor(starts[::-1])
+        chunk = torch.searchsorted(starts, chunk, right=True) - 1
     clusters = torch.empty(counts.numel(), dtype=torch.long)
-    clusters[order] = torch.arange(counts.numel()) // cluster_size
+    clusters[order] = chunk
     return clusters
 
 
