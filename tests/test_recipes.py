@@ -9,7 +9,7 @@ from torch import nn
 
 from autobalance import ParametricCE
 from autobalance.bilevel import BilevelOptimizer
-from autobalance.experiments import recipes
+from autobalance.experiments import data, recipes
 from autobalance.experiments.data import ImageDataset
 from autobalance.objectives import BalancedCE
 
@@ -127,9 +127,10 @@ def test_group_methods_pick_lam_and_the_dro_step_unless_fixed():
     assert recipes.class_methods()["LA"].grid == {"tau": recipes.LA_TAUS}
 
 
-def test_schedule_counts_the_hyper_steps_as_the_optimizer_takes_them():
-    search = recipes.SearchConfig(warmup_fraction=0.4, hyper_every=20)
-    for total in (0, 1, 10, 312, 1000):
+@pytest.mark.parametrize("options", [dict(hyper_every=20), dict(hyper_steps=50), dict(hyper_steps=7)])
+def test_schedule_counts_the_hyper_steps_as_the_optimizer_takes_them(options):
+    search = recipes.SearchConfig(warmup_fraction=0.4, **options)
+    for total in (0, 1, 10, 312, 1000, 20000):
         warmup, every, count = search.schedule(total)
         model = _Net()
         bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ParametricCE(3), BalancedCE(3),
@@ -140,6 +141,36 @@ def test_schedule_counts_the_hyper_steps_as_the_optimizer_takes_them():
             taken += bopt.hyper_step_due
             bopt._last_hyper_step_at = bopt.steps if bopt.hyper_step_due else bopt._last_hyper_step_at
         assert count == taken, (total, count, taken)
+        if "hyper_steps" in options and total - warmup >= search.hyper_steps:
+            # the count follows the setting, not the data size
+            assert search.hyper_steps * 0.8 <= count <= search.hyper_steps + 1, (total, count)
+
+
+def test_a_search_whose_parameters_are_clustered_is_checked_per_cluster(monkeypatch):
+    monkeypatch.setattr(recipes, "_warned", set())
+    splits = _splits()
+    val = ImageDataset(splits.val.inputs[:8], torch.tensor([0, 0, 0, 0, 0, 1, 1, 2]), None, num_classes=3)
+    clustered = ParametricCE(3, torch.tensor([0, 1, 1]))
+    with pytest.warns(UserWarning, match=r"1 validation cells hold fewer than 5 examples \(cluster 1: 3\)"):
+        recipes.check_search(30, 600, 100, 20, val, clustered)
+    monkeypatch.setattr(recipes, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recipes.check_search(30, 600, 100, 20, val, ParametricCE(3, torch.tensor([0, 0, 0])))
+
+
+def test_class_designs_share_parameters_until_each_rests_on_five_validation_images():
+    splits = data.load_long_tailed("mnist", seed=0)
+    val_counts = splits.val.class_counts()
+    for name, method in recipes.class_methods().items():
+        clusters = method.clusters(val_counts)
+        if not method.searched or name == "AutoBalance: tau (LA)":
+            continue
+        sums = torch.zeros(int(clusters.max()) + 1, dtype=torch.long).index_add_(0, clusters, val_counts)
+        assert (sums >= recipes.MIN_VAL_CELL).all() and len(sums) == 7, (name, clusters)
+        criterion = method.make(splits.full_train.class_counts(), clusters=clusters)
+        assert torch.equal(criterion.clusters, clusters) and criterion.num_clusters == 7
+    assert recipes.class_methods(cluster_min_val=None)["AutoBalance: l"].clusters(val_counts) is None
 
 
 def test_a_search_with_few_hyper_steps_or_tiny_validation_cells_warns(monkeypatch):

@@ -195,6 +195,10 @@ class BatchLoader:
     One ``torch.Generator`` seeded with ``seed`` drives both the shuffling and
     the augmentation, and it carries on across epochs: every epoch has a new
     order, and the whole sequence of batches is a function of ``seed``.
+    ``state_dict()`` / ``load_state_dict()`` save and restore where that sequence
+    stands, also in the middle of an epoch (the next iteration then replays the
+    epoch's draws and yields the batches not yet drawn), so a resumed run draws
+    the same batches as one that never stopped.
 
     Args:
         dataset: the data.
@@ -215,6 +219,17 @@ class BatchLoader:
             raise TypeError(f"autobalance: `augment` must be callable(inputs, generator), got {augment!r}")
         self.dataset, self.shuffle, self.augment, self.drop_last = dataset, shuffle, augment, drop_last
         self.generator = _generator(seed)
+        self._epoch_state, self._position, self._skip = self.generator.get_state(), 0, 0
+
+    def state_dict(self) -> dict:
+        """The generator's state at the start of the current epoch and the batches drawn
+        in it (0 between epochs)."""
+        return {"generator": self._epoch_state.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._epoch_state, self._position = state["generator"].clone(), int(state["position"])
+        self._skip = self._position
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -223,6 +238,8 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         data = self.dataset
         n = len(data)
+        skip, self._skip = self._skip, 0
+        self._epoch_state, self._position = self.generator.get_state(), 0
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(data.inputs.device)
         stop = n - n % self.batch_size if self.drop_last else n
@@ -231,8 +248,11 @@ class BatchLoader:
             inputs = data.inputs.index_select(0, idx)
             if self.augment is not None:
                 inputs = self.augment(inputs, self.generator)
-            yield Batch(inputs, data.targets.index_select(0, idx),
-                        None if data.groups is None else data.groups.index_select(0, idx))
+            self._position += 1
+            if self._position > skip:
+                yield Batch(inputs, data.targets.index_select(0, idx),
+                            None if data.groups is None else data.groups.index_select(0, idx))
+        self._epoch_state, self._position = self.generator.get_state(), 0
 
 
 class RandomCropFlip:

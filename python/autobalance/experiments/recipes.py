@@ -10,6 +10,9 @@ Every choice (the learned loss, when to stop searching) is made on the
 training and validation splits; the test split is only scored at the end.
 """
 import itertools
+import json
+import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,7 @@ from autobalance._validation import check_choice
 from autobalance.bilevel import HYPER_EVERY, BilevelOptimizer
 from autobalance.experiments import data
 from autobalance.experiments.models import with_cosine_classifier
-from autobalance.losses import GroupDRO, LATemperature, LDAMLoss, ParametricCE
+from autobalance.losses import GroupDRO, LATemperature, LDAMLoss, ParametricCE, frequency_clusters
 from autobalance.metrics import ErrorCounts
 from autobalance.objectives import BalancedCE, Blend, DeoCE
 
@@ -52,6 +55,9 @@ PAPER_CIFAR_TRAIN = dict(epochs=300, batch_size=128, lr=0.1, momentum=0.9, weigh
                          lr_decay_at=(220 / 300, 260 / 300))
 PAPER_CIFAR_CLUSTER_SIZE = {"cifar10": None, "cifar100": 10}
 
+PAPER_CIFAR_SEARCH = dict(hyper_every=HYPER_EVERY, hyper_optimizer="sgd")  # every 20 steps (about 700), SGD 0.05
+SEARCH_HYPER_STEPS = 50  # hyper-steps per search by default (SearchConfig.hyper_steps)
+
 PAPER_HYPER_BATCHES = 10  # the published code: 10 training and 10 validation batches per hyper-step
 
 
@@ -59,10 +65,21 @@ PAPER_HYPER_BATCHES = 10  # the published code: 10 training and 10 validation ba
 class SearchConfig:
     """The search phase of Algorithm 1 (on the train/validation split).
 
-    ``warmup_fraction`` of the steps train with the initial loss; then a
-    hyper-step every ``hyper_every`` steps, each averaging ``train_batches``
+    ``warmup_fraction`` of the steps train with the initial loss; then about
+    ``hyper_steps`` hyper-steps spread evenly over the rest (or one every
+    ``hyper_every`` steps, if set; ``schedule``), each averaging ``train_batches``
     training batches and ``val_batches`` validation batches of ``val_batch_size``
     (all of equal size). The rest goes to :class:`BilevelOptimizer`.
+
+    **A search that can travel** (docs/math.md section 5). The hyper-optimizer is
+    Adam by default: the truncated Neumann series scales the hypergradient by an
+    amount that depends on ``eta``, ``J`` and the curvature (along flat directions
+    it is orders of magnitude below the exact one), so SGD's step length is an
+    accident of that scale; with the paper's SGD(0.05) and 10 hyper-steps the
+    shifts moved by about 0.1 against LA's spread of 4.6 on long-tailed MNIST.
+    Adam moves each parameter by up to about ``hyper_lr`` per step whatever that
+    scale: 50 steps of 0.05 reach 2.5, the distance from CE to LA's ``log pi`` at
+    either end of that data's classes. ``hyper_optimizer="sgd"`` is the paper's.
 
     **The paper's batching, scaled to the data** (``None``, the default, for any of
     the three; ``hyper_batches``): the published code averages 10 training and 10
@@ -86,12 +103,13 @@ class SearchConfig:
     uses every weight (bench/bench_hyperstep.py measures that).
     """
     warmup_fraction: float = 0.4
-    hyper_every: int = HYPER_EVERY
+    hyper_steps: int = SEARCH_HYPER_STEPS  # about this many hyper-steps per search, whatever the data size
+    hyper_every: Optional[int] = None  # a fixed interval instead (the paper's code: 20 steps)
     train_batches: Optional[int] = None
     val_batches: Optional[int] = None
     val_batch_size: Optional[int] = None
     hyper_lr: float = 0.05
-    hyper_optimizer: str = "sgd"  # "sgd": SGD(momentum 0.9, weight decay 1e-4) as the paper; "adam": scale-free steps
+    hyper_optimizer: str = "adam"  # "adam": scale-free steps; "sgd": SGD(momentum 0.9, weight decay 1e-4), the paper's
     solver: str = "neumann"
     neumann_terms: int = 5
     last_layer_only: bool = True  # theta = model.fc: cheap hyper-steps on a CPU budget
@@ -99,11 +117,15 @@ class SearchConfig:
 
     def schedule(self, total_steps: int) -> Tuple[int, int, int]:
         """``(warmup_steps, hyper_every, hyper_steps)`` of a search of ``total_steps``
-        training steps: the warm-up, the interval and how many hyper-steps it makes."""
+        training steps: the warm-up, the interval and how many hyper-steps it makes.
+        The interval is ``hyper_every`` if set, else the one that spreads about
+        ``self.hyper_steps`` hyper-steps (at most one more) over the steps after the
+        warm-up, so the search's reach does not shrink with the data set."""
         warmup = int(self.warmup_fraction * total_steps)
-        first = warmup if warmup >= 1 else self.hyper_every  # BilevelOptimizer.hyper_step_due
-        count = 0 if first > total_steps else 1 + (total_steps - first) // self.hyper_every
-        return warmup, self.hyper_every, count
+        every = self.hyper_every or max(1, math.ceil((total_steps - warmup) / self.hyper_steps))
+        first = warmup if warmup >= 1 else every  # BilevelOptimizer.hyper_step_due
+        count = 0 if first > total_steps else 1 + (total_steps - first) // every
+        return warmup, every, count
 
     def hyper_batches(self, train_size: int, val_size: int, batch_size: int) -> Tuple[int, int, int]:
         """``(train_batches, val_batches, val_batch_size)`` for splits of these sizes: the
@@ -149,6 +171,17 @@ class Method:
     objective: Optional[Callable[..., nn.Module]] = None
     model_transform: Optional[Callable[[nn.Module], nn.Module]] = None  # e.g. LDAM's cosine classifier
     grid: Dict[str, Sequence[float]] = field(default_factory=dict)
+    cluster_size: Optional[int] = None  # frequency clusters of the searched parameters: classes per cluster
+    cluster_min_val: Optional[int] = None  # ... merged until each holds this many validation examples
+
+    def clusters(self, val_counts: torch.Tensor) -> Optional[torch.Tensor]:
+        """The cluster map passed to ``make`` as ``clusters=`` (None: one per class):
+        :func:`frequency_clusters` of the validation class counts (in the order of the
+        training counts, which they follow), so a searched parameter rests on at least
+        ``cluster_min_val`` validation examples."""
+        if self.cluster_size is None and self.cluster_min_val is None:
+            return None
+        return frequency_clusters(val_counts, self.cluster_size or 1, min_count=self.cluster_min_val)
 
     @property
     def searched(self) -> bool:
@@ -164,23 +197,30 @@ def _fixed(init, **kw):
     return lambda counts, **choice: ParametricCE.from_counts(counts, init, learn=(), **{**kw, **choice})
 
 
-def _searched(init, learn, **kw):
-    return lambda counts, **_: ParametricCE.from_counts(counts, init, learn=learn, **kw)
+def _searched(init, learn):
+    return lambda counts, clusters=None, **_: ParametricCE.from_counts(counts, init, learn=learn, clusters=clusters)
 
 
+MIN_HYPER_STEPS = 20  # fewer, and a search can hardly move the tables: warn
+MIN_VAL_CELL = 5  # validation (group, class) cells with fewer examples: warn (the hypergradient rests on them)
 LA_TAUS = (0.5, 1.0, 2.0)  # LA's tau, picked per seed on validation
 LAMS = (0.1, 0.5, 0.9)  # AutoBalance's validation blend (1 - lam) CE + lam CE_deo (Table 3: 0.9)
 DRO_STEPS = (0.001, 0.01, 0.1)  # Group DRO's step size
 
 
 def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float = 1.0,
-                  la_taus: Sequence[float] = LA_TAUS, clusters: Optional[int] = None) -> Dict[str, Method]:
+                  la_taus: Sequence[float] = LA_TAUS, clusters: Optional[int] = None,
+                  cluster_min_val: Optional[int] = MIN_VAL_CELL) -> Dict[str, Method]:
     """Table 1: the baselines and the AutoBalance designs, validation objective
     the class-balanced CE. LA's ``tau`` is picked per seed from ``la_taus`` on
     validation; CDT and VS keep the values given. AutoBalance starts at the
-    balanced CE except the last design, which starts at LA (tau = 1); ``clusters``
-    (a cluster size) shares its parameters across classes of similar frequency."""
+    balanced CE except the last design, which starts at LA (tau = 1). Its
+    parameters are shared by frequency clusters (``Method.clusters``): ``clusters``
+    classes each (1 if None), merged from the rarest up until each cluster holds
+    ``cluster_min_val`` validation examples (None: no merging), so no learned
+    parameter follows one or two validation images."""
     balanced = lambda k, g, **_: BalancedCE(k)  # noqa: E731
+    shared = dict(cluster_size=clusters, cluster_min_val=cluster_min_val)
     methods = [
         Method("CE", _fixed("ce")),
         Method("LDAM", lambda counts, **_: LDAMLoss(counts, max_margin=0.5, logit_multiplier=30.0),
@@ -189,10 +229,10 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
         Method("CDT", _fixed("cdt", gamma=cdt_gamma)),
         Method("VS", _fixed("vs", gamma=vs_gamma, tau=vs_tau)),
         Method("AutoBalance: tau (LA)", lambda counts, **_: LATemperature(counts, 1.0), balanced),
-        Method("AutoBalance: l", _searched("balanced", ("shift",), clusters=clusters), balanced),
-        Method("AutoBalance: Delta", _searched("balanced", ("scale",), clusters=clusters), balanced),
-        Method("AutoBalance: Delta & l", _searched("balanced", ("scale", "shift"), clusters=clusters), balanced),
-        Method("AutoBalance: Delta & l (LA init)", _searched("la", ("scale", "shift"), clusters=clusters), balanced),
+        Method("AutoBalance: l", _searched("balanced", ("shift",)), balanced, **shared),
+        Method("AutoBalance: Delta", _searched("balanced", ("scale",)), balanced, **shared),
+        Method("AutoBalance: Delta & l", _searched("balanced", ("scale", "shift")), balanced, **shared),
+        Method("AutoBalance: Delta & l (LA init)", _searched("la", ("scale", "shift")), balanced, **shared),
     ]
     return {m.name: m for m in methods}
 
@@ -242,8 +282,6 @@ def _table_snapshot(criterion):
     return {"weight": weight.tolist(), "scale": scale.tolist(), "shift": shift.tolist()}
 
 
-MIN_HYPER_STEPS = 20  # fewer, and a search can hardly move the tables: warn
-MIN_VAL_CELL = 5  # validation (group, class) cells with fewer examples: warn (the hypergradient rests on them)
 _warned = set()
 
 
@@ -253,36 +291,74 @@ def _warn_once(message):
         warnings.warn(message, stacklevel=3)
 
 
-def check_search(hyper_steps: int, total: int, warmup: int, hyper_every: int, val: data.ImageDataset) -> None:
+def check_search(hyper_steps: int, total: int, warmup: int, hyper_every: int, val: data.ImageDataset,
+                 criterion: Optional[nn.Module] = None) -> None:
     """Warns (once per message) when a search makes fewer than ``MIN_HYPER_STEPS``
-    hyper-steps, or when a validation (group, class) cell holds fewer than
-    ``MIN_VAL_CELL`` examples: the learned parameters of that cell then follow a
-    handful of validation images (overfitting the validation split; clusters,
-    ``ParametricCE(clusters=...)``, share parameters across classes)."""
+    hyper-steps, or when a learned parameter rests on fewer than ``MIN_VAL_CELL``
+    validation examples: a (group, class) cell, or with ``criterion``'s cluster map a
+    (group, cluster) cell (summed over groups when the groups share parameters). Its
+    value then follows a handful of validation images (validation overfitting);
+    clusters (``frequency_clusters(..., min_count=)``) share parameters across classes."""
     if hyper_steps < MIN_HYPER_STEPS:
         _warn_once(f"autobalance: this search makes only {hyper_steps} hyper-steps ({total} training steps, warm-up "
                    f"{warmup}, one every {hyper_every}); the tables can hardly move from their start. Train longer, "
-                   "or take hyper-steps more often (SearchConfig.hyper_every)")
+                   "or take more hyper-steps (SearchConfig.hyper_steps)")
     counts = val.group_class_counts()
+    unit = "class"
+    cluster_map = getattr(criterion, "clusters", None)
+    if isinstance(cluster_map, torch.Tensor) and not torch.equal(cluster_map.cpu(), torch.arange(counts.shape[1])):
+        counts = torch.zeros(counts.shape[0], int(cluster_map.max()) + 1, dtype=counts.dtype).index_add_(
+            1, cluster_map.cpu(), counts)
+        unit = "cluster"
+    if not getattr(criterion, "group_params", True):
+        counts = counts.sum(0, keepdim=True)
     small = [(g, k, int(counts[g, k])) for g in range(counts.shape[0]) for k in range(counts.shape[1])
              if counts[g, k] < MIN_VAL_CELL]
     if small:
-        cells = ", ".join(f"class {k}" + (f" group {g}" if counts.shape[0] > 1 else "") + f": {n}"
+        cells = ", ".join(f"{unit} {k}" + (f" group {g}" if counts.shape[0] > 1 else "") + f": {n}"
                           for g, k, n in small[:6]) + (", ..." if len(small) > 6 else "")
         _warn_once(f"autobalance: {len(small)} validation cells hold fewer than {MIN_VAL_CELL} examples ({cells}); "
                    "their learned parameters follow those few images (validation overfitting); share parameters "
-                   "across classes with ParametricCE(clusters=...)")
+                   "across classes with frequency_clusters(validation counts, min_count=...)")
+
+
+def save_atomic(path: str, obj) -> None:
+    """Writes ``obj`` (a string, or anything ``torch.save`` takes) to ``path`` through a
+    temporary file and a rename: an interrupt leaves the old file or the new one, never
+    a part of one."""
+    tmp = f"{path}.tmp"
+    if isinstance(obj, str):
+        with open(tmp, "w") as f:
+            f.write(obj)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _saved_seconds(path: Optional[str]) -> float:
+    """The training time recorded in a checkpoint (0 without one)."""
+    if path is None or not os.path.exists(path):
+        return 0.0
+    return float(torch.load(path, weights_only=True)["seconds"])
 
 
 def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, config: TrainConfig, *,
           seed: int = 0, augment=None, search: Optional[SearchConfig] = None, objective: Optional[nn.Module] = None,
-          val: Optional[data.ImageDataset] = None, progress: bool = False, label: str = "train"):
+          val: Optional[data.ImageDataset] = None, progress: bool = False, label: str = "train",
+          checkpoint: Optional[str] = None):
     """Trains ``model`` in place on ``dataset`` with ``criterion``.
 
     With ``search`` (and ``objective``, ``val``), runs the search phase of
     Algorithm 1: the criterion's learnable parameters are tuned by a
     :class:`BilevelOptimizer`; it is frozen at the end. Returns the hyper-step
     trace (epoch, validation objective, tables after the step).
+
+    ``checkpoint``: a file path. Every epoch ends by saving the whole state there
+    (weights, optimizers, schedule, loss, the loaders' positions, the random state,
+    the trace; atomically), and a call that finds the file continues from it: the
+    result is bit-identical to a run that never stopped.
     """
     device = torch.device(config.device)
     model.to(device)
@@ -293,13 +369,16 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     total = config.epochs * len(loader)
     decay = [int(f * total) for f in config.lr_decay_at]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay, gamma=0.1)
-    step, trace = optimizer, []
+    step, trace, loaders = optimizer, [], [loader]
     if search is not None:
         hyper = [p for p in criterion.parameters() if p.requires_grad]
         check_choice(search.hyper_optimizer, "SearchConfig.hyper_optimizer", ("sgd", "adam"))
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         warmup, hyper_every, count = search.schedule(total)
-        check_search(count, total, warmup, hyper_every, val)
+        check_search(count, total, warmup, hyper_every, val, criterion)
+        loaders += [data.BatchLoader(dataset, min(config.batch_size, len(dataset)), seed=seed + 1, augment=augment,
+                                     drop_last=True),
+                    data.BatchLoader(val, val_batch, seed=seed + 2, drop_last=True)]
         step = BilevelOptimizer(
             optimizer, criterion, objective,
             hyper_optimizer=(torch.optim.Adam(hyper, lr=search.hyper_lr) if search.hyper_optimizer == "adam" else
@@ -308,13 +387,24 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
             solver=search.solver, neumann_terms=search.neumann_terms,
             inner_params=model.fc.parameters() if search.last_layer_only else None,
             max_hypergrad_norm=search.max_hypergrad_norm, model=model,
-            train_loader=data.BatchLoader(dataset, min(config.batch_size, len(dataset)), seed=seed + 1,
-                                          augment=augment, drop_last=True),
-            val_loader=data.BatchLoader(val, val_batch, seed=seed + 2, drop_last=True),
+            train_loader=loaders[1], val_loader=loaders[2],
             batches_per_hyper_step=(n_train, n_val))
         trace.append({"epoch": 0.0, "tables": _table_snapshot(criterion)})
+    first_epoch, seconds, start = 0, 0.0, time.perf_counter()
+    if checkpoint is not None and os.path.exists(checkpoint):
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved["model"])
+        criterion.load_state_dict(saved["criterion"])
+        step.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        for each, state in zip(loaders, saved["loaders"]):
+            each.load_state_dict(state)
+        torch.set_rng_state(saved["rng"])
+        first_epoch, seconds, trace = saved["epoch"], saved["seconds"], saved["trace"]
     bar = _progress(config.epochs, label, progress)
-    for epoch in range(config.epochs):
+    if bar is not None:
+        bar.update(first_epoch)
+    for epoch in range(first_epoch, config.epochs):
         model.train()
         for i, batch in enumerate(loader):
             inputs, target, group = (t.to(device) if t is not None else None for t in batch)
@@ -329,6 +419,12 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
                               "train_loss": float(result.train_loss), "applied": bool(result.applied),
                               "hypergrad_norm": float(result.hypergrad_norm), "step_size": result.step_size,
                               "tables": _table_snapshot(criterion)})
+        if checkpoint is not None:
+            save_atomic(checkpoint, {
+                "epoch": epoch + 1, "seconds": seconds + time.perf_counter() - start, "trace": trace,
+                "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": step.state_dict(),
+                "schedule": schedule.state_dict(), "loaders": [each.state_dict() for each in loaders],
+                "rng": torch.get_rng_state()})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -378,7 +474,8 @@ def validation_score(metrics: Dict[str, object], grouped: bool) -> Tuple[bool, f
 
 
 def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[[], nn.Module],
-               config: TrainConfig, search: SearchConfig, *, seed: int = 0, progress: bool = False) -> RunResult:
+               config: TrainConfig, search: SearchConfig, *, seed: int = 0, progress: bool = False,
+               checkpoint: Optional[str] = None) -> RunResult:
     """Trains and scores one method. A searched method runs Algorithm 1: search
     on ``splits.train`` with ``splits.val``, freeze, retrain a fresh model on
     ``splits.full_train`` with the learned loss, score on ``splits.test``.
@@ -387,42 +484,80 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
     searched method, its search) and scores it on ``splits.val`` (``validation_score``);
     the best one is retrained on ``splits.full_train`` and scored on the test split,
     which never enters a choice. ``RunResult.choice`` and ``selection`` report it;
-    ``seconds`` includes the selection."""
+    ``seconds`` includes the selection.
+
+    ``checkpoint``: a folder for this run. Every training in it saves a checkpoint
+    per epoch there (``train``), every finished candidate its loss and validation
+    score, and the finished run ``result.json``; a call that finds them continues
+    where the last one stopped, bit-identical to a run that never stopped, and one
+    that finds ``result.json`` returns it. The other files go once it is written."""
+    done = None if checkpoint is None else os.path.join(checkpoint, "result.json")
+    if done is not None:
+        if os.path.exists(done):
+            with open(done) as f:
+                return RunResult(**json.load(f))
+        os.makedirs(checkpoint, exist_ok=True)
+    stage = (lambda name: None) if checkpoint is None else (lambda name: os.path.join(checkpoint, name))
     if method.model_transform is not None:
         model_factory = (lambda make: lambda: method.model_transform(make()))(model_factory)
     grouped = splits.full_train.num_groups > 1
     counts = splits.full_train.group_class_counts() if grouped else splits.full_train.class_counts()
     k, g = splits.full_train.num_classes, splits.full_train.num_groups
-    start = time.perf_counter()
+    clusters = method.clusters(splits.val.class_counts())
+    shared = {} if clusters is None else {"clusters": clusters}
     choices = method.choices()
-    candidates, selection = [], []
-    for choice in choices:
+    candidates, selection, search_seconds = [], [], 0.0
+    for i, choice in enumerate(choices):
         torch.manual_seed(seed)
-        criterion = method.make(counts, **choice)
-        trace = []
-        if method.searched or len(choices) > 1:
-            torch.manual_seed(seed)
-            model = model_factory()
-            objective = method.objective(k, g, **choice) if method.searched else None
-            trace = train(model, splits.train, criterion, config, seed=seed, augment=splits.augment,
-                          search=search if method.searched else None, objective=objective, val=splits.val,
-                          progress=progress, label=f"{method.name} {'search' if method.searched else choice}")
-            if len(choices) > 1:
-                val = evaluate(model, splits.val, device=config.device, cell_weights=_train_cell_weights(splits.train))
-                selection.append({"choice": choice, "score": list(validation_score(val, grouped)),
-                                  "degenerate": val["predicted_classes"] <= 1})
+        criterion = method.make(counts, **shared, **choice)
+        record = stage(f"candidate-{i}.pt")
+        if record is not None and os.path.exists(record):
+            saved = torch.load(record, weights_only=True)
+            criterion.load_state_dict(saved["criterion"])
+            criterion.requires_grad_(not method.searched)  # as BilevelOptimizer.freeze() left it
+            trace, scored, spent = saved["trace"], saved["selection"], saved["seconds"]
+        else:
+            trace, scored, start = [], None, time.perf_counter()
+            spent = _saved_seconds(stage(f"train-{i}.pt"))
+            if method.searched or len(choices) > 1:
+                torch.manual_seed(seed)
+                model = model_factory()
+                objective = method.objective(k, g, **choice) if method.searched else None
+                trace = train(model, splits.train, criterion, config, seed=seed, augment=splits.augment,
+                              search=search if method.searched else None, objective=objective, val=splits.val,
+                              progress=progress, label=f"{method.name} {'search' if method.searched else choice}",
+                              checkpoint=stage(f"train-{i}.pt"))
+                if len(choices) > 1:
+                    val = evaluate(model, splits.val, device=config.device,
+                                   cell_weights=_train_cell_weights(splits.train))
+                    scored = {"choice": choice, "score": list(validation_score(val, grouped)),
+                              "degenerate": val["predicted_classes"] <= 1}
+            spent += time.perf_counter() - start
+            if record is not None:
+                save_atomic(record, {"criterion": criterion.state_dict(), "trace": trace, "selection": scored,
+                                     "seconds": spent})
+        search_seconds += spent
+        if scored is not None:
+            selection.append(scored)
         candidates.append((choice, criterion, trace))
     best = min(range(len(candidates)), key=lambda i: selection[i]["score"]) if selection else 0
     choice, criterion, trace = candidates[best]
-    search_seconds = time.perf_counter() - start
+    start, retrain = time.perf_counter(), stage("retrain.pt")
+    seconds = search_seconds + _saved_seconds(retrain)
     torch.manual_seed(seed + 1000)
     model = model_factory()
     train(model, splits.full_train, criterion, config, seed=seed + 1000, augment=splits.augment, progress=progress,
-          label=method.name)
-    seconds = time.perf_counter() - start
+          label=method.name, checkpoint=retrain)
+    seconds += time.perf_counter() - start
     metrics = evaluate(model, splits.test, device=config.device, cell_weights=_train_cell_weights(splits.full_train))
-    return RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion), choice,
-                     selection)
+    result = RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion), choice,
+                       selection)
+    if done is not None:
+        save_atomic(done, json.dumps(result.to_json()))
+        for name in os.listdir(checkpoint):
+            if name.endswith(".pt"):
+                os.remove(os.path.join(checkpoint, name))
+    return result
 
 
 def autobalance(model_factory: Callable[[], nn.Module], splits: data.DataSplits, criterion: nn.Module,
@@ -438,20 +573,22 @@ def autobalance(model_factory: Callable[[], nn.Module], splits: data.DataSplits,
 
 
 def lam_sweep(splits, model_factory, config, search, lams: Sequence[float], *, seed=0, progress=False,
-              autobalance_lams: Optional[Sequence[float]] = None) -> List[Dict[str, object]]:
+              autobalance_lams: Optional[Sequence[float]] = None,
+              checkpoint: Optional[str] = None) -> List[Dict[str, object]]:
     """Figure 5: the blended baselines ``(1 - lam) CE + lam L_reg`` for each
     regulariser and ``lam``, and AutoBalance with validation loss
-    ``(1 - lam) CE + lam CE_deo`` for each of ``autobalance_lams``."""
+    ``(1 - lam) CE + lam CE_deo`` for each of ``autobalance_lams``. ``checkpoint``: a
+    folder, one ``run_method`` checkpoint folder per point in it."""
+    methods = [(reg_name, lam, Method(f"{reg_name} lam={lam}", lambda counts, reg=reg, lam=lam: Blend(reg(counts), lam)))
+               for reg_name, reg in group_regularisers().items() for lam in lams]
+    methods += [("AutoBalance", lam, Method(f"AutoBalance lam={lam}", _searched("group_la", ("scale", "shift")),
+                                            lambda k, g, lam=lam: Blend(DeoCE(k, g), lam)))
+                for lam in (autobalance_lams if autobalance_lams is not None else lams)]
     points = []
-    for reg_name, reg in group_regularisers().items():
-        for lam in lams:
-            method = Method(f"{reg_name} lam={lam}", lambda counts, reg=reg, lam=lam: Blend(reg(counts), lam))
-            result = run_method(method, splits, model_factory, config, search, seed=seed, progress=progress)
-            points.append({"family": reg_name, "lam": lam, "metrics": result.to_json()["metrics"]})
-    for lam in (autobalance_lams if autobalance_lams is not None else lams):
-        method = Method(f"AutoBalance lam={lam}", _searched("group_la", ("scale", "shift")),
-                        lambda k, g, lam=lam: Blend(DeoCE(k, g), lam))
-        result = run_method(method, splits, model_factory, config, search, seed=seed, progress=progress)
-        points.append({"family": "AutoBalance", "lam": lam, "metrics": result.to_json()["metrics"]})
+    for i, (family, lam, method) in enumerate(methods):
+        folder = None if checkpoint is None else os.path.join(checkpoint, f"{i}")
+        result = run_method(method, splits, model_factory, config, search, seed=seed, progress=progress,
+                            checkpoint=folder)
+        points.append({"family": family, "lam": lam, "metrics": result.to_json()["metrics"]})
     return points
 
