@@ -35,6 +35,13 @@ def check(folder, experiment):
             assert run["choice"] and run["choice"] in [c["choice"] for c in run["selection"]], run["method"]
     assert any(len(r["selection"]) > 1 for r in results["results"]), "no knob was picked on validation"
     assert results["paired"] and all(p["method"].startswith("AutoBalance") for p in results["paired"])
+    # every (method, seed) run kept for --resume, and no checkpoint or temporary file left
+    assert os.path.isfile(os.path.join(folder, "run.json")), "missing run.json"
+    for run in results["results"]:
+        slug = "".join(c if c.isalnum() else "_" for c in run["method"]).strip("_")
+        assert os.path.isfile(os.path.join(folder, "runs", f"seed{run['seed']}", slug, "result.json")), run["method"]
+    left = [f for _, _, files in os.walk(folder) for f in files if f.endswith((".pt", ".tmp"))]
+    assert not left, f"left behind: {left}"
     print(f"{folder}: {len(results['results'])} runs, outputs complete, AutoBalance time x{multiple:.2f}")
 
 
