@@ -4,6 +4,7 @@ import copy
 import io
 import itertools
 import math
+import re
 import warnings
 import weakref
 
@@ -768,6 +769,70 @@ def test_non_finite_hypergradient_skips_the_step_and_is_counted():
     assert torch.equal(before["hyperparameters"]["shift_param"], criterion.shift_param)
     # a later finite hyper-step works again
     assert bopt.hyper_step(model, data[:1], val[:1]).applied
+
+
+def ignored(batch):
+    x, y = batch
+    return x, torch.full_like(y, -100)
+
+
+def with_nan(batch):
+    x, y = batch
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x, y
+
+
+# each hole of the skip guard: (the batches of the bad hyper-step, the reason it must give)
+HOLES = {"nan validation batch": (lambda data, val: (data[:1], [with_nan(val[0])]), "the validation loss is not finite"),
+         "ignored training batch": (lambda data, val: ([ignored(data[0])], val[:1]), "the training loss is not finite"),
+         "ignored validation batch": (lambda data, val: (data[:1], [ignored(val[0])]),
+                                      "the validation loss is not finite"),
+         "ignored training batch, sum": (lambda data, val: ([ignored(data[0])], val[:1]),
+                                         r"the hypergradient \(the mixed term\) is zero"),
+         "ignored validation batch, sum": (lambda data, val: (data[:1], [ignored(val[0])]),
+                                           "the validation gradient is zero")}
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+@pytest.mark.parametrize("hole", list(HOLES))
+def test_degenerate_hyper_steps_are_skipped_without_moving_alpha(solver, hole):
+    model = mlp()
+    reduction = "sum" if hole.endswith("sum") else "mean"
+    criterion = ParametricCE(K, reduction=reduction)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    # an objective that ignores labels (like the criterion), so a validation batch can be all ignored
+    bopt = BilevelOptimizer(opt, criterion, nn.CrossEntropyLoss(reduction=reduction), solver=solver, hyper_every=1)
+    data, val = batches(10), batches(11)
+    train(model, bopt, criterion, 2, data, val)  # two applied steps: the hyper-optimizer has momentum
+    assert bopt.hyper_steps == 2 and bopt.skipped_hyper_steps == 0
+    calls = []
+    bopt.hyper_optimizer.register_step_pre_hook(lambda *_: calls.append(1))
+    before = copy.deepcopy(bopt.state_dict())
+    make_batches, reason = HOLES[hole]
+    result = bopt.hyper_step(model, *make_batches(data, val))
+    assert not result.applied and re.match(reason, result.skip_reason)
+    assert bopt.skipped_hyper_steps == 1 and bopt.hyper_steps == 2 and not calls
+    after = bopt.state_dict()
+    for name, p in before["hyperparameters"].items():
+        assert torch.equal(p, after["hyperparameters"][name]) and torch.equal(p, getattr(criterion, name))
+    for a, b in zip(before["hyper_optimizer"]["state"].values(), after["hyper_optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert before["solver"]["solves"] == after["solver"]["solves"]
+    result = bopt.hyper_step(model, data[:1], val[:1])  # a sound hyper-step is applied again
+    assert result.applied and result.skip_reason is None and calls == [1]
+
+
+def test_conjugate_gradient_reports_its_residual_and_non_finite_curvature():
+    H, b = spd_system()
+    x, state = ConjugateGradient(iterations=50, tol=1e-10).solve(lambda v: H @ v, b)
+    assert state.residual <= 1e-10 and float((b - H @ x).norm() / b.norm()) < 1e-9
+    x, state = ConjugateGradient(iterations=2, tol=0.0).solve(lambda v: H @ v, b)
+    assert state.residual > 1e-3 and math.isclose(state.residual, float((b - H @ x).norm() / b.norm()), rel_tol=1e-6)
+    x, state = ConjugateGradient().solve(lambda v: H @ v * float("nan"), b)
+    assert math.isnan(state.residual) and not x.any()  # it stopped at once: zeros, flagged
+    _, state = Neumann(terms=3).solve(lambda v: H @ v, b)
+    assert state.residual is None
 
 
 def test_stale_eigenvalue_estimate_is_corrected_not_amplified():

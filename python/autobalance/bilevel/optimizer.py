@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autobalance._validation import check_int, check_positive
-from autobalance.bilevel.distributed import mean_over_ranks, ordered_mean_over_ranks, process_group
+from autobalance.bilevel.distributed import max_over_ranks, mean_over_ranks, ordered_mean_over_ranks, process_group
 from autobalance.bilevel.layers import hyper_passes
 from autobalance.bilevel.products import TrainGradients, flat, graph_budget, split, validation_gradient
 from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
@@ -29,8 +29,9 @@ BatchSource = Union[Iterable[Batch], Callable[[], Batch]]
 
 
 class HyperStepResult(NamedTuple):
-    """What one hyper-step did. ``hypergrad_norm`` is the norm after gauge
-    fixing and before clipping (NaN or inf when the step was skipped);
+    """What one hyper-step did. ``applied`` is False for a skipped step, and then
+    ``skip_reason`` says why (``BilevelOptimizer``'s "Applying it"); ``hypergrad_norm``
+    is the norm after gauge fixing and before clipping;
     ``train_loss`` / ``val_loss`` are this rank's means over its batches;
     ``step_size`` is the Neumann / first-order ``eta`` (None for CG);
     ``kept_graphs`` is how many of the training batches' graphs were kept for the
@@ -43,6 +44,34 @@ class HyperStepResult(NamedTuple):
     step_size: Optional[float]
     kept_graphs: int = 1
     graph_bytes: int = 0
+    skip_reason: Optional[str] = None
+
+
+def _unsound(val_loss, train_loss, v, p, state, hypergrad, group) -> Optional[str]:
+    """Why a hyper-step's results cannot be applied, or None (docs/math.md section 5,
+    "Applying it"): a non-finite loss, validation gradient ``v``, solution ``p`` (or CG
+    residual) or hypergradient (the mixed term), or a zero ``v``, ``p`` or hypergradient,
+    which only degenerate batches give (no row counted, a solver that stopped before its
+    first step) and which would still move ``alpha`` through the hyper-optimizer's
+    momentum. Under DDP a reason on any rank is one on every rank (the losses are each
+    rank's own), so all ranks skip together."""
+    zero = lambda t: not bool(t.any())  # noqa: E731
+    finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+    checks = [(not math.isfinite(val_loss), f"the validation loss is not finite ({val_loss})"),
+              (not math.isfinite(train_loss), f"the training loss is not finite ({train_loss})"),
+              (not finite(v), "the validation gradient is not finite"),
+              (zero(v), "the validation gradient is zero (no validation row reached the loss)"),
+              (not finite(p) or (state.residual is not None and not math.isfinite(state.residual)),
+               "the solver's solution is not finite" + ("" if state.residual is None
+                                                        else f" (CG residual {state.residual})")),
+              (zero(p), "the solver's solution is zero (it stopped before its first step, e.g. at a direction "
+                        "of non-positive curvature)"),
+              (not finite(hypergrad), "the hypergradient (the mixed term) is not finite"),
+              (zero(hypergrad), "the hypergradient (the mixed term) is zero (the training batches do not depend on "
+                                "the hyperparameters, e.g. every label ignored)")]
+    flags = torch.tensor([float(bad) for bad, _ in checks], device=v.device)
+    flags = max_over_ranks(flags, group)
+    return next((reason for (_, reason), flag in zip(checks, flags.tolist()) if flag), None)
 
 
 def fix_shift_gauge(criterion, names, grads):
@@ -167,10 +196,15 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
-    is clipped to total norm ``max_hypergrad_norm`` if given; a non-finite
-    hypergradient (e.g. from non-finite losses) skips the hyper-step -- ``alpha``, the
-    hyper-optimizer and the solver state stay untouched and ``skipped_hyper_steps``
-    counts it. The update is made by ``hyper_optimizer``, by default
+    is clipped to total norm ``max_hypergrad_norm`` if given. A hyper-step whose
+    validation or training loss, validation gradient, solver solution (or CG residual)
+    or hypergradient is not finite, or whose validation gradient, solution or
+    hypergradient is exactly zero (degenerate batches, e.g. every label ignored, or a
+    solver that stopped before its first step), is skipped: the hyper-optimizer is not
+    called (so its momentum does not move ``alpha``), ``alpha``, the hyper-optimizer and
+    the solver state stay untouched, ``skipped_hyper_steps`` counts it and
+    ``HyperStepResult.skip_reason`` says which check failed (under DDP every rank skips
+    when one does). The update is made by ``hyper_optimizer``, by default
     ``SGD(lr=0.05, momentum=0.9, weight_decay=1e-4)`` as in the paper.
 
     **Schedule**: ``hyper_step_due`` is true after training step ``t`` (counted by
@@ -518,15 +552,18 @@ class BilevelOptimizer(torch.optim.Optimizer):
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad
             train_loss = sum(products.losses) / len(products.losses)
-        hypergrad = split(ordered_mean_over_ranks(hypergrad, group), self._hyper)
+        hypergrad = ordered_mean_over_ranks(hypergrad, group)
+        reason = _unsound(val_loss, train_loss, v, p, state, hypergrad, group)
         graphs = (products.kept, sum(products.graph_bytes))
-        return fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, state, graphs
+        hypergrad = fix_shift_gauge(self.criterion, self._hyper_names, split(hypergrad, self._hyper))
+        return hypergrad, train_loss, val_loss, state, graphs, reason
 
     def hypergradient(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
                       val_batches: Optional[Sequence[Batch]] = None) -> List[torch.Tensor]:
         """The gauge-fixed hypergradient ``dL_V/dalpha`` (docs/math.md section 5), one tensor per
         learnable parameter of the criterion, without applying it or changing any state
-        (but for the batches it draws from bound loaders)."""
+        (but for the batches it draws from bound loaders). It is returned as computed, even
+        where ``hyper_step`` would skip it (see "Applying it" in the class docstring)."""
         return self._hypergradient(model, train_batches, val_batches)[0]
 
     def hyper_step(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
@@ -540,12 +577,15 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if self.steps == 0:
             raise RuntimeError("autobalance: hyper_step before any training step; the hypergradient assumes weights "
                                "trained on the current loss (take at least one step(), see warmup_steps)")
-        hypergrad, train_loss, val_loss, state, graphs = self._hypergradient(model, train_batches, val_batches)
+        hypergrad, train_loss, val_loss, state, graphs, reason = self._hypergradient(model, train_batches,
+                                                                                    val_batches)
         self._last_hyper_step_at = self.steps
         norm = float(torch.linalg.vector_norm(flat(hypergrad)))
-        if not math.isfinite(norm):
+        if reason is None and not math.isfinite(norm):  # finite entries whose norm overflows
+            reason = f"the hypergradient's norm is not finite ({norm})"
+        if reason is not None:
             self.skipped_hyper_steps += 1
-            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size, *graphs)
+            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size, *graphs, reason)
         factor = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
         for p, g in zip(self._hyper, hypergrad):
             p.grad = (g * factor).to(p.dtype)
