@@ -387,6 +387,80 @@ def test_freeze_fixes_the_loss():
     assert bopt.state_dict()["schedule"]["frozen"]
 
 
+def checkpoint(bopt):
+    buffer = io.BytesIO()
+    torch.save(bopt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("saved_frozen", [False, True])
+def test_loading_restores_the_checkpoints_frozen_state(saved_frozen):
+    model = mlp()
+    bopt, criterion = make(model, hyper_every=1)
+    data, val = batches(1), batches(2)
+    train(model, bopt, criterion, 2, data, val)
+    if saved_frozen:
+        bopt.freeze()
+    saved = checkpoint(bopt)
+    model2 = mlp()
+    other, criterion2 = make(model2, hyper_every=1)
+    if not saved_frozen:
+        other.freeze()  # frozen here, unfrozen in the checkpoint
+    other.load_state_dict(saved)
+    assert other.frozen == saved_frozen
+    assert all(p.requires_grad != saved_frozen for p in criterion2.parameters())
+    train(model2, other, criterion2, 3, data, val, start=2)  # one training step; then the hyper-step if due
+    if saved_frozen:
+        assert not other.hyper_step_due and other.hyper_steps == 2
+        with pytest.raises(RuntimeError, match="after freeze"):
+            other.hyper_step(model2, data[:1], val[:1])
+    else:
+        assert other.hyper_steps == 3 and other.hyper_step(model2, data[:1], val[:1]).applied
+        assert criterion2.shift_param.requires_grad
+
+
+def test_loading_a_checkpoint_of_another_criterion_or_model_raises_and_changes_nothing():
+    def build(classes, clusters=None, width=16, **kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, classes))
+        criterion = ParametricCE(classes, torch.zeros(classes, dtype=torch.long) if clusters is None else clusters,
+                                 **kw)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        bopt = BilevelOptimizer(opt, criterion, BalancedCE(classes), hyper_every=1)
+        x, y = torch.randn(8, 6), torch.arange(8) % classes
+        batch = (x, y) if criterion.num_groups == 1 else (x, y, torch.arange(8) % criterion.num_groups)
+        criterion(model(x), *batch[1:]).backward()
+        bopt.step()
+        bopt.hyper_step(model, [batch], [(x, y)])
+        return bopt
+
+    saved = checkpoint(build(10))  # one cluster: hyperparameters of shape [1, 1], whatever the class count
+    cases = [(build(5), r"num_classes: 10 in the state dict, 5 here"),
+             (build(10, num_groups=2, group_params=False), r"num_groups: 1 in the state dict, 2 here"),
+             (build(10, learn=("scale", "shift", "weight")), r"learn: \('scale', 'shift'\) in the state dict, "
+                                                             r"\('weight', 'scale', 'shift'\) here")]
+    for bopt, match in cases:
+        before = copy.deepcopy(bopt.state_dict())
+        with pytest.raises(ValueError, match="the state dict was saved for another criterion .*" + match):
+            bopt.load_state_dict(saved)
+        after = bopt.state_dict()
+        assert after["schedule"] == before["schedule"]
+        assert all(torch.equal(before["hyperparameters"][n], t) for n, t in after["hyperparameters"].items())
+    # the same hyperparameter shape [1, 2] from another cluster map
+    two = lambda first: torch.tensor([0] * first + [1] * (10 - first))  # noqa: E731
+    with pytest.raises(ValueError, match=r"clusters: \[0, 0, 0, 1, .*\] in the state dict, \[0, 0, 0, 0, 0, 1"):
+        build(10, two(5)).load_state_dict(checkpoint(build(10, two(3))))
+    # the same criterion on another network: the wrapped optimizer's momentum does not fit
+    with pytest.raises(ValueError, match=r"`optimizer` state 'momentum_buffer' of parameter 0 has shape \[8, 6\], "
+                                         r"but that parameter has shape \[16, 6\]"):
+        build(10).load_state_dict(checkpoint(build(10, width=8)))
+    # a checkpoint without a layout (saved before it was stored) still loads
+    legacy = dict(saved)
+    del legacy["criterion"]
+    build(10).load_state_dict(legacy)
+
+
 def test_behaves_like_the_wrapped_optimizer():
     model = mlp()
     bopt, criterion = make(model)

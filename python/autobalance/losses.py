@@ -411,6 +411,14 @@ class LATemperature(nn.Module):
         self.tau = nn.Parameter(torch.tensor(tau))
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
 
+    @property
+    def num_groups(self) -> int:
+        return self.log_prior.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.log_prior.shape[1]
+
     def tables(self) -> LossTables:
         """The effective ``[G, K]`` tables (the shift differentiable w.r.t. ``tau``)."""
         return LossTables(self.ones, self.ones, self.tau * self.log_prior)
@@ -421,4 +429,4 @@ class LATemperature(nn.Module):
                                         ignore_index=self.ignore_index, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.log_prior.shape[1]}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"

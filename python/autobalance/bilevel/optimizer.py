@@ -84,6 +84,53 @@ def fix_shift_gauge(criterion, names, grads):
     return grads
 
 
+def criterion_layout(criterion) -> dict:
+    """What a checkpoint's hyperparameters mean beyond their shapes: the criterion's
+    type and, where it has them, ``num_classes``, ``num_groups``, ``group_params``,
+    ``learn`` and the cluster map ``clusters`` (saved by ``BilevelOptimizer.state_dict``,
+    compared by ``load_state_dict``)."""
+    layout = {"type": type(criterion).__name__}
+    for name in ("num_classes", "num_groups", "group_params", "learn"):
+        if hasattr(criterion, name):
+            layout[name] = getattr(criterion, name)
+    clusters = getattr(criterion, "clusters", None)
+    if isinstance(clusters, torch.Tensor):
+        layout["clusters"] = clusters.detach().cpu().clone()
+    return layout
+
+
+def _layout_differences(saved, current):
+    """``name: saved vs current`` for every entry of both layouts that differs."""
+    def text(value):
+        if isinstance(value, torch.Tensor):
+            return str(value.tolist()) if value.numel() <= 20 else f"a map of {value.numel()} classes"
+        return repr(value)
+    out = []
+    for name in current:
+        if name in saved:
+            a, b = saved[name], current[name]
+            same = (a.shape == b.shape and torch.equal(a, b)) if isinstance(a, torch.Tensor) else a == b
+            if not same:
+                out.append(f"{name}: {text(a)} in the state dict, {text(b)} here")
+    return out
+
+
+def _check_optimizer_state(optimizer, saved, name):
+    """Raises if a saved per-parameter state tensor (a momentum buffer, Adam's moments) is
+    shaped unlike the parameter it would be loaded into (torch.optim checks only the
+    number of parameters, so such a state fails later, in ``step()``)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+    if len(ids) != len(params):
+        return  # torch.optim's load_state_dict names this mismatch
+    for index, p in zip(ids, params):
+        for key, value in saved.get("state", {}).get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"autobalance: the state dict's `{name}` state {key!r} of parameter {index} has "
+                                 f"shape {list(value.shape)}, but that parameter has shape {list(p.shape)}; the "
+                                 "checkpoint is of another model or criterion")
+
+
 class _BatchStream:
     """Batches drawn from an iterable (iterated again from the start when it runs
     out, like epochs of a DataLoader) or from a callable that returns one batch."""
@@ -401,7 +448,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The wrapped and hyper-optimizers' states, the hyperparameters, the schedule
-        counters and the solver state (the power-iteration eigenvector and eigenvalue);
+        counters and frozen state, the solver state (the power-iteration eigenvector and
+        eigenvalue) and the criterion's layout (``criterion_layout``);
         with the state-dict hooks (``register_state_dict_pre_hook`` / ``_post_hook``)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -413,6 +461,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                                    "skipped_hyper_steps": self.skipped_hyper_steps,
                                    "step_size_corrections": self.step_size_corrections,
                                    "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen},
+                      "criterion": criterion_layout(self.criterion),
                       "solver": {"eigenvector": None if solver.eigenvector is None else solver.eigenvector.clone(),
                                  "eigenvalue": solver.eigenvalue, "solves": solver.solves}}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -420,11 +469,20 @@ class BilevelOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a ``state_dict()``, with the load-state-dict hooks."""
+        """Loads a ``state_dict()``, with the load-state-dict hooks. It checks first, and
+        changes nothing if a check fails, that the checkpoint fits: the hyperparameters'
+        names and shapes, the criterion's layout (``criterion_layout``: type, classes,
+        groups, cluster map, learned tables), the shapes of both optimizers' per-parameter
+        states and the solver's eigenvector. The frozen state is the checkpoint's:
+        the hyperparameters require grad exactly when it was not frozen."""
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
         saved = state_dict["hyperparameters"]
+        differences = _layout_differences(state_dict.get("criterion", {}), criterion_layout(self.criterion))
+        if differences:
+            raise ValueError("autobalance: the state dict was saved for another criterion (" + "; ".join(differences)
+                             + "); load it into a BilevelOptimizer built with the same criterion")
         if sorted(saved) != sorted(self._hyper_names):
             raise ValueError(f"autobalance: the state dict holds hyperparameters {sorted(saved)}, but the criterion "
                              f"has {sorted(self._hyper_names)}")
@@ -432,6 +490,12 @@ class BilevelOptimizer(torch.optim.Optimizer):
             if saved[name].shape != p.shape:
                 raise ValueError(f"autobalance: hyperparameter {name!r} has shape {list(p.shape)}, the state dict "
                                  f"holds {list(saved[name].shape)}")
+        _check_optimizer_state(self.optimizer, state_dict["optimizer"], "optimizer")
+        _check_optimizer_state(self.hyper_optimizer, state_dict["hyper_optimizer"], "hyper_optimizer")
+        vector, weights = state_dict["solver"]["eigenvector"], sum(p.numel() for p in self._theta)
+        if vector is not None and vector.numel() != weights:
+            raise ValueError(f"autobalance: the state dict's solver eigenvector has {vector.numel()} entries, but "
+                             f"theta has {weights} weights; the checkpoint is of another model or `inner_params`")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.hyper_optimizer.load_state_dict(state_dict["hyper_optimizer"])
         with torch.no_grad():
@@ -446,9 +510,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         vector = solver["eigenvector"]
         self.solver_state = SolverState(None if vector is None else vector.to(self._theta[0].device).clone(),
                                         solver["eigenvalue"], solver.get("solves", self.hyper_steps))
-        self.frozen = False
-        if schedule["frozen"]:
-            self.freeze()
+        self._set_frozen(bool(schedule["frozen"]))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -480,10 +542,14 @@ class BilevelOptimizer(torch.optim.Optimizer):
     def freeze(self) -> None:
         """Fixes the learned loss for the retrain phase (Algorithm 1, lines 11-12):
         no more hyper-steps, and the hyperparameters stop requiring grad."""
-        self.frozen = True
+        self._set_frozen(True)
+
+    def _set_frozen(self, frozen):
+        self.frozen = frozen
         for p in self._hyper:
-            p.requires_grad_(False)
-            p.grad = None
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
 
     # ---- the hypergradient
 
