@@ -136,6 +136,84 @@ def test_first_order_is_neumann_without_terms_and_matches_its_formula():
     torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-14)
 
 
+# ---- weight decay: the ridge of the inner problem
+
+def test_adamw_decoupled_decay_is_the_ridge_of_its_fixed_point():
+    """docs/math.md section 5, "Weight decay": AdamW stops where grad L_T = -c * theta with
+    c = weight_decay * (sqrt(v_hat) + eps); the hypergradient is that of min L_T + c/2 |theta|^2
+    with c held at the optimizer's state, checked by finite differences of the re-solved problem."""
+    criterion, (x, y), val = logistic_problem()
+    criterion, objective, lam = criterion.double(), BalancedCE(K), 0.5
+    torch.manual_seed(0)
+    model = nn.Linear(D, K, bias=False).double()
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=lam)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):  # mini-batch steps: the second moments hold the gradients' noise
+        rows = torch.randperm(50, generator=g)[:10]
+        adamw.zero_grad()
+        criterion(model(x[rows]), y[rows]).backward()
+        adamw.step()
+    state = adamw.state[model.weight]
+    c = lam * ((state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8)
+
+    def solve():  # Newton's method on L_T + c/2 |theta|^2
+        def loss(w):
+            return criterion(x @ w.view(K, D).T, y) + 0.5 * (c.reshape(-1) * w * w).sum()
+        w = model.weight.detach().reshape(-1).clone()  # warm start: the last solution
+        for _ in range(30):
+            step = torch.linalg.solve(torch.autograd.functional.hessian(loss, w),
+                                      torch.autograd.functional.jacobian(loss, w))
+            w = w - step
+            if float(step.norm()) < 1e-12:
+                return w.view(K, D)
+        raise AssertionError("Newton's method did not converge")
+
+    with torch.no_grad():
+        model.weight.copy_(solve())
+    fd = []
+    for q in criterion.parameters():
+        for j in range(q.numel()):
+            values = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    q.view(-1)[j] += sign * 1e-5
+                values.append(float(objective(val[0] @ solve().T, val[1])))
+                with torch.no_grad():
+                    q.view(-1)[j] -= sign * 1e-5
+            fd.append((values[0] - values[1]) / 2e-5)
+    fd = torch.tensor(fd, dtype=torch.float64)
+
+    def estimate(**kw):
+        bopt = BilevelOptimizer(adamw, criterion, objective, solver="cg", cg_iterations=200, cg_tol=1e-14, **kw)
+        return torch.cat([t.reshape(-1) for t in bopt.hypergradient(model, [(x, y)], [val])])
+
+    assert float((estimate() - fd).norm() / fd.norm()) < 1e-5
+    # the L2 reading of weight_decay (a ridge of lam) is the hypergradient of another problem
+    assert float((estimate(ridge=lam) - fd).norm() / fd.norm()) > 0.1
+
+
+def test_ridge_argument_and_unmodelled_decoupled_decay():
+    model = mlp()
+    data, val = batches(1), batches(2)
+    sgd = lambda decay: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=decay)  # noqa: E731
+    criterion = ParametricCE(K)
+    with torch.no_grad():
+        criterion.shift_param.copy_(torch.linspace(-1, 1, K))
+    by_decay = BilevelOptimizer(sgd(0.3), criterion, BalancedCE(K), solver="cg").hypergradient(model, data, val)
+    by_ridge = BilevelOptimizer(sgd(0.0), criterion, BalancedCE(K), solver="cg", ridge=0.3).hypergradient(
+        model, data, val)
+    assert all(torch.equal(a, b) for a, b in zip(by_decay, by_ridge))
+    for name in ("RAdam", "NAdam"):
+        decoupled = getattr(torch.optim, name)(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True)
+        with pytest.raises(ValueError, match=rf"wrapped optimizer {name} has decoupled weight decay "
+                                             r"\(weight_decay=0.1\).*ridge=coefficient"):
+            BilevelOptimizer(decoupled, ParametricCE(K), BalancedCE(K))
+        BilevelOptimizer(decoupled, ParametricCE(K), BalancedCE(K), ridge=0.1)  # the user's ridge
+    for bad in (-1.0, float("nan"), "l2", True):
+        with pytest.raises(ValueError, match=r"`ridge` must be 'auto' or a finite float >= 0, got"):
+            BilevelOptimizer(sgd(0.0), ParametricCE(K), BalancedCE(K), ridge=bad)
+
+
 # ---- the solvers on their own
 
 def spd_system(n=6, seed=0):

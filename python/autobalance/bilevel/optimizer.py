@@ -15,7 +15,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import nn
 
-from autobalance._validation import check_int, check_positive
+from autobalance._validation import check_int, check_non_negative, check_positive
 from autobalance.bilevel.distributed import max_over_ranks, mean_over_ranks, ordered_mean_over_ranks, process_group
 from autobalance.bilevel.layers import hyper_passes
 from autobalance.bilevel.products import TrainGradients, flat, graph_budget, split, validation_gradient
@@ -197,10 +197,22 @@ class BilevelOptimizer(torch.optim.Optimizer):
         dL_V/dalpha = - d/dalpha <grad_theta L_T(theta, alpha), p>,   H p = grad_theta L_V
 
     where ``grad_theta L_V`` is averaged over the validation batches, ``H`` is the
-    Hessian of ``L_T`` averaged over the training batches plus the L2 term
-    ``weight_decay * I`` of the wrapped optimizer's param groups (``solvers.ridge``),
-    and the mixed term is averaged over the training batches. ``p`` comes from the
-    ``solver`` (``autobalance.bilevel.solvers``):
+    Hessian of ``L_T`` averaged over the training batches plus a ridge ``diag(c)``
+    (``solvers.ridge``), and the mixed term is averaged over the training batches.
+
+    **Weight decay** (``ridge``, docs/math.md section 5): the hypergradient assumes
+    ``theta`` is at the wrapped optimizer's fixed point. With ``ridge="auto"`` (default)
+    ``c`` comes from its param groups: ``weight_decay`` is taken as an L2 term of the
+    loss, ``c = weight_decay`` (SGD, Adam, and the other ``torch.optim`` optimizers,
+    whose ``weight_decay`` adds ``weight_decay * theta`` to the gradient); AdamW's (and
+    ``Adam(decoupled_weight_decay=True)``'s) decoupled decay stops where
+    ``grad L_T = -weight_decay * (sqrt(v_hat) + eps) * theta``, so ``c = weight_decay *
+    (sqrt(v_hat) + eps)`` per weight, from its second-moment estimate at the hyper-step
+    (held fixed: the ridge of the stationarity condition, not of a loss). Other
+    optimizers with decoupled decay (``RAdam`` / ``NAdam(decoupled_weight_decay=True)``)
+    raise; ``ridge=c`` (a float >= 0) sets the coefficient of every weight instead.
+
+    ``p`` comes from the ``solver`` (``autobalance.bilevel.solvers``):
 
     - ``"neumann"`` (default), ``Neumann``: ``neumann_terms`` terms of the Neumann
       series with step ``step_size``; ``"auto"`` (default) is ``1 / lambda_max(H)`` by
@@ -300,6 +312,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
             hyper-step averages over (the published code: 10 and 10).
         graph_memory: ``"auto"``, or the bytes of training graphs a hyper-step may keep
             alive (``float("inf")``: all; ``0``: one batch's); see **Memory** above.
+        ridge: ``"auto"`` or the ridge coefficient of every weight; see **Weight decay**.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
@@ -311,7 +324,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                  inner_params: Optional[Iterable[torch.Tensor]] = None, max_hypergrad_norm: Optional[float] = None,
                  model: Optional[nn.Module] = None, train_loader: Optional[BatchSource] = None,
                  val_loader: Optional[BatchSource] = None, batches_per_hyper_step: Tuple[int, int] = (1, 1),
-                 graph_memory: Union[str, float] = "auto"):
+                 graph_memory: Union[str, float] = "auto", ridge: Union[str, float] = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(criterion, nn.Module):
@@ -400,6 +413,13 @@ class BilevelOptimizer(torch.optim.Optimizer):
             raise ValueError(f"autobalance: `graph_memory` must be 'auto' or a number of bytes >= 0 (float('inf') "
                              f"keeps every graph), got {graph_memory!r}")
         self.graph_memory = graph_memory
+        if not (isinstance(ridge, str) and ridge == "auto"):
+            try:
+                ridge = check_non_negative(ridge, "ridge")
+            except ValueError:
+                raise ValueError(f"autobalance: `ridge` must be 'auto' or a finite float >= 0, got {ridge!r}") from None
+        self.ridge = ridge
+        self._ridge()  # a wrapped optimizer whose weight decay the hypergradient cannot model raises now
 
         self.steps = self.hyper_steps = self.skipped_hyper_steps = self.step_size_corrections = 0
         self.frozen = False
@@ -596,12 +616,37 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 out.append(self._batches(self._streams[loader].take(n, self._theta[0].device), loader, drawn=True))
         return out
 
-    def _weight_decay(self):
-        """The wrapped optimizer's L2 coefficient of every weight of theta, flat (None if all 0)."""
-        decay = {id(p): float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups for p in g["params"]}
-        if all(decay[id(p)] == 0.0 for p in self._theta):
-            return None
-        return torch.cat([torch.full((p.numel(),), decay[id(p)], dtype=p.dtype, device=p.device) for p in self._theta])
+    def _ridge(self):
+        """The ridge coefficient of every weight of theta, flat (None if all 0): the ``ridge``
+        argument, or read from the wrapped optimizer (docs/math.md section 5, "Weight
+        decay"): ``weight_decay`` as an L2 term, or for Adam's decoupled decay (AdamW,
+        ``Adam(decoupled_weight_decay=True)``) ``weight_decay * (sqrt(v_hat) + eps)``."""
+        if self.ridge != "auto":
+            return None if self.ridge == 0 else torch.cat([torch.full((p.numel(),), self.ridge, dtype=p.dtype,
+                                                                      device=p.device) for p in self._theta])
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        parts = []
+        for p in self._theta:
+            group = group_of[id(p)]
+            decay = float(group.get("weight_decay", 0.0))
+            coefficient = torch.full_like(p, decay, memory_format=torch.contiguous_format)
+            if decay and group.get("decoupled_weight_decay", False):
+                if not isinstance(self.optimizer, torch.optim.Adam):
+                    raise ValueError(f"autobalance: the wrapped optimizer {type(self.optimizer).__name__} has "
+                                     f"decoupled weight decay (weight_decay={decay}), whose fixed point the "
+                                     "hypergradient models only for AdamW / Adam(decoupled_weight_decay=True) "
+                                     "(docs/math.md section 5); use L2 weight decay, or give the ridge of the "
+                                     "inner problem yourself: BilevelOptimizer(..., ridge=coefficient)")
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg_sq" in state:
+                    second = state["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"]
+                    correction = 1.0 - float(group["betas"][1]) ** float(state["step"])
+                    coefficient *= (second / correction).sqrt() + float(group["eps"])
+                else:  # no step yet: v_hat = 0
+                    coefficient *= float(group["eps"])
+            parts.append(coefficient.reshape(-1))
+        ridge = torch.cat(parts)
+        return ridge if bool(ridge.any()) else None
 
     def _hypergradient(self, model, train_batches, val_batches):
         model, train, val = self._arguments(model, train_batches, val_batches)
@@ -614,7 +659,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
             v = mean_over_ranks(v / len(val), group)
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
                                       self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device))
-            p, state = self.solver.solve(ridge(products.hvp, self._weight_decay()), v, self.solver_state)
+            p, state = self.solver.solve(ridge(products.hvp, self._ridge()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad
             train_loss = sum(products.losses) / len(products.losses)

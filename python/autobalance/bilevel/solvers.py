@@ -45,9 +45,9 @@ class Solver(Protocol):
 
 
 def ridge(matvec: Matvec, coefficients: Optional[torch.Tensor]) -> Matvec:
-    """``v -> matvec(v) + coefficients * v``: the L2 term of the inner problem (the
-    wrapped optimizer's ``weight_decay`` of each weight) added to ``H``; ``matvec``
-    itself when ``coefficients`` is None."""
+    """``v -> matvec(v) + coefficients * v``: the ridge of the inner problem (from the
+    wrapped optimizer's weight decay, ``BilevelOptimizer(ridge=...)``) added to ``H``;
+    ``matvec`` itself when ``coefficients`` is None."""
     if coefficients is None:
         return matvec
     return lambda v: matvec(v) + coefficients * v
