@@ -183,11 +183,14 @@ def test_adamw_decoupled_decay_is_the_ridge_of_its_fixed_point():
             fd.append((values[0] - values[1]) / 2e-5)
     fd = torch.tensor(fd, dtype=torch.float64)
 
-    def estimate(**kw):
-        bopt = BilevelOptimizer(adamw, criterion, objective, solver="cg", cg_iterations=200, cg_tol=1e-14, **kw)
+    def estimate(optimizer=adamw, **kw):
+        bopt = BilevelOptimizer(optimizer, criterion, objective, solver="cg", cg_iterations=200, cg_tol=1e-14, **kw)
         return torch.cat([t.reshape(-1) for t in bopt.hypergradient(model, [(x, y)], [val])])
 
     assert float((estimate() - fd).norm() / fd.norm()) < 1e-5
+    adam = torch.optim.Adam(model.parameters(), weight_decay=lam, decoupled_weight_decay=True)
+    adam.load_state_dict(adamw.state_dict())  # AdamW is this optimizer
+    assert torch.equal(estimate(adam), estimate())
     # the L2 reading of weight_decay (a ridge of lam) is the hypergradient of another problem
     assert float((estimate(ridge=lam) - fd).norm() / fd.norm()) > 0.1
 
