@@ -939,7 +939,8 @@ def with_nan(batch):
 
 
 # each hole of the skip guard: (the batches of the bad hyper-step, the reason it must give)
-HOLES = {"nan validation batch": (lambda data, val: (data[:1], [with_nan(val[0])]), "the validation loss is not finite"),
+HOLES = {"nan validation batch": (lambda data, val: (data[:1], [with_nan(val[0])]),
+                                  "the validation loss is not finite"),
          "ignored training batch": (lambda data, val: ([ignored(data[0])], val[:1]), "the training loss is not finite"),
          "ignored validation batch": (lambda data, val: (data[:1], [ignored(val[0])]),
                                       "the validation loss is not finite"),
