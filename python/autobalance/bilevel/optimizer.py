@@ -54,16 +54,16 @@ def _unsound(val_loss, train_loss, v, p, state, hypergrad, group) -> Optional[st
     which only degenerate batches give (no row counted, a solver that stopped before its
     first step) and which would still move ``alpha`` through the hyper-optimizer's
     momentum. Under DDP a reason on any rank is one on every rank (the losses are each
-    rank's own), so all ranks skip together."""
+    rank's own), so all ranks skip together, with the same reason (the values are in
+    ``HyperStepResult``)."""
     zero = lambda t: not bool(t.any())  # noqa: E731
     finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
-    checks = [(not math.isfinite(val_loss), f"the validation loss is not finite ({val_loss})"),
-              (not math.isfinite(train_loss), f"the training loss is not finite ({train_loss})"),
+    checks = [(not math.isfinite(val_loss), "the validation loss is not finite"),
+              (not math.isfinite(train_loss), "the training loss is not finite"),
               (not finite(v), "the validation gradient is not finite"),
               (zero(v), "the validation gradient is zero (no validation row reached the loss)"),
               (not finite(p) or (state.residual is not None and not math.isfinite(state.residual)),
-               "the solver's solution is not finite" + ("" if state.residual is None
-                                                        else f" (CG residual {state.residual})")),
+               "the solver's solution (or its residual) is not finite"),
               (zero(p), "the solver's solution is zero (it stopped before its first step, e.g. at a direction "
                         "of non-positive curvature)"),
               (not finite(hypergrad), "the hypergradient (the mixed term) is not finite"),
