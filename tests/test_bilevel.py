@@ -557,7 +557,7 @@ def test_behaves_like_the_wrapped_optimizer():
     assert all(p.grad is None for p in list(model.parameters()) + list(criterion.parameters()))
     text = repr(bopt)
     for word in ("BilevelOptimizer", "SGD", "scale_param", "shift_param", "BalancedCE", "Neumann(terms=5",
-                 "hyper_every=20", "steps=1"):
+                 "hyper_every=20", "steps=1", "ridge='auto'"):
         assert word in text
 
 

@@ -545,7 +545,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
                      f"batches_per_hyper_step={self.batches_per_hyper_step}\n")
         return (f"BilevelOptimizer(\n  optimizer:\n{inner}\n  hyper_optimizer:\n{hyper}\n"
                 f"  hyperparameters: {self._hyper_names}\n  objective: {self.objective!r}\n"
-                f"  solver: {self.solver!r}, theta={sum(p.numel() for p in self._theta)} weights\n{bound}"
+                f"  solver: {self.solver!r}, theta={sum(p.numel() for p in self._theta)} weights, "
+                f"ridge={self.ridge!r}\n{bound}"
                 f"  warmup_steps={self.warmup_steps}, hyper_every={self.hyper_every}, steps={self.steps}, "
                 f"hyper_steps={self.hyper_steps}, skipped_hyper_steps={self.skipped_hyper_steps}, "
                 f"step_size_corrections={self.step_size_corrections}, frozen={self.frozen}\n)")
