@@ -520,7 +520,8 @@ def test_loading_a_checkpoint_of_another_criterion_or_model_raises_and_changes_n
     cases = [(build(5), r"num_classes: 10 in the state dict, 5 here"),
              (build(10, num_groups=2, group_params=False), r"num_groups: 1 in the state dict, 2 here"),
              (build(10, learn=("scale", "shift", "weight")), r"learn: \('scale', 'shift'\) in the state dict, "
-                                                             r"\('weight', 'scale', 'shift'\) here")]
+                                                             r"\('weight', 'scale', 'shift'\) here"),
+             (build(10, scale_max=3.0), r"scale_max: 2.0 in the state dict, 3.0 here")]
     for bopt, match in cases:
         before = copy.deepcopy(bopt.state_dict())
         with pytest.raises(ValueError, match="the state dict was saved for another criterion .*" + match):

@@ -87,10 +87,10 @@ def fix_shift_gauge(criterion, names, grads):
 def criterion_layout(criterion) -> dict:
     """What a checkpoint's hyperparameters mean beyond their shapes: the criterion's
     type and, where it has them, ``num_classes``, ``num_groups``, ``group_params``,
-    ``learn`` and the cluster map ``clusters`` (saved by ``BilevelOptimizer.state_dict``,
+    ``learn``, ``scale_max`` and the cluster map ``clusters`` (saved by ``BilevelOptimizer.state_dict``,
     compared by ``load_state_dict``)."""
     layout = {"type": type(criterion).__name__}
-    for name in ("num_classes", "num_groups", "group_params", "learn"):
+    for name in ("num_classes", "num_groups", "group_params", "learn", "scale_max"):
         if hasattr(criterion, name):
             layout[name] = getattr(criterion, name)
     clusters = getattr(criterion, "clusters", None)
@@ -492,7 +492,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         """Loads a ``state_dict()``, with the load-state-dict hooks. It checks first, and
         changes nothing if a check fails, that the checkpoint fits: the hyperparameters'
         names and shapes, the criterion's layout (``criterion_layout``: type, classes,
-        groups, cluster map, learned tables), the shapes of both optimizers' per-parameter
+        groups, cluster map, learned tables, scale_max), the shapes of both optimizers' per-parameter
         states and the solver's eigenvector. The frozen state is the checkpoint's:
         the hyperparameters require grad exactly when it was not frozen."""
         state_dict = dict(state_dict)
