@@ -4,6 +4,7 @@ import copy
 import io
 import itertools
 import math
+import re
 import warnings
 import weakref
 
@@ -135,6 +136,87 @@ def test_first_order_is_neumann_without_terms_and_matches_its_formula():
     torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-14)
 
 
+# ---- weight decay: the ridge of the inner problem
+
+def test_adamw_decoupled_decay_is_the_ridge_of_its_fixed_point():
+    """docs/math.md section 5, "Weight decay": AdamW stops where grad L_T = -c * theta with
+    c = weight_decay * (sqrt(v_hat) + eps); the hypergradient is that of min L_T + c/2 |theta|^2
+    with c held at the optimizer's state, checked by finite differences of the re-solved problem."""
+    criterion, (x, y), val = logistic_problem()
+    criterion, objective, lam = criterion.double(), BalancedCE(K), 0.5
+    torch.manual_seed(0)
+    model = nn.Linear(D, K, bias=False).double()
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=lam)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):  # mini-batch steps: the second moments hold the gradients' noise
+        rows = torch.randperm(50, generator=g)[:10]
+        adamw.zero_grad()
+        criterion(model(x[rows]), y[rows]).backward()
+        adamw.step()
+    state = adamw.state[model.weight]
+    c = lam * ((state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8)
+
+    def solve():  # Newton's method on L_T + c/2 |theta|^2
+        def loss(w):
+            return criterion(x @ w.view(K, D).T, y) + 0.5 * (c.reshape(-1) * w * w).sum()
+        w = model.weight.detach().reshape(-1).clone()  # warm start: the last solution
+        for _ in range(30):
+            step = torch.linalg.solve(torch.autograd.functional.hessian(loss, w),
+                                      torch.autograd.functional.jacobian(loss, w))
+            w = w - step
+            if float(step.norm()) < 1e-12:
+                return w.view(K, D)
+        raise AssertionError("Newton's method did not converge")
+
+    with torch.no_grad():
+        model.weight.copy_(solve())
+    fd = []
+    for q in criterion.parameters():
+        for j in range(q.numel()):
+            values = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    q.view(-1)[j] += sign * 1e-5
+                values.append(float(objective(val[0] @ solve().T, val[1])))
+                with torch.no_grad():
+                    q.view(-1)[j] -= sign * 1e-5
+            fd.append((values[0] - values[1]) / 2e-5)
+    fd = torch.tensor(fd, dtype=torch.float64)
+
+    def estimate(optimizer=adamw, **kw):
+        bopt = BilevelOptimizer(optimizer, criterion, objective, solver="cg", cg_iterations=200, cg_tol=1e-14, **kw)
+        return torch.cat([t.reshape(-1) for t in bopt.hypergradient(model, [(x, y)], [val])])
+
+    assert float((estimate() - fd).norm() / fd.norm()) < 1e-5
+    adam = torch.optim.Adam(model.parameters(), weight_decay=lam, decoupled_weight_decay=True)
+    adam.load_state_dict(adamw.state_dict())  # AdamW is this optimizer
+    assert torch.equal(estimate(adam), estimate())
+    # the L2 reading of weight_decay (a ridge of lam) is the hypergradient of another problem
+    assert float((estimate(ridge=lam) - fd).norm() / fd.norm()) > 0.1
+
+
+def test_ridge_argument_and_unmodelled_decoupled_decay():
+    model = mlp()
+    data, val = batches(1), batches(2)
+    sgd = lambda decay: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=decay)  # noqa: E731
+    criterion = ParametricCE(K)
+    with torch.no_grad():
+        criterion.shift_param.copy_(torch.linspace(-1, 1, K))
+    by_decay = BilevelOptimizer(sgd(0.3), criterion, BalancedCE(K), solver="cg").hypergradient(model, data, val)
+    by_ridge = BilevelOptimizer(sgd(0.0), criterion, BalancedCE(K), solver="cg", ridge=0.3).hypergradient(
+        model, data, val)
+    assert all(torch.equal(a, b) for a, b in zip(by_decay, by_ridge))
+    for name in ("RAdam", "NAdam"):
+        decoupled = getattr(torch.optim, name)(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True)
+        with pytest.raises(ValueError, match=rf"wrapped optimizer {name} has decoupled weight decay "
+                                             r"\(weight_decay=0.1\).*ridge=coefficient"):
+            BilevelOptimizer(decoupled, ParametricCE(K), BalancedCE(K))
+        BilevelOptimizer(decoupled, ParametricCE(K), BalancedCE(K), ridge=0.1)  # the user's ridge
+    for bad in (-1.0, float("nan"), "l2", True):
+        with pytest.raises(ValueError, match=r"`ridge` must be 'auto' or a finite float >= 0, got"):
+            BilevelOptimizer(sgd(0.0), ParametricCE(K), BalancedCE(K), ridge=bad)
+
+
 # ---- the solvers on their own
 
 def spd_system(n=6, seed=0):
@@ -149,7 +231,7 @@ def test_solvers_solve_the_linear_system():
     exact = torch.linalg.solve(h, b)
     x, state = ConjugateGradient(iterations=20, tol=0.0).solve(matvec, b)
     torch.testing.assert_close(x, exact, rtol=1e-10, atol=1e-12)
-    assert state == SolverState(solves=1)
+    assert state._replace(residual=None) == SolverState(solves=1) and 0 <= state.residual < 1e-10
     x, state = Neumann(terms=400).solve(matvec, b)
     torch.testing.assert_close(x, exact, rtol=1e-8, atol=1e-10)
     lam_max = float(torch.linalg.eigvalsh(h)[-1])
@@ -386,6 +468,81 @@ def test_freeze_fixes_the_loss():
     assert bopt.state_dict()["schedule"]["frozen"]
 
 
+def checkpoint(bopt):
+    buffer = io.BytesIO()
+    torch.save(bopt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("saved_frozen", [False, True])
+def test_loading_restores_the_checkpoints_frozen_state(saved_frozen):
+    model = mlp()
+    bopt, criterion = make(model, hyper_every=1)
+    data, val = batches(1), batches(2)
+    train(model, bopt, criterion, 2, data, val)
+    if saved_frozen:
+        bopt.freeze()
+    saved = checkpoint(bopt)
+    model2 = mlp()
+    other, criterion2 = make(model2, hyper_every=1)
+    if not saved_frozen:
+        other.freeze()  # frozen here, unfrozen in the checkpoint
+    other.load_state_dict(saved)
+    assert other.frozen == saved_frozen
+    assert all(p.requires_grad != saved_frozen for p in criterion2.parameters())
+    train(model2, other, criterion2, 3, data, val, start=2)  # one training step; then the hyper-step if due
+    if saved_frozen:
+        assert not other.hyper_step_due and other.hyper_steps == 2
+        with pytest.raises(RuntimeError, match="after freeze"):
+            other.hyper_step(model2, data[:1], val[:1])
+    else:
+        assert other.hyper_steps == 3 and other.hyper_step(model2, data[:1], val[:1]).applied
+        assert criterion2.shift_param.requires_grad
+
+
+def test_loading_a_checkpoint_of_another_criterion_or_model_raises_and_changes_nothing():
+    def build(classes, clusters=None, width=16, **kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, classes))
+        criterion = ParametricCE(classes, torch.zeros(classes, dtype=torch.long) if clusters is None else clusters,
+                                 **kw)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        bopt = BilevelOptimizer(opt, criterion, BalancedCE(classes), hyper_every=1)
+        x, y = torch.randn(8, 6), torch.arange(8) % classes
+        batch = (x, y) if criterion.num_groups == 1 else (x, y, torch.arange(8) % criterion.num_groups)
+        criterion(model(x), *batch[1:]).backward()
+        bopt.step()
+        bopt.hyper_step(model, [batch], [(x, y)])
+        return bopt
+
+    saved = checkpoint(build(10))  # one cluster: hyperparameters of shape [1, 1], whatever the class count
+    cases = [(build(5), r"num_classes: 10 in the state dict, 5 here"),
+             (build(10, num_groups=2, group_params=False), r"num_groups: 1 in the state dict, 2 here"),
+             (build(10, learn=("scale", "shift", "weight")), r"learn: \('scale', 'shift'\) in the state dict, "
+                                                             r"\('weight', 'scale', 'shift'\) here"),
+             (build(10, scale_max=3.0), r"scale_max: 2.0 in the state dict, 3.0 here")]
+    for bopt, match in cases:
+        before = copy.deepcopy(bopt.state_dict())
+        with pytest.raises(ValueError, match="the state dict was saved for another criterion .*" + match):
+            bopt.load_state_dict(saved)
+        after = bopt.state_dict()
+        assert after["schedule"] == before["schedule"]
+        assert all(torch.equal(before["hyperparameters"][n], t) for n, t in after["hyperparameters"].items())
+    # the same hyperparameter shape [1, 2] from another cluster map
+    two = lambda first: torch.tensor([0] * first + [1] * (10 - first))  # noqa: E731
+    with pytest.raises(ValueError, match=r"clusters: \[0, 0, 0, 1, .*\] in the state dict, \[0, 0, 0, 0, 0, 1"):
+        build(10, two(5)).load_state_dict(checkpoint(build(10, two(3))))
+    # the same criterion on another network: the wrapped optimizer's momentum does not fit
+    with pytest.raises(ValueError, match=r"`optimizer` state 'momentum_buffer' of parameter 0 has shape \[8, 6\], "
+                                         r"but that parameter has shape \[16, 6\]"):
+        build(10).load_state_dict(checkpoint(build(10, width=8)))
+    # a checkpoint without a layout (saved before it was stored) still loads
+    legacy = dict(saved)
+    del legacy["criterion"]
+    build(10).load_state_dict(legacy)
+
+
 def test_behaves_like_the_wrapped_optimizer():
     model = mlp()
     bopt, criterion = make(model)
@@ -401,7 +558,7 @@ def test_behaves_like_the_wrapped_optimizer():
     assert all(p.grad is None for p in list(model.parameters()) + list(criterion.parameters()))
     text = repr(bopt)
     for word in ("BilevelOptimizer", "SGD", "scale_param", "shift_param", "BalancedCE", "Neumann(terms=5",
-                 "hyper_every=20", "steps=1"):
+                 "hyper_every=20", "steps=1", "ridge='auto'"):
         assert word in text
 
 
@@ -768,6 +925,71 @@ def test_non_finite_hypergradient_skips_the_step_and_is_counted():
     assert torch.equal(before["hyperparameters"]["shift_param"], criterion.shift_param)
     # a later finite hyper-step works again
     assert bopt.hyper_step(model, data[:1], val[:1]).applied
+
+
+def ignored(batch):
+    x, y = batch
+    return x, torch.full_like(y, -100)
+
+
+def with_nan(batch):
+    x, y = batch
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x, y
+
+
+# each hole of the skip guard: (the batches of the bad hyper-step, the reason it must give)
+HOLES = {"nan validation batch": (lambda data, val: (data[:1], [with_nan(val[0])]),
+                                  "the validation loss is not finite"),
+         "ignored training batch": (lambda data, val: ([ignored(data[0])], val[:1]), "the training loss is not finite"),
+         "ignored validation batch": (lambda data, val: (data[:1], [ignored(val[0])]),
+                                      "the validation loss is not finite"),
+         "ignored training batch, sum": (lambda data, val: ([ignored(data[0])], val[:1]),
+                                         r"the hypergradient \(the mixed term\) is zero"),
+         "ignored validation batch, sum": (lambda data, val: (data[:1], [ignored(val[0])]),
+                                           "the validation gradient is zero")}
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+@pytest.mark.parametrize("hole", list(HOLES))
+def test_degenerate_hyper_steps_are_skipped_without_moving_alpha(solver, hole):
+    model = mlp()
+    reduction = "sum" if hole.endswith("sum") else "mean"
+    criterion = ParametricCE(K, reduction=reduction)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    # an objective that ignores labels (like the criterion), so a validation batch can be all ignored
+    bopt = BilevelOptimizer(opt, criterion, nn.CrossEntropyLoss(reduction=reduction), solver=solver, hyper_every=1)
+    data, val = batches(10), batches(11)
+    train(model, bopt, criterion, 2, data, val)  # two applied steps: the hyper-optimizer has momentum
+    assert bopt.hyper_steps == 2 and bopt.skipped_hyper_steps == 0
+    calls = []
+    bopt.hyper_optimizer.register_step_pre_hook(lambda *_: calls.append(1))
+    before = copy.deepcopy(bopt.state_dict())
+    make_batches, reason = HOLES[hole]
+    result = bopt.hyper_step(model, *make_batches(data, val))
+    assert not result.applied and re.match(reason, result.skip_reason)
+    assert bopt.skipped_hyper_steps == 1 and bopt.hyper_steps == 2 and not calls
+    after = bopt.state_dict()
+    for name, p in before["hyperparameters"].items():
+        assert torch.equal(p, after["hyperparameters"][name]) and torch.equal(p, getattr(criterion, name))
+    for a, b in zip(before["hyper_optimizer"]["state"].values(), after["hyper_optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert before["solver"]["solves"] == after["solver"]["solves"]
+    result = bopt.hyper_step(model, data[:1], val[:1])  # a sound hyper-step is applied again
+    assert result.applied and result.skip_reason is None and calls == [1]
+
+
+def test_conjugate_gradient_reports_its_residual_and_non_finite_curvature():
+    H, b = spd_system()
+    x, state = ConjugateGradient(iterations=50, tol=1e-10).solve(lambda v: H @ v, b)
+    assert state.residual <= 1e-10 and float((b - H @ x).norm() / b.norm()) < 1e-9
+    x, state = ConjugateGradient(iterations=2, tol=0.0).solve(lambda v: H @ v, b)
+    assert state.residual > 1e-3 and math.isclose(state.residual, float((b - H @ x).norm() / b.norm()), rel_tol=1e-6)
+    x, state = ConjugateGradient().solve(lambda v: H @ v * float("nan"), b)
+    assert math.isnan(state.residual) and not x.any()  # it stopped at once: zeros, flagged
+    _, state = Neumann(terms=3).solve(lambda v: H @ v, b)
+    assert state.residual is None
 
 
 def test_stale_eigenvalue_estimate_is_corrected_not_amplified():

@@ -55,8 +55,18 @@ def _worker(rank, port, out_dir):
             if bopt.hyper_step_due:
                 assert bopt.hyper_step().applied
                 alphas.append([p.detach().clone() for p in criterion.parameters()])
-        torch.save({"first": first, "alphas": alphas, "theta": [p.detach() for p in model.parameters()],
-                    "hyper_steps": bopt.hyper_steps}, f"{out_dir}/rank{rank}.pt")
+        theta = [p.detach().clone() for p in model.parameters()]
+        # rank 1's validation batch has every label ignored: a NaN loss there but a zero gradient, so the
+        # averaged v is finite; only rank 1 sees a reason to skip, and both ranks must skip together
+        criterion = ParametricCE(K).double()
+        ce = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, nn.CrossEntropyLoss())
+        x, y = data[0]
+        criterion(model(x), y).backward()
+        ce.step()
+        x, y = val[0]
+        result = ce.hyper_step(model, data[:1], [(x, torch.full_like(y, -100) if rank == 1 else y)])
+        torch.save({"first": first, "alphas": alphas, "theta": theta, "hyper_steps": bopt.hyper_steps,
+                    "skip": (result.applied, result.skip_reason, ce.skipped_hyper_steps)}, f"{out_dir}/rank{rank}.pt")
         # Both ranks leave together: rank 0 hosts the TCP store, and tearing it down while
         # rank 1 still talks to it occasionally aborted rank 0 at exit (about 1 run in 30).
         dist.barrier()
@@ -104,3 +114,7 @@ def test_hypergradient_is_that_of_all_ranks_batches_together(ranks):
     # and it differs from a single rank's own hypergradient
     local = bopt.hypergradient(model, _batches(0)[:1], _batches(WORLD)[:1])
     assert not torch.allclose(local[1], expected[1], rtol=1e-3)
+
+
+def test_a_reason_to_skip_on_one_rank_skips_on_every_rank(ranks):
+    assert ranks[0]["skip"] == ranks[1]["skip"] == (False, "the validation loss is not finite", 1)

@@ -1,6 +1,7 @@
 """ParametricCE, loss_tables and frequency_clusters (docs/math.md sections 1 and 2)."""
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +14,12 @@ from conftest import examples
 
 pce = autobalance.parametric_cross_entropy
 INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
+USES = {"la": ("tau",), "vs": ("tau", "gamma"), "group_la": ("tau",), "cdt": ("gamma",)}  # loss_tables' options
+
+
+def options(init, **values):
+    """The options among ``values`` that ``init`` uses (giving it another raises)."""
+    return {name: value for name, value in values.items() if name in USES.get(init, ())}
 
 
 # ------------------------------------------------ tables of section 1
@@ -39,7 +46,7 @@ def expected_tables(counts, init, tau, gamma):
                 S[g][k] = (n_k[k] / n_max) ** gamma
             if init == "group_la":
                 W[g][k] = 1.0 / (G * n_g / total)
-                L[g][k] = math.log(cells[g][k] / n_g)
+                L[g][k] = tau * math.log(cells[g][k] / n_g)
             if init == "group_balanced":
                 W[g][k] = 1.0 / (G * K * cells[g][k] / total)
     return [torch.tensor(t, dtype=torch.float64) for t in (W, S, L)]
@@ -69,10 +76,10 @@ def test_from_counts_builds_the_tables_of_math_md(init, data, tau, gamma):
     counts = data.draw(counts_for(init), label="counts")
     W, S, L = expected_tables(counts, init, tau, gamma)
     G, K = W.shape
-    module = ParametricCE.from_counts(counts, init, tau=tau, gamma=gamma)
+    module = ParametricCE.from_counts(counts, init, **options(init, tau=tau, gamma=gamma))
     tables = module.tables()
     assert isinstance(tables, LossTables)
-    direct = loss_tables(counts, init, tau=tau, gamma=gamma)
+    direct = loss_tables(counts, init, **options(init, tau=tau, gamma=gamma))
     assert module.num_groups == G and module.num_classes == K
     for name, got, got_direct, exp in zip(("weight", "scale", "shift"), tables, direct, (W, S, L)):
         assert got.shape == (G, K) and got_direct.shape == (G, K), name
@@ -327,8 +334,9 @@ COUNTS_2D = [[300, 20, 50, 10, 4, 2, 1], [200, 180, 40, 30, 8, 3, 1]]
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_module_starts_exactly_at_its_initial_loss(init, reduction):
     counts = COUNTS_2D if init == "group_la" else COUNTS_1D
-    module = ParametricCE.from_counts(counts, init, tau=1.3, gamma=0.3, clusters=2, reduction=reduction)
-    tables = loss_tables(counts, init, tau=1.3, gamma=0.3)
+    module = ParametricCE.from_counts(counts, init, **options(init, tau=1.3, gamma=0.3), clusters=2,
+                                      reduction=reduction)
+    tables = loss_tables(counts, init, **options(init, tau=1.3, gamma=0.3))
     logits, target, group = _batch(7, tables.weight.shape[0])
     got = module(logits, target, group)
     expected = pce(logits, target, *tables, group, reduction=reduction)
@@ -466,3 +474,94 @@ def test_ldam_moves_only_the_true_class_logit():
     torch.testing.assert_close(ldam(logits, target), torch.nn.functional.cross_entropy(10.0 * shifted, target))
     with pytest.raises(ValueError, match="`logit_multiplier` must be a positive finite float"):
         autobalance.LDAMLoss(counts, logit_multiplier=0)
+
+
+def test_group_la_honours_tau_and_unused_options_raise():
+    cells = [[30, 10], [10, 50]]
+    half = ParametricCE.from_counts(cells, "group_la", tau=0.5).tables()
+    torch.testing.assert_close(half.shift, 0.5 * loss_tables(cells, "group_la").shift)
+    assert not torch.equal(half.shift, ParametricCE.from_counts(cells, "group_la").tables().shift)
+    for init, name in [("ce", "tau"), ("balanced", "tau"), ("cdt", "tau"), ("group_balanced", "tau"),
+                       ("la", "gamma"), ("group_la", "gamma"), ("ce", "gamma")]:
+        with pytest.raises(ValueError, match=rf"`{name}` is used by init in .* got {name}=0.5 with init='{init}'"):
+            ParametricCE.from_counts(cells, init, **{name: 0.5})
+
+
+@pytest.mark.parametrize("init, name", [("la", "tau"), ("vs", "tau"), ("group_la", "tau"), ("cdt", "gamma"),
+                                        ("vs", "gamma")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "1", True])
+def test_non_finite_options_raise(init, name, value):
+    with pytest.raises(ValueError, match=rf"`{name}` must be a finite float, got {value!r}"):
+        ParametricCE.from_counts([[30, 10], [10, 50]], init, **{name: value})
+
+
+@pytest.mark.parametrize("table", ["weight", "scale", "shift"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e300])
+@pytest.mark.parametrize("form", ["scalar", "[K]", "[G, K]"])
+def test_non_finite_initial_tables_raise(table, bad, form):
+    value = {"scalar": torch.tensor(bad, dtype=torch.float64), "[K]": torch.tensor([1.0, bad, 1.0],
+             dtype=torch.float64), "[G, K]": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, bad]], dtype=torch.float64)}
+    where = {"scalar": [0, 0], "[K]": [0, 1], "[G, K]": [1, 2]}[form]
+    with pytest.raises(ValueError, match=rf"initial `{table}` must be finite \(as float32\), got .* at "
+                                         + re.escape(f"[g, k] = {where}")):
+        ParametricCE(3, num_groups=2, **{table: value[form]})
+
+
+def ldam_by_hand(logits, target, margins, s, weight=None, ignore_index=-100, reduction="mean"):
+    """LDAM row by row in the logits' dtype: ``-w_y log softmax(s (z - m_y e_y))_y``."""
+    losses, weights = [], []
+    for z, y in zip(logits, target.tolist()):
+        if y == ignore_index:
+            losses.append(z.new_zeros(()))
+            weights.append(0.0)
+            continue
+        a = s * z.clone()
+        a[y] = a[y] - s * margins[y].to(z.dtype)
+        w = 1.0 if weight is None else float(weight[y])
+        losses.append(-w * (a[y] - torch.logsumexp(a, 0)))
+        weights.append(w)
+    losses = torch.stack(losses)
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / sum(weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ldam_weight_ignore_index_reduction_and_dtypes(dtype, reduction):
+    counts, weight = torch.tensor([100, 16, 3, 1]), torch.tensor([0.5, 1.0, 2.0, 3.0])
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 4, generator=g, dtype=dtype, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, -100, 3, 1, -100, 0])
+    ldam = autobalance.LDAMLoss(counts, max_margin=0.5, logit_multiplier=5.0, weight=weight, reduction=reduction)
+    got = ldam(logits, target, torch.zeros(9, dtype=torch.long))  # group is accepted and not used
+    expected = ldam_by_hand(logits, target, ldam.margins, 5.0, weight, reduction=reduction)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), logits)[0],
+                               torch.autograd.grad(expected.sum(), logits)[0], **tolerance)
+    if reduction == "none":
+        assert bool((got[target == -100] == 0).all())
+    other = autobalance.LDAMLoss(counts, weight=weight, ignore_index=2, logit_multiplier=5.0)
+    torch.testing.assert_close(other(logits, target.clamp_min(0)),
+                               ldam_by_hand(logits, target.clamp_min(0), other.margins, 5.0, weight, ignore_index=2),
+                               **tolerance)
+
+
+def test_ldam_bad_inputs_raise_clear_errors():
+    counts = [100, 16, 1]
+    with pytest.raises(ValueError, match=r"`weight` must be a \[K\] = \[3\] tensor of finite non-negative"):
+        autobalance.LDAMLoss(counts, weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"`weight` must be a \[K\] = \[3\] tensor of finite non-negative"):
+        autobalance.LDAMLoss(counts, weight=[1.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"`reduction` must be one of"):
+        autobalance.LDAMLoss(counts, reduction="avg")
+    ldam = autobalance.LDAMLoss(counts)
+    with pytest.raises(ValueError, match=r"`logits` must be a floating-point \[N, K\] = \[N, 3\] tensor, got "
+                                         r"torch.float32 of shape \[2, 4\]"):
+        ldam(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`target` must be an int64 tensor of shape \[N\] = \[2\]"):
+        ldam(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(IndexError, match=r"`target` must hold classes in \[0, 3\), got values in \[0, 3\]"):
+        ldam(torch.zeros(2, 3), torch.tensor([0, 3]))

@@ -36,6 +36,13 @@ def check_positive(value, name: str, allow_none: bool = False) -> Optional[float
     return float(value)
 
 
+def check_finite(value, name: str) -> float:
+    """``value`` as a finite float."""
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"autobalance: `{name}` must be a finite float, got {value!r}")
+    return float(value)
+
+
 def check_non_negative(value, name: str) -> float:
     """``value`` as a finite float ``>= 0``."""
     if not _is_real(value) or not 0 <= value < math.inf:

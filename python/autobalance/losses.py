@@ -1,17 +1,18 @@
 """``ParametricCE``: the learnable parametric cross-entropy of the paper
 (eq. 2.1/2.2, and 4.2 for groups), its initialisations (docs/math.md section 1)
 and its frequency-aware parameterisation (docs/math.md section 2)."""
-import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from autobalance._validation import check_choice, check_int, check_positive
+from autobalance._validation import check_choice, check_finite, check_int, check_labels, check_positive
 from autobalance.functional import BACKENDS, REDUCTIONS, parametric_cross_entropy
 
 INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 LEARNABLE = ("weight", "scale", "shift")
+# the inits that use each option of loss_tables, and the option's default
+INIT_OPTIONS = {"tau": (("la", "vs", "group_la"), 1.0), "gamma": (("cdt", "vs"), 0.2)}
 
 
 class LossTables(NamedTuple):
@@ -73,7 +74,20 @@ def frequency_clusters(class_counts, cluster_size: int = 1, *, min_count: Option
     return clusters
 
 
-def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.2) -> LossTables:
+def _init_option(value, name, init):
+    """``tau`` / ``gamma`` of ``loss_tables``: its default when None; given to an init
+    that does not use it, an error (it would be silently ignored)."""
+    users, default = INIT_OPTIONS[name]
+    if value is None:
+        return default
+    if init not in users:
+        raise ValueError(f"autobalance: `{name}` is used by init in {users} only, got {name}={value!r} with "
+                         f"init={init!r}")
+    return check_finite(value, name)
+
+
+def loss_tables(counts, init: str = "ce", *, tau: Optional[float] = None,
+                gamma: Optional[float] = None) -> LossTables:
     """The tables of a standard loss, from training counts (docs/math.md section 1).
 
     ``counts`` is ``[K]`` (class counts, ``G = 1``) or ``[G, K]`` (counts per
@@ -85,17 +99,21 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
     - ``"la"``: L_k = tau log pi_k (logit adjustment, Menon et al.).
     - ``"cdt"``: S_k = (n_k / n_max)^gamma (Ye et al.).
     - ``"vs"``: S_k = (n_k / n_max)^gamma and L_k = tau log pi_k (Kini et al.).
-    - ``"group_la"``: W[g, k] = 1 / (G pi_g), L[g, k] = log pi(k | g); needs
+    - ``"group_la"``: W[g, k] = 1 / (G pi_g), L[g, k] = tau log pi(k | g); needs
       ``[G, K]`` counts.
     - ``"group_balanced"``: W[g, k] = 1 / (G K pi_{g,k}) with ``pi_{g,k}`` the
       cell frequency: the (group, class)-balanced CE ``CE_bal^G`` (the mean
       weight over training samples is 1).
 
-    Class priors ``pi_k`` are the class marginals (summed over groups). Inits
-    that take a log or a reciprocal need positive counts.
+    ``tau`` (default 1) is the temperature of ``"la"``, ``"vs"`` and ``"group_la"``,
+    ``gamma`` (default 0.2) the exponent of ``"cdt"`` and ``"vs"``; both must be
+    finite, and giving one to an init that does not use it raises. Class priors
+    ``pi_k`` are the class marginals (summed over groups). Inits that take a log or
+    a reciprocal need positive counts.
     """
     counts = _as_counts(counts, "counts")
     check_choice(init, "init", INITS)
+    tau, gamma = _init_option(tau, "tau", init), _init_option(gamma, "gamma", init)
     groups = counts.shape[0] if counts.dim() == 2 else 1
     cells = counts if counts.dim() == 2 else counts[None]
     classes = cells.shape[1]
@@ -120,25 +138,27 @@ def loss_tables(counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.
                              f"got shape {list(counts.shape)}")
         group_size = cells.sum(1, keepdim=True)
         weight = ones / (groups * group_size / group_size.sum())
-        shift = (cells / group_size).log()
+        shift = tau * (cells / group_size).log()
     if init == "group_balanced":
         weight = cells.sum() / (cells.numel() * cells)
     return LossTables(weight.float(), scale.float(), shift.float())
 
 
 def _table(value, name, groups, classes, default):
-    """An initial table from None, a scalar, [K] or [G, K]."""
+    """An initial table from None, a scalar, [K] or [G, K] of finite values."""
     if value is None:
         return torch.full((groups, classes), float(default))
     t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
-    if t.dim() == 0:
-        return t.expand(groups, classes).clone()
-    if t.dim() == 1 and t.shape[0] == classes:
-        return t.expand(groups, classes).clone()
-    if t.dim() == 2 and tuple(t.shape) == (groups, classes):
-        return t
-    raise ValueError(f"autobalance: initial `{name}` must be a scalar, [K] = [{classes}] or "
-                     f"[G, K] = [{groups}, {classes}], got shape {list(t.shape)}")
+    if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == classes) or
+            (t.dim() == 2 and tuple(t.shape) == (groups, classes))):
+        raise ValueError(f"autobalance: initial `{name}` must be a scalar, [K] = [{classes}] or "
+                         f"[G, K] = [{groups}, {classes}], got shape {list(t.shape)}")
+    t = t.expand(groups, classes).clone()
+    bad = (~torch.isfinite(t)).nonzero()
+    if len(bad):
+        raise ValueError(f"autobalance: initial `{name}` must be finite (as float32), got "
+                         f"{t[tuple(bad[0])].item()} at [g, k] = {bad[0].tolist()} ({len(bad)} non-finite values)")
+    return t
 
 
 class ParametricCE(nn.Module):
@@ -234,13 +254,14 @@ class ParametricCE(nn.Module):
         return clusters.detach().clone()
 
     @classmethod
-    def from_counts(cls, counts, init: str = "ce", *, tau: float = 1.0, gamma: float = 0.2,
+    def from_counts(cls, counts, init: str = "ce", *, tau: Optional[float] = None, gamma: Optional[float] = None,
                     clusters=None, **kwargs) -> "ParametricCE":
         """A module starting at a standard loss (see :func:`loss_tables`).
 
         ``counts`` is ``[K]`` or ``[G, K]``; with ``[G, K]`` the module has G
-        groups. ``clusters`` may be a cluster size (frequency clusters from
-        ``counts``) or a map. Other keyword arguments go to the constructor.
+        groups. ``tau`` and ``gamma`` are the options of the inits that use them
+        (``loss_tables``). ``clusters`` may be a cluster size (frequency clusters
+        from ``counts``) or a map. Other keyword arguments go to the constructor.
         """
         tables = loss_tables(counts, init, tau=tau, gamma=gamma)
         groups, classes = tables.weight.shape
@@ -289,21 +310,52 @@ class LDAMLoss(nn.Module):
     ``m_k ∝ n_k^{-1/4}`` scaled so the largest is ``max_margin``, and
     ``s = logit_multiplier`` (LDAM's "scale" of cosine logits; not the table
     ``S`` of the parametric CE). Not a table case of the parametric CE: the
-    margin moves only the true-class logit."""
+    margin moves only the true-class logit.
 
-    def __init__(self, class_counts, max_margin: float = 0.5, logit_multiplier: float = 30.0, weight=None):
+    ``weight`` (per-class weights ``[K]``), ``reduction`` and ``ignore_index`` are those
+    of ``nn.CrossEntropyLoss`` (``"mean"`` divides by the sum of the weights of the rows
+    not ignored). The margins and weights are cast to the logits' dtype (float64 logits
+    give a float64 loss). ``forward(logits, target, group=None)`` takes ``group`` like the
+    other losses and does not use it: the margins are per class, the same in every group.
+    """
+
+    def __init__(self, class_counts, max_margin: float = 0.5, logit_multiplier: float = 30.0, weight=None, *,
+                 reduction: str = "mean", ignore_index: int = -100):
         super().__init__()
         counts = _as_counts(class_counts)
         if counts.dim() != 1 or (counts <= 0).any():
             raise ValueError(f"autobalance: LDAM needs positive [K] `class_counts`, got {counts.tolist()}")
         margins = counts ** -0.25
         self.register_buffer("margins", (margins * (check_positive(max_margin, "max_margin") / margins.max())).float())
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+            if tuple(weight.shape) != tuple(counts.shape) or not (torch.isfinite(weight) & (weight >= 0)).all():
+                raise ValueError(f"autobalance: `weight` must be a [K] = [{counts.numel()}] tensor of finite "
+                                 f"non-negative class weights, got {weight.tolist()}")
+        self.register_buffer("weight", weight)
         self.logit_multiplier = check_positive(logit_multiplier, "logit_multiplier")
+        self.reduction, self.ignore_index = check_choice(reduction, "reduction", REDUCTIONS), ignore_index
 
     def forward(self, logits, target, group=None):
-        margin = torch.zeros_like(logits).scatter_(1, target[:, None], self.margins[target][:, None].to(logits.dtype))
-        return nn.functional.cross_entropy(self.logit_multiplier * (logits - margin), target, weight=self.weight)
+        classes = self.margins.numel()
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2 \
+                or logits.shape[1] != classes:
+            got = (f"{logits.dtype} of shape {list(logits.shape)}" if isinstance(logits, torch.Tensor)
+                   else type(logits).__name__)
+            raise ValueError(f"autobalance: `logits` must be a floating-point [N, K] = [N, {classes}] tensor, "
+                             f"got {got}")
+        check_labels(target, "target", like=logits[:, 0])
+        kept = target != self.ignore_index
+        check_labels(target[kept], "target", classes)
+        safe = torch.where(kept, target, 0)[:, None]
+        margin = torch.where(kept, self.margins.to(logits)[safe[:, 0]], 0)[:, None]
+        weight = None if self.weight is None else self.weight.to(logits)
+        return nn.functional.cross_entropy(self.logit_multiplier * logits.scatter_add(1, safe, -margin), target,
+                                           weight=weight, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.margins.numel()}, logit_multiplier={self.logit_multiplier}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
 
 
 class GroupDRO(nn.Module):
@@ -352,13 +404,20 @@ class LATemperature(nn.Module):
         super().__init__()
         check_choice(reduction, "reduction", REDUCTIONS)
         check_choice(backend, "backend", BACKENDS)
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-            raise ValueError(f"autobalance: `tau` must be a finite float, got {tau!r}")
-        tables = loss_tables(class_counts, "la", tau=1.0)
+        tau = check_finite(tau, "tau")
+        tables = loss_tables(class_counts, "la")
         self.register_buffer("log_prior", tables.shift)
         self.register_buffer("ones", tables.weight)
-        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.tau = nn.Parameter(torch.tensor(tau))
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+
+    @property
+    def num_groups(self) -> int:
+        return self.log_prior.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.log_prior.shape[1]
 
     def tables(self) -> LossTables:
         """The effective ``[G, K]`` tables (the shift differentiable w.r.t. ``tau``)."""
@@ -370,4 +429,4 @@ class LATemperature(nn.Module):
                                         ignore_index=self.ignore_index, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.log_prior.shape[1]}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"

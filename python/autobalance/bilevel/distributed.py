@@ -36,6 +36,14 @@ def mean_over_ranks(t, group):
     return t / dist.get_world_size(group)
 
 
+def max_over_ranks(t, group):
+    """All-reduce maximum (e.g. of flags, so that every rank takes the same decision)."""
+    if group is None:
+        return t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
 def ordered_mean_over_ranks(t, group):
     """Mean over ranks summed in rank order on every rank, so every rank gets
     bit-identical values whatever the all-reduce algorithm."""

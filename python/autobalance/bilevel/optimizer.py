@@ -15,8 +15,8 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import nn
 
-from autobalance._validation import check_int, check_positive
-from autobalance.bilevel.distributed import mean_over_ranks, ordered_mean_over_ranks, process_group
+from autobalance._validation import check_int, check_non_negative, check_positive
+from autobalance.bilevel.distributed import max_over_ranks, mean_over_ranks, ordered_mean_over_ranks, process_group
 from autobalance.bilevel.layers import hyper_passes
 from autobalance.bilevel.products import TrainGradients, flat, graph_budget, split, validation_gradient
 from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
@@ -29,8 +29,9 @@ BatchSource = Union[Iterable[Batch], Callable[[], Batch]]
 
 
 class HyperStepResult(NamedTuple):
-    """What one hyper-step did. ``hypergrad_norm`` is the norm after gauge
-    fixing and before clipping (NaN or inf when the step was skipped);
+    """What one hyper-step did. ``applied`` is False for a skipped step, and then
+    ``skip_reason`` says why (``BilevelOptimizer``'s "Applying it"); ``hypergrad_norm``
+    is the norm after gauge fixing and before clipping;
     ``train_loss`` / ``val_loss`` are this rank's means over its batches;
     ``step_size`` is the Neumann / first-order ``eta`` (None for CG);
     ``kept_graphs`` is how many of the training batches' graphs were kept for the
@@ -43,6 +44,34 @@ class HyperStepResult(NamedTuple):
     step_size: Optional[float]
     kept_graphs: int = 1
     graph_bytes: int = 0
+    skip_reason: Optional[str] = None
+
+
+def _unsound(val_loss, train_loss, v, p, state, hypergrad, group) -> Optional[str]:
+    """Why a hyper-step's results cannot be applied, or None (docs/math.md section 5,
+    "Applying it"): a non-finite loss, validation gradient ``v``, solution ``p`` (or CG
+    residual) or hypergradient (the mixed term), or a zero ``v``, ``p`` or hypergradient,
+    which only degenerate batches give (no row counted, a solver that stopped before its
+    first step) and which would still move ``alpha`` through the hyper-optimizer's
+    momentum. Under DDP a reason on any rank is one on every rank (the losses are each
+    rank's own), so all ranks skip together, with the same reason (the values are in
+    ``HyperStepResult``)."""
+    zero = lambda t: not bool(t.any())  # noqa: E731
+    finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+    checks = [(not math.isfinite(val_loss), "the validation loss is not finite"),
+              (not math.isfinite(train_loss), "the training loss is not finite"),
+              (not finite(v), "the validation gradient is not finite"),
+              (zero(v), "the validation gradient is zero (no validation row reached the loss)"),
+              (not finite(p) or (state.residual is not None and not math.isfinite(state.residual)),
+               "the solver's solution (or its residual) is not finite"),
+              (zero(p), "the solver's solution is zero (it stopped before its first step, e.g. at a direction "
+                        "of non-positive curvature)"),
+              (not finite(hypergrad), "the hypergradient (the mixed term) is not finite"),
+              (zero(hypergrad), "the hypergradient (the mixed term) is zero (the training batches do not depend on "
+                                "the hyperparameters, e.g. every label ignored)")]
+    flags = torch.tensor([float(bad) for bad, _ in checks], device=v.device)
+    flags = max_over_ranks(flags, group)
+    return next((reason for (_, reason), flag in zip(checks, flags.tolist()) if flag), None)
 
 
 def fix_shift_gauge(criterion, names, grads):
@@ -53,6 +82,53 @@ def fix_shift_gauge(criterion, names, grads):
         i = names.index("shift_param")
         grads[i] = grads[i] - grads[i].mean(1, keepdim=True)
     return grads
+
+
+def criterion_layout(criterion) -> dict:
+    """What a checkpoint's hyperparameters mean beyond their shapes: the criterion's
+    type and, where it has them, ``num_classes``, ``num_groups``, ``group_params``,
+    ``learn``, ``scale_max`` and the cluster map ``clusters`` (saved by ``BilevelOptimizer.state_dict``,
+    compared by ``load_state_dict``)."""
+    layout = {"type": type(criterion).__name__}
+    for name in ("num_classes", "num_groups", "group_params", "learn", "scale_max"):
+        if hasattr(criterion, name):
+            layout[name] = getattr(criterion, name)
+    clusters = getattr(criterion, "clusters", None)
+    if isinstance(clusters, torch.Tensor):
+        layout["clusters"] = clusters.detach().cpu().clone()
+    return layout
+
+
+def _layout_differences(saved, current):
+    """``name: saved vs current`` for every entry of both layouts that differs."""
+    def text(value):
+        if isinstance(value, torch.Tensor):
+            return str(value.tolist()) if value.numel() <= 20 else f"a map of {value.numel()} classes"
+        return repr(value)
+    out = []
+    for name in current:
+        if name in saved:
+            a, b = saved[name], current[name]
+            same = (a.shape == b.shape and torch.equal(a, b)) if isinstance(a, torch.Tensor) else a == b
+            if not same:
+                out.append(f"{name}: {text(a)} in the state dict, {text(b)} here")
+    return out
+
+
+def _check_optimizer_state(optimizer, saved, name):
+    """Raises if a saved per-parameter state tensor (a momentum buffer, Adam's moments) is
+    shaped unlike the parameter it would be loaded into (torch.optim checks only the
+    number of parameters, so such a state fails later, in ``step()``)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+    if len(ids) != len(params):
+        return  # torch.optim's load_state_dict names this mismatch
+    for index, p in zip(ids, params):
+        for key, value in saved.get("state", {}).get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"autobalance: the state dict's `{name}` state {key!r} of parameter {index} has "
+                                 f"shape {list(value.shape)}, but that parameter has shape {list(p.shape)}; the "
+                                 "checkpoint is of another model or criterion")
 
 
 class _BatchStream:
@@ -121,10 +197,22 @@ class BilevelOptimizer(torch.optim.Optimizer):
         dL_V/dalpha = - d/dalpha <grad_theta L_T(theta, alpha), p>,   H p = grad_theta L_V
 
     where ``grad_theta L_V`` is averaged over the validation batches, ``H`` is the
-    Hessian of ``L_T`` averaged over the training batches plus the L2 term
-    ``weight_decay * I`` of the wrapped optimizer's param groups (``solvers.ridge``),
-    and the mixed term is averaged over the training batches. ``p`` comes from the
-    ``solver`` (``autobalance.bilevel.solvers``):
+    Hessian of ``L_T`` averaged over the training batches plus a ridge ``diag(c)``
+    (``solvers.ridge``), and the mixed term is averaged over the training batches.
+
+    **Weight decay** (``ridge``, docs/math.md section 5): the hypergradient assumes
+    ``theta`` is at the wrapped optimizer's fixed point. With ``ridge="auto"`` (default)
+    ``c`` comes from its param groups: ``weight_decay`` is taken as an L2 term of the
+    loss, ``c = weight_decay`` (SGD, Adam, and the other ``torch.optim`` optimizers,
+    whose ``weight_decay`` adds ``weight_decay * theta`` to the gradient); AdamW's (and
+    ``Adam(decoupled_weight_decay=True)``'s) decoupled decay stops where
+    ``grad L_T = -weight_decay * (sqrt(v_hat) + eps) * theta``, so ``c = weight_decay *
+    (sqrt(v_hat) + eps)`` per weight, from its second-moment estimate at the hyper-step
+    (held fixed: the ridge of the stationarity condition, not of a loss). Other
+    optimizers with decoupled decay (``RAdam`` / ``NAdam(decoupled_weight_decay=True)``)
+    raise; ``ridge=c`` (a float >= 0) sets the coefficient of every weight instead.
+
+    ``p`` comes from the ``solver`` (``autobalance.bilevel.solvers``):
 
     - ``"neumann"`` (default), ``Neumann``: ``neumann_terms`` terms of the Neumann
       series with step ``step_size``; ``"auto"`` (default) is ``1 / lambda_max(H)`` by
@@ -167,10 +255,15 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
-    is clipped to total norm ``max_hypergrad_norm`` if given; a non-finite
-    hypergradient (e.g. from non-finite losses) skips the hyper-step -- ``alpha``, the
-    hyper-optimizer and the solver state stay untouched and ``skipped_hyper_steps``
-    counts it. The update is made by ``hyper_optimizer``, by default
+    is clipped to total norm ``max_hypergrad_norm`` if given. A hyper-step whose
+    validation or training loss, validation gradient, solver solution (or CG residual)
+    or hypergradient is not finite, or whose validation gradient, solution or
+    hypergradient is exactly zero (degenerate batches, e.g. every label ignored, or a
+    solver that stopped before its first step), is skipped: the hyper-optimizer is not
+    called (so its momentum does not move ``alpha``), ``alpha``, the hyper-optimizer and
+    the solver state stay untouched, ``skipped_hyper_steps`` counts it and
+    ``HyperStepResult.skip_reason`` says which check failed (under DDP every rank skips
+    when one does). The update is made by ``hyper_optimizer``, by default
     ``SGD(lr=0.05, momentum=0.9, weight_decay=1e-4)`` as in the paper.
 
     **Schedule**: ``hyper_step_due`` is true after training step ``t`` (counted by
@@ -219,6 +312,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
             hyper-step averages over (the published code: 10 and 10).
         graph_memory: ``"auto"``, or the bytes of training graphs a hyper-step may keep
             alive (``float("inf")``: all; ``0``: one batch's); see **Memory** above.
+        ridge: ``"auto"`` or the ridge coefficient of every weight; see **Weight decay**.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, criterion: nn.Module, objective, *,
@@ -230,7 +324,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                  inner_params: Optional[Iterable[torch.Tensor]] = None, max_hypergrad_norm: Optional[float] = None,
                  model: Optional[nn.Module] = None, train_loader: Optional[BatchSource] = None,
                  val_loader: Optional[BatchSource] = None, batches_per_hyper_step: Tuple[int, int] = (1, 1),
-                 graph_memory: Union[str, float] = "auto"):
+                 graph_memory: Union[str, float] = "auto", ridge: Union[str, float] = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(criterion, nn.Module):
@@ -319,6 +413,13 @@ class BilevelOptimizer(torch.optim.Optimizer):
             raise ValueError(f"autobalance: `graph_memory` must be 'auto' or a number of bytes >= 0 (float('inf') "
                              f"keeps every graph), got {graph_memory!r}")
         self.graph_memory = graph_memory
+        if not (isinstance(ridge, str) and ridge == "auto"):
+            try:
+                ridge = check_non_negative(ridge, "ridge")
+            except ValueError:
+                raise ValueError(f"autobalance: `ridge` must be 'auto' or a finite float >= 0, got {ridge!r}") from None
+        self.ridge = ridge
+        self._ridge()  # a wrapped optimizer whose weight decay the hypergradient cannot model raises now
 
         self.steps = self.hyper_steps = self.skipped_hyper_steps = self.step_size_corrections = 0
         self.frozen = False
@@ -367,7 +468,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The wrapped and hyper-optimizers' states, the hyperparameters, the schedule
-        counters and the solver state (the power-iteration eigenvector and eigenvalue);
+        counters and frozen state, the solver state (the power-iteration eigenvector and
+        eigenvalue) and the criterion's layout (``criterion_layout``);
         with the state-dict hooks (``register_state_dict_pre_hook`` / ``_post_hook``)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -379,6 +481,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                                    "skipped_hyper_steps": self.skipped_hyper_steps,
                                    "step_size_corrections": self.step_size_corrections,
                                    "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen},
+                      "criterion": criterion_layout(self.criterion),
                       "solver": {"eigenvector": None if solver.eigenvector is None else solver.eigenvector.clone(),
                                  "eigenvalue": solver.eigenvalue, "solves": solver.solves}}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -386,11 +489,20 @@ class BilevelOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a ``state_dict()``, with the load-state-dict hooks."""
+        """Loads a ``state_dict()``, with the load-state-dict hooks. It checks first, and
+        changes nothing if a check fails, that the checkpoint fits: the hyperparameters'
+        names and shapes, the criterion's layout (``criterion_layout``: type, classes,
+        groups, cluster map, learned tables, scale_max), the shapes of both optimizers' per-parameter
+        states and the solver's eigenvector. The frozen state is the checkpoint's:
+        the hyperparameters require grad exactly when it was not frozen."""
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
         saved = state_dict["hyperparameters"]
+        differences = _layout_differences(state_dict.get("criterion", {}), criterion_layout(self.criterion))
+        if differences:
+            raise ValueError("autobalance: the state dict was saved for another criterion (" + "; ".join(differences)
+                             + "); load it into a BilevelOptimizer built with the same criterion")
         if sorted(saved) != sorted(self._hyper_names):
             raise ValueError(f"autobalance: the state dict holds hyperparameters {sorted(saved)}, but the criterion "
                              f"has {sorted(self._hyper_names)}")
@@ -398,6 +510,12 @@ class BilevelOptimizer(torch.optim.Optimizer):
             if saved[name].shape != p.shape:
                 raise ValueError(f"autobalance: hyperparameter {name!r} has shape {list(p.shape)}, the state dict "
                                  f"holds {list(saved[name].shape)}")
+        _check_optimizer_state(self.optimizer, state_dict["optimizer"], "optimizer")
+        _check_optimizer_state(self.hyper_optimizer, state_dict["hyper_optimizer"], "hyper_optimizer")
+        vector, weights = state_dict["solver"]["eigenvector"], sum(p.numel() for p in self._theta)
+        if vector is not None and vector.numel() != weights:
+            raise ValueError(f"autobalance: the state dict's solver eigenvector has {vector.numel()} entries, but "
+                             f"theta has {weights} weights; the checkpoint is of another model or `inner_params`")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.hyper_optimizer.load_state_dict(state_dict["hyper_optimizer"])
         with torch.no_grad():
@@ -412,9 +530,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         vector = solver["eigenvector"]
         self.solver_state = SolverState(None if vector is None else vector.to(self._theta[0].device).clone(),
                                         solver["eigenvalue"], solver.get("solves", self.hyper_steps))
-        self.frozen = False
-        if schedule["frozen"]:
-            self.freeze()
+        self._set_frozen(bool(schedule["frozen"]))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -429,7 +545,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
                      f"batches_per_hyper_step={self.batches_per_hyper_step}\n")
         return (f"BilevelOptimizer(\n  optimizer:\n{inner}\n  hyper_optimizer:\n{hyper}\n"
                 f"  hyperparameters: {self._hyper_names}\n  objective: {self.objective!r}\n"
-                f"  solver: {self.solver!r}, theta={sum(p.numel() for p in self._theta)} weights\n{bound}"
+                f"  solver: {self.solver!r}, theta={sum(p.numel() for p in self._theta)} weights, "
+                f"ridge={self.ridge!r}\n{bound}"
                 f"  warmup_steps={self.warmup_steps}, hyper_every={self.hyper_every}, steps={self.steps}, "
                 f"hyper_steps={self.hyper_steps}, skipped_hyper_steps={self.skipped_hyper_steps}, "
                 f"step_size_corrections={self.step_size_corrections}, frozen={self.frozen}\n)")
@@ -446,10 +563,14 @@ class BilevelOptimizer(torch.optim.Optimizer):
     def freeze(self) -> None:
         """Fixes the learned loss for the retrain phase (Algorithm 1, lines 11-12):
         no more hyper-steps, and the hyperparameters stop requiring grad."""
-        self.frozen = True
+        self._set_frozen(True)
+
+    def _set_frozen(self, frozen):
+        self.frozen = frozen
         for p in self._hyper:
-            p.requires_grad_(False)
-            p.grad = None
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
 
     # ---- the hypergradient
 
@@ -496,12 +617,37 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 out.append(self._batches(self._streams[loader].take(n, self._theta[0].device), loader, drawn=True))
         return out
 
-    def _weight_decay(self):
-        """The wrapped optimizer's L2 coefficient of every weight of theta, flat (None if all 0)."""
-        decay = {id(p): float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups for p in g["params"]}
-        if all(decay[id(p)] == 0.0 for p in self._theta):
-            return None
-        return torch.cat([torch.full((p.numel(),), decay[id(p)], dtype=p.dtype, device=p.device) for p in self._theta])
+    def _ridge(self):
+        """The ridge coefficient of every weight of theta, flat (None if all 0): the ``ridge``
+        argument, or read from the wrapped optimizer (docs/math.md section 5, "Weight
+        decay"): ``weight_decay`` as an L2 term, or for Adam's decoupled decay (AdamW,
+        ``Adam(decoupled_weight_decay=True)``) ``weight_decay * (sqrt(v_hat) + eps)``."""
+        if self.ridge != "auto":
+            return None if self.ridge == 0 else torch.cat([torch.full((p.numel(),), self.ridge, dtype=p.dtype,
+                                                                      device=p.device) for p in self._theta])
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        parts = []
+        for p in self._theta:
+            group = group_of[id(p)]
+            decay = float(group.get("weight_decay", 0.0))
+            coefficient = torch.full_like(p, decay, memory_format=torch.contiguous_format)
+            if decay and group.get("decoupled_weight_decay", False):
+                if not isinstance(self.optimizer, torch.optim.Adam):
+                    raise ValueError(f"autobalance: the wrapped optimizer {type(self.optimizer).__name__} has "
+                                     f"decoupled weight decay (weight_decay={decay}), whose fixed point the "
+                                     "hypergradient models only for AdamW / Adam(decoupled_weight_decay=True) "
+                                     "(docs/math.md section 5); use L2 weight decay, or give the ridge of the "
+                                     "inner problem yourself: BilevelOptimizer(..., ridge=coefficient)")
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg_sq" in state:
+                    second = state["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"]
+                    correction = 1.0 - float(group["betas"][1]) ** float(state["step"])
+                    coefficient *= (second / correction).sqrt() + float(group["eps"])
+                else:  # no step yet: v_hat = 0
+                    coefficient *= float(group["eps"])
+            parts.append(coefficient.reshape(-1))
+        ridge = torch.cat(parts)
+        return ridge if bool(ridge.any()) else None
 
     def _hypergradient(self, model, train_batches, val_batches):
         model, train, val = self._arguments(model, train_batches, val_batches)
@@ -514,19 +660,22 @@ class BilevelOptimizer(torch.optim.Optimizer):
             v = mean_over_ranks(v / len(val), group)
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
                                       self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device))
-            p, state = self.solver.solve(ridge(products.hvp, self._weight_decay()), v, self.solver_state)
+            p, state = self.solver.solve(ridge(products.hvp, self._ridge()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad
             train_loss = sum(products.losses) / len(products.losses)
-        hypergrad = split(ordered_mean_over_ranks(hypergrad, group), self._hyper)
+        hypergrad = ordered_mean_over_ranks(hypergrad, group)
+        reason = _unsound(val_loss, train_loss, v, p, state, hypergrad, group)
         graphs = (products.kept, sum(products.graph_bytes))
-        return fix_shift_gauge(self.criterion, self._hyper_names, hypergrad), train_loss, val_loss, state, graphs
+        hypergrad = fix_shift_gauge(self.criterion, self._hyper_names, split(hypergrad, self._hyper))
+        return hypergrad, train_loss, val_loss, state, graphs, reason
 
     def hypergradient(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
                       val_batches: Optional[Sequence[Batch]] = None) -> List[torch.Tensor]:
         """The gauge-fixed hypergradient ``dL_V/dalpha`` (docs/math.md section 5), one tensor per
         learnable parameter of the criterion, without applying it or changing any state
-        (but for the batches it draws from bound loaders)."""
+        (but for the batches it draws from bound loaders). It is returned as computed, even
+        where ``hyper_step`` would skip it (see "Applying it" in the class docstring)."""
         return self._hypergradient(model, train_batches, val_batches)[0]
 
     def hyper_step(self, model: Optional[nn.Module] = None, train_batches: Optional[Sequence[Batch]] = None,
@@ -540,12 +689,15 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if self.steps == 0:
             raise RuntimeError("autobalance: hyper_step before any training step; the hypergradient assumes weights "
                                "trained on the current loss (take at least one step(), see warmup_steps)")
-        hypergrad, train_loss, val_loss, state, graphs = self._hypergradient(model, train_batches, val_batches)
+        hypergrad, train_loss, val_loss, state, graphs, reason = self._hypergradient(model, train_batches,
+                                                                                    val_batches)
         self._last_hyper_step_at = self.steps
         norm = float(torch.linalg.vector_norm(flat(hypergrad)))
-        if not math.isfinite(norm):
+        if reason is None and not math.isfinite(norm):  # finite entries whose norm overflows
+            reason = f"the hypergradient's norm is not finite ({norm})"
+        if reason is not None:
             self.skipped_hyper_steps += 1
-            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size, *graphs)
+            return HyperStepResult(False, norm, train_loss, val_loss, state.step_size, *graphs, reason)
         factor = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
         for p, g in zip(self._hyper, hypergrad):
             p.grad = (g * factor).to(p.dtype)

@@ -25,13 +25,16 @@ class SolverState(NamedTuple):
     ``solves``, how many solves the state has been carried through (it times the
     estimate's refreshes; ``BilevelOptimizer`` keeps the state of applied hyper-steps
     only, so there it counts them). ``corrections`` (restarts of the Neumann series with a
-    corrected step size) and ``step_size`` (the Neumann / first-order ``eta``; None
-    for CG) describe the solve that returned this state."""
+    corrected step size), ``step_size`` (the Neumann / first-order ``eta``; None
+    for CG) and ``residual`` (CG's relative residual ``|b - H x| / |b|``, NaN when a
+    product was not finite; None for the others) describe the solve that returned
+    this state."""
     eigenvector: Optional[torch.Tensor] = None
     eigenvalue: Optional[float] = None
     solves: int = 0
     corrections: int = 0
     step_size: Optional[float] = None
+    residual: Optional[float] = None
 
 
 @runtime_checkable
@@ -42,9 +45,9 @@ class Solver(Protocol):
 
 
 def ridge(matvec: Matvec, coefficients: Optional[torch.Tensor]) -> Matvec:
-    """``v -> matvec(v) + coefficients * v``: the L2 term of the inner problem (the
-    wrapped optimizer's ``weight_decay`` of each weight) added to ``H``; ``matvec``
-    itself when ``coefficients`` is None."""
+    """``v -> matvec(v) + coefficients * v``: the ridge of the inner problem (from the
+    wrapped optimizer's weight decay, ``BilevelOptimizer(ridge=...)``) added to ``H``;
+    ``matvec`` itself when ``coefficients`` is None."""
     if coefficients is None:
         return matvec
     return lambda v: matvec(v) + coefficients * v
@@ -170,7 +173,10 @@ class FirstOrder(Neumann):
 class ConjugateGradient:
     """Conjugate gradient on ``H x = b`` from ``x = 0``: at most ``iterations``
     iterations, stopping at relative residual ``tol`` or at a direction of
-    non-positive curvature. The state passes through unchanged (but for ``solves``)."""
+    non-positive curvature. The state passes through unchanged (but for ``solves``);
+    ``SolverState.residual`` is the relative residual reached, NaN when ``b`` or a
+    product (a curvature ``d^T H d``) was not finite: then ``x`` is where CG
+    stopped, not a solution."""
 
     def __init__(self, iterations: int = 10, tol: float = 1e-6):
         self.iterations = check_int(iterations, "iterations", 1)
@@ -185,13 +191,17 @@ class ConjugateGradient:
         x = torch.zeros_like(b)
         r, d = b.clone(), b.clone()
         rs = torch.dot(r, r)
-        stop = (self.tol * float(b.norm())) ** 2
+        norm = float(b.norm())
+        stop, residual = (self.tol * norm) ** 2, None
         for _ in range(self.iterations):
             if float(rs) <= stop:
                 break
             hd = matvec(d)
-            curvature = torch.dot(d, hd)
-            if not float(curvature) > 0:
+            curvature = float(torch.dot(d, hd))
+            if not math.isfinite(curvature):
+                residual = math.nan
+                break
+            if not curvature > 0:
                 break
             a = rs / curvature
             x += a * d
@@ -199,7 +209,9 @@ class ConjugateGradient:
             rs_next = torch.dot(r, r)
             d = r + (rs_next / rs) * d
             rs = rs_next
-        return x, state._replace(solves=state.solves + 1, corrections=0, step_size=None)
+        if residual is None:
+            residual = math.sqrt(float(rs)) / norm if norm > 0 else (0.0 if math.isfinite(norm) else math.nan)
+        return x, state._replace(solves=state.solves + 1, corrections=0, step_size=None, residual=residual)
 
 
 # the solver names of BilevelOptimizer(solver=...), and its keyword options each takes: option -> parameter
