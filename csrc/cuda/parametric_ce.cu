@@ -4,9 +4,9 @@
 // kernels are in kernels.cuh, the launch logic in launch.cuh, the math of an
 // element in ../parametric_ce_math.h.
 //
-// Label and group ranges: the CPU kernels raise IndexError; here an
-// out-of-range target or group trips a device-side assert (CUDA_KERNEL_ASSERT
-// in read_row), reported by the next synchronising CUDA call.
+// Label and group ranges: every op raises the CPU kernels' IndexError before
+// its launch (check_row_indices_cuda in launch.cuh: one small kernel and one
+// host synchronisation per call).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
