@@ -733,8 +733,9 @@ def test_all_ignored_mean_agrees_across_backends(dtype):
     """A mean over no rows is 0/0 = NaN, as in F.cross_entropy, whose logit
     gradient is then 0: ignored rows contribute nothing, even with the mean's
     infinite 1/D. So both backends give dz = dS = dL = 0 and dW = NaN (through
-    the denominator), and the same again one derivative up: the Hessian-vector
-    product and the mixed derivative w.r.t. S, L are 0 (docs/math.md section 1)."""
+    the denominator), and the same again one derivative up: the derivatives of
+    each first derivative w.r.t. z, S, L (Hessian-vector product, mixed
+    derivatives) are 0, w.r.t. W NaN (docs/math.md section 1)."""
     p = make_problem(2, 6, 5, 2, dtype, ignore_frac=1.0)
     assert bool((p.target == p.ignore_index).all())
     results = {}
@@ -754,9 +755,11 @@ def test_all_ignored_mean_agrees_across_backends(dtype):
         assert_all_zero(dS, f"{backend} dS")
         assert_all_zero(dL, f"{backend} dL")
         assert torch.isnan(dW).all()
-        hz, _, hS, hL = second[:4]  # Hessian-vector product and mixed derivative (cotangent on dz)
-        for name, t in (("hz", hz), ("hS", hS), ("hL", hL)):
-            assert_all_zero(t, f"{backend} {name}")
+        for i, name in enumerate(("dz", "dW", "dS", "dL")):
+            hz, hW, hS, hL = second[4 * i:4 * i + 4]
+            for wrt, t in (("z", hz), ("S", hS), ("L", hL)):
+                assert_all_zero(t, f"{backend}: d<U, {name}>/d{wrt}")
+            assert torch.isnan(hW).all(), f"{backend}: d<U, {name}>/dW"
     for i, (a, b) in enumerate(zip(results["fused"], results["reference"])):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"output {i}")
     logits = p.logits.float().requires_grad_()
