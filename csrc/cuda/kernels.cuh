@@ -110,27 +110,13 @@ __device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
   const int64_t y = a.target[i];
   if (y == a.ignore_index) return {0, 0, true};
   const int64_t g = a.group ? a.group[i] : 0;
-  // The host has checked every index before the launch (check_row_indices in
-  // launch.cuh raises the CPU kernels' IndexError); should a bad one come
-  // through anyway (the indices changed on another stream), the row is
-  // skipped, so nothing is read or written out of bounds.
+  // The host has checked every index before the launch
+  // (check_row_indices_cuda in parametric_ce.cu raises the CPU kernels'
+  // IndexError); should a bad one come through anyway (the indices changed on
+  // another stream), the row is skipped, so nothing is read or written out of
+  // bounds.
   const bool ok = y >= 0 && y < a.K && g >= 0 && g < a.G;
   return {ok ? static_cast<int>(y) : 0, ok ? g : 0, !ok};
-}
-
-// *first = the lowest row whose target (not ignore_index) or group is out of
-// range, left as it was (N) when there is none. Integer atomics: the result
-// does not depend on the order.
-__global__ void __launch_bounds__(kThreads) first_bad_row_kernel(
-    const int64_t* target, const int64_t* group, int64_t N, int64_t K, int64_t G,
-    int64_t ignore_index, unsigned long long* first) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t y = target[i];
-    if (y == ignore_index) continue;
-    const int64_t g = group ? group[i] : 0;
-    if (y < 0 || y >= K || g < 0 || g >= G) atomicMin(first, static_cast<unsigned long long>(i));
-  }
 }
 
 // The VEC columns first + v * step that a lane handles in a chunk of

@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -47,24 +46,9 @@ inline bool aligned(const void* p, int64_t bytes) {
 }
 
 // The CPU kernels' IndexError for the lowest row whose target (not
-// ignore_index) or group is out of range. It costs one pass over the indices
-// (a small kernel) and one device-to-host copy of its 8-byte result, i.e. a
-// host synchronisation per op call; the error path reads that row's indices back.
-inline void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
-                                   int64_t ignore_index, cudaStream_t stream) {
-  if (s.rows == 0) return;
-  Tensor first = at::full({1}, s.rows, target.options());
-  const int64_t blocks = std::min<int64_t>(ceil_div(s.rows, kThreads), 1024);
-  first_bad_row_kernel<<<blocks, kThreads, 0, stream>>>(
-      target.const_data_ptr<int64_t>(), group.defined() ? group.const_data_ptr<int64_t>() : nullptr,
-      s.rows, s.classes, s.groups, ignore_index,
-      reinterpret_cast<unsigned long long*>(first.mutable_data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t i = first.item<int64_t>();
-  if (i == s.rows) return;
-  check_row_indices(i, target[i].item<int64_t>(), group.defined() ? group[i].item<int64_t>() : 0,
-                    s.classes, s.groups, ignore_index);
-}
+// ignore_index) or group is out of range; in parametric_ce.cu.
+void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
+                            int64_t ignore_index, cudaStream_t stream);
 
 // Contiguous copies of the inputs (kept alive for the launches) and the
 // kernel arguments pointing into them and into the outputs.
