@@ -108,18 +108,19 @@ Tensor cell_counts(const Tensor& target, const std::optional<Tensor>& group,
 }
 
 // Sums over rows (or cells) that give the same bits whatever the thread
-// count. ATen sums a tensor of fewer than GRAIN_SIZE elements on one thread,
-// and each output of a reduction with several outputs on one thread, but it
-// splits a single sum of more elements (and BLAS a long dot product) across
-// threads. So a long vector is summed in blocks of kSumBlock elements (a
-// [blocks, kSumBlock] reduction, blocks >= 2), then the block sums in the same
-// way; the blocks depend only on the length.
+// count. On the CPU, ATen sums a tensor of fewer than GRAIN_SIZE elements on
+// one thread, and each output of a reduction with several outputs on one
+// thread, but it splits a single sum of more elements (and BLAS a long dot
+// product) across threads. So a long vector is summed in blocks of kSumBlock
+// elements (a [blocks, kSumBlock] reduction, blocks >= 2), then the block sums
+// in the same way; the blocks depend only on the length. (A CUDA sum is
+// already the same from run to run: one plain sum there.)
 constexpr int64_t kGrainSize = 32768;  // at::internal::GRAIN_SIZE (ATen/TensorIterator.h)
 constexpr int64_t kSumBlock = kGrainSize / 2;
 
 Tensor fixed_block_sum(const Tensor& x) {
   const c10::SymInt n = x.sym_numel();
-  if (n < kGrainSize) return x.sum();
+  if (!x.is_cpu() || n < kGrainSize) return x.sum();
   const c10::SymInt blocks = n / kSumBlock, full = blocks * kSumBlock;
   Tensor sums = x.narrow_symint(0, 0, full).reshape_symint({blocks, kSumBlock}).sum(1);
   if (full != n) sums = at::cat({sums, x.narrow_symint(0, full, n - full).sum().unsqueeze(0)});
@@ -129,7 +130,7 @@ Tensor fixed_block_sum(const Tensor& x) {
 // The 0-dim `g` broadcast to n rows, in fixed_block_sum's blocks: its
 // backward (a sum of the n incoming gradients) is then a fixed-block sum too.
 Tensor fixed_block_broadcast(const Tensor& g, const c10::SymInt& n) {
-  if (n < kGrainSize) return g.expand_symint({n});
+  if (!g.is_cpu() || n < kGrainSize) return g.expand_symint({n});
   const c10::SymInt blocks = n / kSumBlock, full = blocks * kSumBlock;
   const Tensor per_block = fixed_block_broadcast(g, full == n ? blocks : blocks + 1);
   Tensor out = per_block.narrow_symint(0, 0, blocks)
