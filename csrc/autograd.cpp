@@ -7,10 +7,13 @@
 // autograd), so with create_graph=True the second derivatives are recorded
 // and later run through the fused double-backward kernel.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 namespace autobalance {
 namespace {
@@ -104,8 +107,42 @@ Tensor cell_counts(const Tensor& target, const std::optional<Tensor>& group,
       .index_add_(0, cell.masked_fill(valid.logical_not(), 0), valid.to(weight.scalar_type()));
 }
 
+// Sums over rows (or cells) that give the same bits whatever the thread
+// count. On the CPU, ATen sums a tensor of fewer than GRAIN_SIZE elements on
+// one thread, and each output of a reduction with several outputs on one
+// thread, but it splits a single sum of more elements (and BLAS a long dot
+// product) across threads. So a long vector is summed in blocks of kSumBlock
+// elements (a [blocks, kSumBlock] reduction, blocks >= 2), then the block sums
+// in the same way; the blocks depend only on the length. (A CUDA sum is
+// already the same from run to run: one plain sum there.)
+constexpr int64_t kGrainSize = 32768;  // at::internal::GRAIN_SIZE (ATen/TensorIterator.h)
+constexpr int64_t kSumBlock = kGrainSize / 2;
+
+Tensor fixed_block_sum(const Tensor& x) {
+  const c10::SymInt n = x.sym_numel();
+  if (!x.is_cpu() || n < kGrainSize) return x.sum();
+  const c10::SymInt blocks = n / kSumBlock, full = blocks * kSumBlock;
+  Tensor sums = x.narrow_symint(0, 0, full).reshape_symint({blocks, kSumBlock}).sum(1);
+  if (full != n) sums = at::cat({sums, x.narrow_symint(0, full, n - full).sum().unsqueeze(0)});
+  return fixed_block_sum(sums);
+}
+
+// The 0-dim `g` broadcast to n rows, in fixed_block_sum's blocks: its
+// backward (a sum of the n incoming gradients) is then a fixed-block sum too.
+Tensor fixed_block_broadcast(const Tensor& g, const c10::SymInt& n) {
+  if (!g.is_cpu() || n < kGrainSize) return g.expand_symint({n});
+  const c10::SymInt blocks = n / kSumBlock, full = blocks * kSumBlock;
+  const Tensor per_block = fixed_block_broadcast(g, full == n ? blocks : blocks + 1);
+  Tensor out = per_block.narrow_symint(0, 0, blocks)
+                   .unsqueeze(1)
+                   .expand_symint({blocks, kSumBlock})
+                   .reshape_symint({full});
+  if (full != n) out = at::cat({out, per_block.narrow_symint(0, blocks, 1).expand_symint({n - full})});
+  return out;
+}
+
 Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
-  return counts.dot(weight.reshape(-1));
+  return fixed_block_sum(counts.mul(weight.reshape(-1)));
 }
 
 // The per-row losses reduced (sum, or mean = sum / <counts, W>) the same way on
@@ -116,19 +153,19 @@ Tensor reduce_losses(const Tensor& loss, int64_t reduction, Tensor& counts, cons
                      const std::optional<Tensor>& group, const Tensor& weight,
                      int64_t ignore_index) {
   if (reduction == kNone) return loss;
-  const Tensor total = loss.sum();
+  const Tensor total = fixed_block_sum(loss);
   if (reduction == kSum) return total;
   if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
   return total.div(weight_sum(counts, weight));
 }
 
-// Whether the 0-dim incoming gradient is 1 (read in place: no dispatch).
-bool is_one(const Tensor& g) {
+// The 0-dim incoming gradient's value (read in place: no dispatch).
+double scalar_value(const Tensor& g) {
   if (g.is_cpu() && g.numel() == 1) {
-    if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>() == 1.f;
-    if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>() == 1.0;
+    if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>();
+    if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>();
   }
-  return g.item<double>() == 1.0;
+  return g.item<double>();
 }
 
 // Arguments: logits 0, target 1, group 2, weight 3, scale 4, shift 5.
@@ -201,7 +238,12 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     auto own = [&](const Tensor& t) { return keep_graph ? t.clone() : t; };
     Tensor dz, dW, dS, dL;
     const auto gradients = ctx->saved_data.find("gradients");
-    if (!differentiable && gradients != ctx->saved_data.end()) {
+    // A non-finite incoming gradient times the kept gradients would be NaN on
+    // ignored rows and empty cells too (0 * inf), where the kernels give 0 (an
+    // ignored row contributes nothing; docs/math.md section 3): recompute.
+    const double incoming =
+        gradients != ctx->saved_data.end() ? scalar_value(grads[0]) : 0.0;
+    if (!differentiable && gradients != ctx->saved_data.end() && std::isfinite(incoming)) {
       // The forward made the gradients of `out`: handed over (the entry
       // erased, so that AccumulateGrad can take them without a copy) and
       // scaled by the incoming gradient unless it is 1.
@@ -211,7 +253,7 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       dW = own(made[1]);
       dS = own(made[2]);
       dL = own(made[3]);
-      if (!is_one(grads[0])) {
+      if (incoming != 1.0) {
         for (Tensor* t : {&dz, &dW, &dS, &dL})
           if (t->defined()) t->mul_(grads[0]);
       }
@@ -228,7 +270,10 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
         denominator = weight_sum(counts, s[3]);
         upstream = upstream.div(denominator);
       }
-      if (reduction != kNone) upstream = upstream.expand_as(s[6]);
+      if (reduction != kNone) {
+        upstream = differentiable ? fixed_block_broadcast(upstream, s[6].sym_numel())
+                                  : upstream.expand_as(s[6]);
+      }
       if (use_kept) {
         // dz overwrites the residual r
         dz = own(s[7]);

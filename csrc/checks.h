@@ -135,6 +135,19 @@ inline Sizes check_backward_inputs(const at::Tensor& grad_loss,
   return s;
 }
 
+// Row i's label y (not ignore_index) and group g against [0, K) and [0, G):
+// the IndexError every backend raises (the CPU kernels as they read a row,
+// the CUDA ops before their launch).
+inline void check_row_indices(int64_t i, int64_t y, int64_t g, int64_t K, int64_t G,
+                              int64_t ignore_index) {
+  TORCH_CHECK_INDEX(y >= 0 && y < K, "autobalance: `target[", i, "]` = ", y,
+                    " is out of range: expected a class in [0, ", K,
+                    ") or ignore_index = ", ignore_index);
+  TORCH_CHECK_INDEX(g >= 0 && g < G, "autobalance: `group[", i, "]` = ", g,
+                    " is out of range: expected a group in [0, ", G,
+                    ") (the tables have G = ", G, " rows)");
+}
+
 // Checks the optional cotangents of the double backward.
 inline void check_cotangents(const at::Tensor& logits, const Sizes& s,
                              const std::optional<at::Tensor>& u_logits,

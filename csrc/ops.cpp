@@ -20,6 +20,7 @@ PyObject* PyInit__C(void) {
 
 namespace autobalance {
 int64_t parallel_threads_cpu(int64_t rows, int64_t classes);  // cpu/parametric_ce.cpp
+int64_t table_grad_scratch_cpu(int64_t rows, int64_t groups, int64_t classes, bool float64);
 }
 
 TORCH_LIBRARY(autobalance, m) {
@@ -80,4 +81,8 @@ TORCH_LIBRARY(autobalance, m) {
   // Diagnostics: how many threads the CPU kernels' row loop uses.
   m.def("_parallel_threads(int rows, int classes) -> int",
         &autobalance::parallel_threads_cpu);
+  // Diagnostics: the bytes of per-block partial tables the CPU kernels' table
+  // gradients use (a function of the shape and dtype only).
+  m.def("_table_grad_scratch(int rows, int groups, int classes, bool float64) -> int",
+        &autobalance::table_grad_scratch_cpu);
 }

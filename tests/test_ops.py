@@ -2,8 +2,10 @@
 sections 1, 3, 4: values, first and second derivatives, autograd wiring,
 opcheck, torch.compile, determinism and edge cases."""
 import itertools
-
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -648,7 +650,124 @@ def test_table_gradients_through_autograd_are_deterministic():
         assert torch.equal(x, y)
 
 
+def _reduced_loss_and_derivatives(p, reduction, create_graph):
+    """The fused reduced loss, its gradients w.r.t. logits and the three tables
+    and, with create_graph, the gradients of a random combination of those
+    (double backward; W's goes through the mean's denominator)."""
+    z, W, S, L = [t.detach().clone().requires_grad_() for t in (p.logits, *p.tables())]
+    loss = pce(z, p.target, W, S, L, p.group, reduction=reduction, ignore_index=p.ignore_index)
+    grads = torch.autograd.grad(loss, (z, W, S, L), create_graph=create_graph)
+    out = [loss, *grads]
+    if create_graph:
+        _, uz, uw, us, _ = cotangents(p)
+        q = (grads[0] * uz).sum() + (grads[1] * uw).sum() + (grads[2] * us).sum()
+        out += torch.autograd.grad(q, (z, W, S, L))
+    return [t.detach() for t in out]
+
+
+@pytest.mark.parametrize("rows, classes", [(100_000, 37), (1_000_000, 16)], ids=["1e5", "1e6"])
+def test_reductions_bit_identical_for_any_thread_count_at_large_n(rows, classes, restore_threads):
+    """Above 32768 rows ATen splits a plain sum across threads; the fused
+    sum/mean (and, with create_graph, the broadcast of the mean's upstream
+    gradient, whose backward is a sum over the rows) use fixed blocks instead.
+    (1e6 rows take ~5 s on two cores.)"""
+    cases = [(torch.float32, "mean", False), (torch.bfloat16, "mean", True)]
+    if rows < 1_000_000:
+        cases += [(torch.float32, "sum", True), (torch.float64, "mean", True), (torch.float16, "sum", False)]
+    for dtype, reduction, create_graph in cases:
+        p = make_problem(1, rows, classes, 3, dtype, ignore_frac=0.1)
+        results = {}
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results[threads] = _reduced_loss_and_derivatives(p, reduction, create_graph)
+        names = ["loss", "dz", "dW", "dS", "dL", "hz", "hW", "hS", "hL"]
+        for threads in (2, 4):
+            for name, a, b in zip(names, results[1], results[threads]):
+                assert torch.equal(a, b), f"{dtype} {reduction} create_graph={create_graph}: {name} differs " \
+                                          f"between 1 and {threads} threads"
+        assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in results[1])
+
+
+def test_table_gradient_scratch_is_bounded():
+    """The per-block partial tables take at most 32 MiB (64 blocks while they
+    fit), whatever G K, and depend on the shape and dtype only."""
+    mib = 2**20
+    for rows, groups, classes, float64 in ((1024, 64, 8192, False), (1 << 20, 64, 8192, True),
+                                           (4096, 1, 100, False), (100, 300, 1000, False)):
+        scratch = OPS._table_grad_scratch(rows, groups, classes, float64)
+        one_block = 3 * groups * classes * (8 if float64 else 4)
+        assert scratch % one_block == 0 and scratch >= one_block
+        assert scratch <= max(32 * mib, one_block), (rows, groups, classes, scratch / mib)
+    assert OPS._table_grad_scratch(4096, 1, 100, False) == 64 * 3 * 100 * 4  # small tables: 64 blocks
+    assert OPS._table_grad_scratch(1024, 64, 8192, False) == 5 * 3 * 64 * 8192 * 4
+    assert OPS._table_grad_scratch(8, 64, 8192, False) == 3 * 64 * 8192 * 4  # < 16 rows: one block
+
+
+def test_table_gradient_peak_memory_is_bounded():
+    """Peak resident memory of a 1024 x 8192 problem with 64 groups, measured
+    in a fresh process: the loss, its gradients and the table gradients need
+    the logits' 32 MiB twice (logits and their gradient) plus at most 32 MiB of
+    partial tables; with 64 partial tables it rose by 424 MB."""
+    code = textwrap.dedent("""
+        import resource, torch, autobalance
+        torch.set_num_threads(2)
+        N, K, G = 1024, 8192, 64
+        z = torch.randn(N, K, requires_grad=True)
+        y, g = torch.randint(0, K, (N,)), torch.randint(0, G, (N,))
+        W, S, L = [torch.rand(G, K).add_(0.5).requires_grad_() for _ in range(3)]
+        autobalance.parametric_cross_entropy(z[:8], y[:8], W, S, L, g[:8]).backward()  # warm up
+        z.grad = W.grad = S.grad = L.grad = None
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        autobalance.parametric_cross_entropy(z, y, W, S, L, g).backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rise_mib = float(proc.stdout.split()[-1])
+    assert rise_mib < 32 * 2 + 32 + 32, f"peak RSS rose by {rise_mib:.0f} MiB"
+
+
 # -------------------------------------------------------- edge cases
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_ignored_mean_agrees_across_backends(dtype):
+    """A mean over no rows is 0/0 = NaN, as in F.cross_entropy, whose logit
+    gradient is then 0: ignored rows contribute nothing, even with the mean's
+    infinite 1/D. So both backends give dz = dS = dL = 0 and dW = NaN (through
+    the denominator), and the same again one derivative up: the derivatives of
+    each first derivative w.r.t. z, S, L (Hessian-vector product, mixed
+    derivatives) are 0, w.r.t. W NaN (docs/math.md section 1)."""
+    p = make_problem(2, 6, 5, 2, dtype, ignore_frac=1.0)
+    assert bool((p.target == p.ignore_index).all())
+    results = {}
+    for backend in ("fused", "reference"):
+        z, W, S, L = [t.detach().clone().requires_grad_() for t in (p.logits, *p.tables())]
+        loss = pce(z, p.target, W, S, L, p.group, ignore_index=p.ignore_index, backend=backend)
+        first = torch.autograd.grad(loss, (z, W, S, L), create_graph=True)
+        second = []
+        for i, grad in enumerate(first):  # the derivatives of <U, grad> for each first derivative
+            u = torch.randn(grad.shape, generator=p.generator(i), dtype=torch.float64).to(grad.dtype)
+            second += torch.autograd.grad((grad * u).sum(), (z, W, S, L), retain_graph=True, allow_unused=True,
+                                          materialize_grads=True)
+        results[backend] = [loss, *first, *second]
+        assert torch.isnan(loss)
+        dz, dW, dS, dL = first
+        assert_all_zero(dz, f"{backend} dz")
+        assert_all_zero(dS, f"{backend} dS")
+        assert_all_zero(dL, f"{backend} dL")
+        assert torch.isnan(dW).all()
+        for i, name in enumerate(("dz", "dW", "dS", "dL")):
+            hz, hW, hS, hL = second[4 * i:4 * i + 4]
+            for wrt, t in (("z", hz), ("S", hS), ("L", hL)):
+                assert_all_zero(t, f"{backend}: d<U, {name}>/d{wrt}")
+            assert torch.isnan(hW).all(), f"{backend}: d<U, {name}>/dW"
+    for i, (a, b) in enumerate(zip(results["fused"], results["reference"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"output {i}")
+    logits = p.logits.float().requires_grad_()
+    ce = F.cross_entropy(logits, p.target, ignore_index=p.ignore_index)
+    assert torch.isnan(ce)
+    assert_all_zero(torch.autograd.grad(ce, logits)[0], "F.cross_entropy's logit gradient")
+
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_empty_batch(dtype):

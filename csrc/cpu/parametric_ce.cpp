@@ -315,6 +315,15 @@ int64_t parallel_threads_cpu(int64_t rows, int64_t classes) {
   return static_cast<int64_t>(ids.size());
 }
 
+// The bytes of partial tables the CPU kernels' table gradients keep for rows
+// x (groups, classes), float32 or float64 accumulators (cpu::table_blocks).
+int64_t table_grad_scratch_cpu(int64_t rows, int64_t groups, int64_t classes, bool float64) {
+  TORCH_CHECK_VALUE(rows >= 0 && groups >= 1 && classes >= 1, "autobalance: expected rows >= 0, "
+                    "groups >= 1 and classes >= 1, got ", rows, ", ", groups, " and ", classes);
+  const int64_t bytes = float64 ? sizeof(double) : sizeof(float);
+  return cpu::table_blocks(rows, groups, classes, bytes).count * 3 * groups * classes * bytes;
+}
+
 TORCH_LIBRARY_IMPL(autobalance, CPU, m) {
   m.impl("parametric_ce", &cpu::parametric_ce_cpu);
   m.impl("_parametric_ce_with_residual", &cpu::parametric_ce_with_residual_cpu);

@@ -36,13 +36,8 @@ inline RowIndex read_row(int64_t i, const int64_t* target, const int64_t* group,
                          int64_t K, int64_t G, int64_t ignore_index) {
   const int64_t y = target[i];
   if (y == ignore_index) return {y, 0, true};
-  TORCH_CHECK_INDEX(y >= 0 && y < K, "autobalance: `target[", i, "]` = ", y,
-                    " is out of range: expected a class in [0, ", K,
-                    ") or ignore_index = ", ignore_index);
   const int64_t g = group ? group[i] : 0;
-  TORCH_CHECK_INDEX(g >= 0 && g < G, "autobalance: `group[", i, "]` = ", g,
-                    " is out of range: expected a group in [0, ", G,
-                    ") (the tables have G = ", G, " rows)");
+  check_row_indices(i, y, g, K, G, ignore_index);
   return {y, g, false};
 }
 
@@ -67,10 +62,30 @@ T* kept_buffer(int64_t size, std::unique_ptr<T[]>& fallback) {
   return buffer.data();
 }
 
+// The row blocks of the table gradients: `count` blocks of `rows` rows (the
+// last one shorter), each summing into its own partial [3, G, K] tables. At
+// most 64 blocks of at least 16 rows, and fewer, larger blocks when G K is
+// large, so that the partials take at most kMaxPartialBytes (or one block's
+// tables, when those alone are larger). A function of the shape and dtype
+// only, never of the thread count: the sums are bit-identical whatever it is.
+constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
+
+struct RowBlocks {
+  int64_t rows, count;
+};
+
+inline RowBlocks table_blocks(int64_t N, int64_t G, int64_t K, int64_t acc_bytes) {
+  constexpr int64_t kMaxBlocks = 64, kMinRows = 16;
+  const int64_t fit = kMaxPartialBytes / (3 * G * K * acc_bytes);
+  const int64_t most = std::clamp<int64_t>(fit, 1, kMaxBlocks);
+  const int64_t rows = std::max<int64_t>((N + most - 1) / most, kMinRows);
+  return {rows, std::max<int64_t>((N + rows - 1) / rows, 1)};
+}
+
 // Runs span_fn(i, n, partial, scratch) over the rows [0, N) in consecutive
 // spans of n <= `span` rows (so that a kernel can interleave the rows of a
-// span). With table gradients, rows go to fixed blocks whose number depends
-// only on N; each block sums into its own partial [3, G, K] tables (W, S, L)
+// span). With table gradients, rows go to the fixed blocks of table_blocks;
+// each block sums into its own partial [3, G, K] tables (W, S, L)
 // and the partials are then added in block order, so results are bit-identical
 // from run to run whatever the thread count, with no atomics. Without them
 // `partial` is null.
@@ -88,11 +103,8 @@ void for_row_spans(int64_t N, int64_t G, int64_t K, int64_t span, int64_t scratc
     });
     return;
   }
-  constexpr int64_t kMaxBlocks = 64;
   const int64_t table = G * K;
-  const int64_t rows_per_block =
-      std::max<int64_t>((N + kMaxBlocks - 1) / kMaxBlocks, 16);
-  const int64_t blocks = std::max<int64_t>((N + rows_per_block - 1) / rows_per_block, 1);
+  const auto [rows_per_block, blocks] = table_blocks(N, G, K, sizeof(acc_t));
   std::unique_ptr<acc_t[]> partials_fallback;
   acc_t* const partials = kept_buffer<acc_t, 1>(blocks * 3 * table, partials_fallback);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

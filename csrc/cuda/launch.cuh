@@ -31,6 +31,10 @@ using at::Tensor;
 constexpr int64_t kTargetBlocks = 2048;
 constexpr int64_t kMinRowsPerTeam = 4;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // row_kernel loops past it
+// The partial tables of the table gradients ([chunks, 3, G, K]) take at most
+// this much (or one chunk's, when that alone is larger): fewer chunks when
+// G K is large.
+constexpr int64_t kMaxPartialBytes = int64_t{256} << 20;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -40,6 +44,11 @@ using template_int = std::integral_constant<int, N>;
 inline bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
+
+// The CPU kernels' IndexError for the lowest row whose target (not
+// ignore_index) or group is out of range; in parametric_ce.cu.
+void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
+                            int64_t ignore_index, cudaStream_t stream);
 
 // Contiguous copies of the inputs (kept alive for the launches) and the
 // kernel arguments pointing into them and into the outputs.
@@ -56,7 +65,10 @@ struct Launch {
          int64_t ignore_index) {
     a.z = input<scalar_t>(logits);
     a.target = input<int64_t>(target);
+    const Tensor target_c = keep.back();
     a.group = group.has_value() ? input<int64_t>(*group) : nullptr;
+    check_row_indices_cuda(target_c, group.has_value() ? keep.back() : Tensor(), s, ignore_index,
+                           stream);
     a.W = input<acc_t>(weight);
     a.S = input<acc_t>(scale);
     a.L = input<acc_t>(shift);
@@ -121,7 +133,11 @@ void launch_tiles(Args<scalar_t> a, const Tensor& grad_weight,
   TORCH_CHECK(col_tiles <= 65535, "autobalance: K = ", a.K,
               " classes is more than the CUDA kernels support");
   const int64_t max_chunks = std::max<int64_t>(1, ceil_div(a.N, teams * kMinRowsPerTeam));
-  const int64_t want = std::clamp<int64_t>(ceil_div(kTargetBlocks, col_tiles), 1, max_chunks);
+  int64_t want = std::clamp<int64_t>(ceil_div(kTargetBlocks, col_tiles), 1, max_chunks);
+  if (table_grads) {
+    const int64_t chunk_bytes = 3 * a.G * a.K * static_cast<int64_t>(sizeof(acc_t));
+    want = std::min(want, std::max<int64_t>(1, kMaxPartialBytes / chunk_bytes));
+  }
   a.rows_per_chunk = ceil_div(a.N, want);
   const int64_t chunks = ceil_div(a.N, a.rows_per_chunk);
   Tensor partial;

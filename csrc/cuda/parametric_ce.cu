@@ -4,11 +4,12 @@
 // kernels are in kernels.cuh, the launch logic in launch.cuh, the math of an
 // element in ../parametric_ce_math.h.
 //
-// Label and group ranges: the CPU kernels raise IndexError; here an
-// out-of-range target or group trips a device-side assert (CUDA_KERNEL_ASSERT
-// in read_row), reported by the next synchronising CUDA call.
+// Label and group ranges: every op raises the CPU kernels' IndexError before
+// its launch (check_row_indices_cuda below: one small kernel and one
+// host synchronisation per call).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -16,6 +17,45 @@
 
 namespace autobalance {
 namespace cuda {
+namespace {
+
+// *first = the lowest row whose target (not ignore_index) or group is out of
+// range, left as it was (N) when there is none. Integer atomics: the result
+// does not depend on the order.
+__global__ void __launch_bounds__(kThreads) first_bad_row_kernel(
+    const int64_t* target, const int64_t* group, int64_t N, int64_t K, int64_t G,
+    int64_t ignore_index, unsigned long long* first) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t y = target[i];
+    if (y == ignore_index) continue;
+    const int64_t g = group ? group[i] : 0;
+    if (y < 0 || y >= K || g < 0 || g >= G) atomicMin(first, static_cast<unsigned long long>(i));
+  }
+}
+
+}  // namespace
+
+// The CPU kernels' IndexError for the lowest row whose target (not
+// ignore_index) or group is out of range. It costs one pass over the indices
+// (a small kernel) and one device-to-host copy of its 8-byte result, i.e. a
+// host synchronisation per op call; the error path reads that row's indices back.
+void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
+                            int64_t ignore_index, cudaStream_t stream) {
+  if (s.rows == 0) return;
+  Tensor first = at::full({1}, s.rows, target.options());
+  const int64_t blocks = std::min<int64_t>(ceil_div(s.rows, kThreads), 1024);
+  first_bad_row_kernel<<<blocks, kThreads, 0, stream>>>(
+      target.const_data_ptr<int64_t>(), group.defined() ? group.const_data_ptr<int64_t>() : nullptr,
+      s.rows, s.classes, s.groups, ignore_index,
+      reinterpret_cast<unsigned long long*>(first.mutable_data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t i = first.item<int64_t>();
+  if (i == s.rows) return;
+  check_row_indices(i, target[i].item<int64_t>(), group.defined() ? group[i].item<int64_t>() : 0,
+                    s.classes, s.groups, ignore_index);
+}
+
 namespace {
 
 // ---------------------------------------------------------------- forward
