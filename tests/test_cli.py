@@ -181,8 +181,9 @@ def test_ctrl_c_then_resume_gives_the_same_results(tmp_path):
     `--resume OUT` then ends with the results of a run that never stopped."""
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     subprocess.run(_command(*SMALL, "--out", whole), check=True, capture_output=True, timeout=600)
+    # SIGINT as a terminal delivers it: a background job's shell may have it ignored, which the child inherits
     proc = subprocess.Popen(_command(*SMALL, "--out", cut), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = os.path.join(cut, "runs", "seed0", "LA", "train-1.pt")
     deadline = time.time() + 300
     while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
