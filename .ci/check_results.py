@@ -35,6 +35,9 @@ def check(folder, experiment):
             assert run["choice"] and run["choice"] in [c["choice"] for c in run["selection"]], run["method"]
     assert any(len(r["selection"]) > 1 for r in results["results"]), "no knob was picked on validation"
     assert results["paired"] and all(p["method"].startswith("AutoBalance") for p in results["paired"])
+    if experiment == "groups":  # the retrained model is checked on the held-out validation split
+        for run in searched:
+            assert run["retrained_val"] is not None and math.isfinite(run["retrained_val"]["headline"]), run["method"]
     # every (method, seed) run kept for --resume, and no checkpoint or temporary file left
     assert os.path.isfile(os.path.join(folder, "run.json")), "missing run.json"
     for run in results["results"]:

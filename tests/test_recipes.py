@@ -253,3 +253,20 @@ def test_hyper_optimizer_choice():
     with pytest.raises(ValueError, match="`SearchConfig.hyper_optimizer` must be one of"):
         recipes.train(_Net(), splits.train, ParametricCE(3), recipes.TrainConfig(epochs=1, batch_size=16),
                       search=recipes.SearchConfig(hyper_optimizer="rmsprop"), objective=BalancedCE(3), val=splits.val)
+
+
+def test_a_retrained_model_that_lost_what_the_search_found_is_flagged(monkeypatch):
+    monkeypatch.setattr(recipes, "_warned", set())
+    val = {"deo_error": 0.47, "group_balanced_error": 0.46, "worst_cell_error": 0.97, "standard_error": 0.4,
+           "predicted_classes": 2}
+    selection = [{"score": [False, 0.11, 0.1]}, {"score": [False, 0.09, 0.1]}]
+    with pytest.warns(UserWarning, match=r"AutoBalance, seed 1: the model retrained with the learned loss scores "
+                                         r"0.470 on validation against the search model's 0.090"):
+        out = recipes._retrained_check("AutoBalance", 1, val, selection, 1, grouped=True)
+    assert out == {"headline": 0.47, "search_headline": 0.09, "degenerate": False, "group_balanced_error": 0.46,
+                   "worst_cell_error": 0.97}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within RETRAIN_GAP of the search model: silent
+        recipes._retrained_check("AutoBalance", 2, dict(val, deo_error=0.15), selection, 1, grouped=True)
+    with pytest.warns(UserWarning, match="predicts a single class"):
+        recipes._retrained_check("AutoBalance", 3, dict(val, deo_error=0.0, predicted_classes=1), [], 0, grouped=True)

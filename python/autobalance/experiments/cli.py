@@ -243,7 +243,9 @@ def run(args):
     _prepare_torch(args.threads)
     config = recipes.TrainConfig(**dict(recipes.PAPER_CIFAR_TRAIN if cifar else {}, epochs=args.epochs,
                                         device=args.device))
-    search = recipes.SearchConfig(last_layer_only=args.theta == "last", **(recipes.PAPER_CIFAR_SEARCH if cifar else {}))
+    search = recipes.SearchConfig(last_layer_only=args.theta == "last",
+                                  **(recipes.PAPER_CIFAR_SEARCH if cifar else
+                                     recipes.GROUP_SEARCH if args.experiment == "groups" else {}))
     if args.hyper_batches is not None:
         search.train_batches, search.val_batches = args.hyper_batches
     if args.hyper_steps is not None:
