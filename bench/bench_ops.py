@@ -6,10 +6,14 @@ Times, side by side in one run on 2 threads, float32:
     forward+backward (which does less work);
   - the double backward with only Uz (the mixed derivative): fused op vs the
     reference's autograd;
-  - one torch.exp pass over N x K, the compute floor.
+  - one torch.exp pass over N x K, the compute floor;
+  - segmentation shapes [N, C, H, W] (NCHW-contiguous and channels-last
+    logits, [N, H, W] targets): fused forward+backward against
+    F.cross_entropy on the same input (the fused path copies NCHW logits to
+    rows once; channels-last needs no copy).
 Prints medians and ratios and writes them to JSON.
 
-    python bench/bench_ops.py [--threads 2] [--out bench/results_ops.json] [--quick]
+    python bench/bench_ops.py [--threads 2] [--out bench/results_ops.json] [--quick] [--segmentation-only]
 """
 import argparse
 import json
@@ -23,6 +27,7 @@ import autobalance  # noqa: F401  (loads the ops)
 from autobalance import parametric_cross_entropy, reference
 
 SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (2048, 8142)]
+SEGMENTATION = [(4, 19, 64, 64), (16, 19, 128, 128)]
 
 
 def interleaved_medians(fns, rounds, reps=3):
@@ -111,21 +116,51 @@ def bench_shape(n, k, quick):
     return {"N": n, "K": k, "median_ms": t, "ratios": ratios, "targets": targets}
 
 
+def bench_segmentation(shape, quick):
+    """Fused forward+backward of [N, C, H, W] logits (identity scale and shift,
+    random class weights) against F.cross_entropy, both memory layouts."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(shape, generator=g) * 3
+    y = torch.randint(0, c, (n, h, w), generator=g)
+    weight = torch.rand(1, c, generator=g) + 0.5
+    tables = [weight, torch.ones(1, c), torch.zeros(1, c)]
+    layouts = {"nchw": z, "channels_last": z.contiguous(memory_format=torch.channels_last)}
+
+    def fused(z):
+        z = z.detach().requires_grad_()
+        parametric_cross_entropy(z, y, *tables).backward()
+
+    def cross_entropy(z):
+        z = z.detach().requires_grad_()
+        F.cross_entropy(z, y, weight=weight[0]).backward()
+
+    fns = {}
+    for name, zz in layouts.items():
+        fns[f"fused_{name}"] = lambda zz=zz: fused(zz)
+        fns[f"cross_entropy_{name}"] = lambda zz=zz: cross_entropy(zz)
+    t = interleaved_medians(fns, rounds=3 if quick else 9, reps=1 if n * h * w > 100_000 else 3)
+    ratios = {f"cross_entropy/fused {name}": t[f"cross_entropy_{name}"] / t[f"fused_{name}"] for name in layouts}
+    return {"shape": list(shape), "median_ms": t, "ratios": ratios}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results_ops.json")
     parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    parser.add_argument("--segmentation-only", action="store_true", help="only the [N, C, H, W] shapes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [bench_shape(n, k, args.quick) for n, k in SHAPES]
+    seg = [bench_segmentation(shape, args.quick) for shape in SEGMENTATION]
+    rows = [] if args.segmentation_only else [bench_shape(n, k, args.quick) for n, k in SHAPES]
     cols = ["fused", "reference", "reference_compiled", "cross_entropy", "exp", "double_fused", "double_reference"]
     print(f"float32, {args.threads} threads, median ms")
     print(f"{'N x K':>12} " + " ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['median_ms'][c]:>18.3f}" for c in cols))
     print("\nratios (same run)")
-    names = list(rows[0]["ratios"])
+    names = list(rows[0]["ratios"]) if rows else []
     print(f"{'N x K':>12} " + " ".join(f"{c:>30}" for c in names))
     for r in rows:
         print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['ratios'][c]:>30.2f}" for c in names))
@@ -134,8 +169,14 @@ def main():
         for name, ok in r["targets"].items():
             if ok is not None:
                 print(f"  {r['N']} x {r['K']}: {name}: {'met' if ok else 'MISSED'}")
+    print("\n[N, C, H, W] forward+backward, median ms (ratio > 1: fused faster)")
+    for r in seg:
+        cells = ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items())
+        ratios = ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items())
+        print(f"  {r['shape']}: {cells}\n    {ratios}")
     with open(args.out, "w") as f:
-        json.dump({"threads": args.threads, "dtype": "float32", "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump({"threads": args.threads, "dtype": "float32", "torch": torch.__version__, "rows": rows,
+                   "segmentation": seg}, f, indent=2)
     print(f"\nwrote {args.out}")
 
 

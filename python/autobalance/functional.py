@@ -38,12 +38,17 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
     """Weighted CE of affine-adjusted logits, ``W[g,y] (lse(S[g] z + L[g]) - S[g,y] z_y - L[g,y])``.
 
     Args:
-        logits: ``[N, K]`` float32/float64/bfloat16/float16, any strides.
-        target: ``[N]`` int64 class indices; rows equal to ``ignore_index`` contribute nothing.
+        logits: ``[N, K]`` float32/float64/bfloat16/float16, any strides; or, as
+            ``F.cross_entropy`` takes them, ``[K]`` (unbatched, with a 0-d target) or
+            ``[N, K, d1, ..., dk]`` (class dimension 1, with ``[N, d1, ..., dk]``
+            targets): every position is a row (docs/math.md section 8).
+        target: int64 class indices, ``[N]`` (or the shapes above); rows equal to
+            ``ignore_index`` contribute nothing.
         weight, scale, shift: the ``[G, K]`` tables W, S, L; cast to the accumulation
             dtype (float64 for float64 logits, else float32).
-        group: optional ``[N]`` int64 group index in ``[0, G)``; required when ``G > 1``.
-        reduction: ``"none"`` (per-sample loss, 0 on ignored rows), ``"sum"``, or
+        group: optional int64 group index in ``[0, G)`` of the target's shape; required
+            when ``G > 1``.
+        reduction: ``"none"`` (per-sample loss of the target's shape, 0 on ignored rows), ``"sum"``, or
             ``"mean"`` = ``sum_i loss_i / sum_i W[g_i, y_i]`` over non-ignored rows
             (PyTorch's weighted mean; NaN when every row is ignored, as in
             ``F.cross_entropy``).
@@ -57,6 +62,9 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
     op = _op(backend, logits.is_cuda)
+    shape = None if logits.dim() == 2 else _index_shape(logits, target, group)
+    if shape is not None:
+        logits, target, group = _as_rows(logits, target, group, shape)
     acc = autobalance_ext.accumulate_dtype(logits.dtype)
     if not (isinstance(weight, torch.Tensor) and weight.dtype == acc and isinstance(scale, torch.Tensor)
             and scale.dtype == acc and isinstance(shift, torch.Tensor) and shift.dtype == acc):
@@ -66,10 +74,41 @@ def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *
         return _FUSED_REDUCED(logits, target, group, weight, scale, shift, ignore_index, reduction == "mean")
     loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
     if reduction == "none":
-        return loss
+        return loss if shape is None else loss.reshape(shape)
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / _weight_sum(weight, target, group, ignore_index)
+
+
+def _index_shape(logits, target, group):
+    """The target's shape for ``[K]`` or ``[N, K, d1..dk]`` logits (checked, with
+    the group's); the ``[N, K]`` case is checked by the ops."""
+    if logits.dim() == 0:
+        raise ValueError("autobalance: `logits` must have shape [K], [N, K] or [N, K, d1, ..., dk], got a 0-d tensor")
+    for name, t in (("target", target), ("group", group)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"autobalance: `{name}` must be a Tensor, got {type(t).__name__}")
+    if logits.dim() == 1:
+        expected, form = (), "a 0-d (scalar) tensor for unbatched [K] logits"
+    else:
+        expected = (logits.shape[0], *logits.shape[2:])
+        form = f"shape [N, d1, ..., dk] = {list(expected)} for logits of shape {list(logits.shape)}"
+    if tuple(target.shape) != expected:
+        raise ValueError(f"autobalance: `target` must be {form}, got shape {list(target.shape)}")
+    if group is not None and group.shape != target.shape:
+        raise ValueError(f"autobalance: `group` must have the target's shape {list(target.shape)}, "
+                         f"got {list(group.shape)}")
+    return target.shape
+
+
+def _as_rows(logits, target, group, shape):
+    """``[K]`` / ``[N, K, d1..dk]`` logits as ``[R, K]`` rows (class dimension last),
+    and the indices as ``[R]``. A view where the layout allows (``[K]``, and a
+    class dimension of stride 1 such as channels-last); otherwise one copy of
+    the logits (autograd takes the gradient back through it)."""
+    rows = target.numel()
+    z = logits.reshape(1, -1) if logits.dim() == 1 else logits.movedim(1, -1).reshape(rows, logits.shape[1])
+    return z, target.reshape(rows), None if group is None else group.reshape(rows)
 
 
 def _weight_sum(weight, target, group, ignore_index):

@@ -192,6 +192,11 @@ class ParametricCE(nn.Module):
         scale_max: upper bound of the scales.
         reduction, ignore_index, backend: as in
             :func:`autobalance.functional.parametric_cross_entropy`.
+
+    ``forward(input, target, group=None)`` takes the class-index forms of
+    ``nn.CrossEntropyLoss``: ``[N, K]`` with ``[N]`` targets, ``[K]`` with a 0-d
+    target, ``[N, K, d1, ..., dk]`` with ``[N, d1, ..., dk]`` targets; ``group``
+    has the target's shape.
     """
 
     def __init__(self, num_classes: int, clusters: Union[None, int, torch.Tensor] = None, *,
@@ -291,9 +296,10 @@ class ParametricCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 group: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
-            raise ValueError(f"autobalance: `logits` must have K = num_classes = {self.num_classes} columns, "
-                             f"got shape {list(logits.shape)}")
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 1 \
+                and logits.shape[min(1, logits.dim() - 1)] != self.num_classes:
+            raise ValueError(f"autobalance: `logits` must have K = num_classes = {self.num_classes} classes "
+                             f"(dimension 1, or 0 for unbatched [K] logits), got shape {list(logits.shape)}")
         weight, scale, shift = self.tables()
         return parametric_cross_entropy(logits, target, weight, scale, shift, group,
                                         reduction=self.reduction, ignore_index=self.ignore_index,
