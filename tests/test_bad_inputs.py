@@ -122,8 +122,18 @@ def test_out_of_range_label_in_a_large_threaded_batch(where):
 @pytest.mark.parametrize("caller", SHAPE_CALLERS)
 @pytest.mark.parametrize("shape", [(N * K,), (N, K, 1), ()])
 def test_logits_rank(caller, shape):
+    """The ops take [N, K] only; the functional and the module also take [K]
+    with a 0-d target and [N, K, d1..dk] with [N, d1..dk] targets (tests/test_shapes.py),
+    so there an [N] target is the argument in error."""
     logits = torch.randn(N * K).reshape(shape) if shape else torch.tensor(1.0)
-    with pytest.raises(ValueError, match=r"`logits` must have shape \[N, K\]"):
+    message = r"`logits` must have shape \[N, K\]"
+    if caller in ("fused", "reference", "module"):
+        message = {(N * K,): r"`target` must be a 0-d \(scalar\) tensor for unbatched \[K\] logits",
+                   (N, K, 1): r"`target` must be shape \[N, d1, ..., dk\] = \[6, 1\]",
+                   (): r"`logits` must have shape \[K\], \[N, K\] or \[N, K, d1, ..., dk\]"}[shape]
+        if caller == "module" and shape == (N * K,):
+            message = r"`logits` must have K = num_classes = 5 classes"
+    with pytest.raises(ValueError, match=message):
         call_with(caller, logits=logits)
 
 
