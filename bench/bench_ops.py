@@ -135,13 +135,31 @@ def bench_segmentation(shape, quick):
         z = z.detach().requires_grad_()
         F.cross_entropy(z, y, weight=weight[0]).backward()
 
-    fns = {}
+    fns = {"copy_nchw_to_rows": lambda: z.movedim(1, -1).reshape(-1, c)}  # what the fused NCHW path adds
     for name, zz in layouts.items():
         fns[f"fused_{name}"] = lambda zz=zz: fused(zz)
         fns[f"cross_entropy_{name}"] = lambda zz=zz: cross_entropy(zz)
-    t = interleaved_medians(fns, rounds=3 if quick else 9, reps=1 if n * h * w > 100_000 else 3)
+    t = interleaved_medians(fns, rounds=5 if quick else 15, reps=1 if n * h * w > 100_000 else 3)
     ratios = {f"cross_entropy/fused {name}": t[f"cross_entropy_{name}"] / t[f"fused_{name}"] for name in layouts}
     return {"shape": list(shape), "median_ms": t, "ratios": ratios}
+
+
+def print_rows(rows):
+    cols = ["fused", "reference", "reference_compiled", "cross_entropy", "exp", "double_fused", "double_reference"]
+    print("median ms")
+    print(f"{'N x K':>12} " + " ".join(f"{c:>18}" for c in cols))
+    for r in rows:
+        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['median_ms'][c]:>18.3f}" for c in cols))
+    print("\nratios (same run)")
+    names = list(rows[0]["ratios"])
+    print(f"{'N x K':>12} " + " ".join(f"{c:>30}" for c in names))
+    for r in rows:
+        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['ratios'][c]:>30.2f}" for c in names))
+    print("\ntargets")
+    for r in rows:
+        for name, ok in r["targets"].items():
+            if ok is not None:
+                print(f"  {r['N']} x {r['K']}: {name}: {'met' if ok else 'MISSED'}")
 
 
 def main():
@@ -154,21 +172,9 @@ def main():
     torch.set_num_threads(args.threads)
     seg = [bench_segmentation(shape, args.quick) for shape in SEGMENTATION]
     rows = [] if args.segmentation_only else [bench_shape(n, k, args.quick) for n, k in SHAPES]
-    cols = ["fused", "reference", "reference_compiled", "cross_entropy", "exp", "double_fused", "double_reference"]
-    print(f"float32, {args.threads} threads, median ms")
-    print(f"{'N x K':>12} " + " ".join(f"{c:>18}" for c in cols))
-    for r in rows:
-        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['median_ms'][c]:>18.3f}" for c in cols))
-    print("\nratios (same run)")
-    names = list(rows[0]["ratios"]) if rows else []
-    print(f"{'N x K':>12} " + " ".join(f"{c:>30}" for c in names))
-    for r in rows:
-        print(f"{r['N']:>5} x {r['K']:<5} " + " ".join(f"{r['ratios'][c]:>30.2f}" for c in names))
-    print("\ntargets")
-    for r in rows:
-        for name, ok in r["targets"].items():
-            if ok is not None:
-                print(f"  {r['N']} x {r['K']}: {name}: {'met' if ok else 'MISSED'}")
+    print(f"float32, {args.threads} threads")
+    if rows:
+        print_rows(rows)
     print("\n[N, C, H, W] forward+backward, median ms (ratio > 1: fused faster)")
     for r in seg:
         cells = ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items())
