@@ -129,7 +129,7 @@ def test_logits_rank(caller, shape):
     message = r"`logits` must have shape \[N, K\]"
     if caller in ("fused", "reference", "module"):
         message = {(N * K,): r"`target` must be a 0-d \(scalar\) tensor for unbatched \[K\] logits",
-                   (N, K, 1): r"`target` must be shape \[N, d1, ..., dk\] = \[6, 1\]",
+                   (N, K, 1): r"`target` must have shape \[N, d1, ..., dk\] = \[6, 1\]",
                    (): r"`logits` must have shape \[K\], \[N, K\] or \[N, K, d1, ..., dk\]"}[shape]
         if caller == "module" and shape == (N * K,):
             message = r"`logits` must have K = num_classes = 5 classes"

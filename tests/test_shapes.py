@@ -142,9 +142,9 @@ def test_bad_shapes_are_clear_errors(backend):
     t2 = [torch.ones(2, 5), torch.ones(2, 5), torch.zeros(2, 5)]
     z = torch.randn(2, 5, 3, 4)
     cases = [
-        (z, torch.zeros(2, 3, dtype=torch.long), None, tables, "`target` must be shape [N, d1, ..., dk] = [2, 3, 4]"),
-        (z, torch.zeros(2, 3, 5, dtype=torch.long), None, tables, "`target` must be shape"),
-        (z, torch.zeros(2, 5, 3, 4, dtype=torch.long), None, tables, "`target` must be shape"),
+        (z, torch.zeros(2, 3, dtype=torch.long), None, tables, "`target` must have shape [N, d1, ..., dk] = [2, 3, 4]"),
+        (z, torch.zeros(2, 3, 5, dtype=torch.long), None, tables, "`target` must have shape"),
+        (z, torch.zeros(2, 5, 3, 4, dtype=torch.long), None, tables, "`target` must have shape"),
         (z, torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long), t2,
          "`group` must have the target's shape [2, 3, 4]"),
         (torch.randn(5), torch.zeros(1, dtype=torch.long), None, tables, "`target` must be a 0-d (scalar) tensor"),
@@ -188,3 +188,15 @@ def test_deterministic(form):
         runs.append((loss, *torch.autograd.grad(loss, [zz, *tables])))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_channels_last_rows_are_a_view():
+    """The fused kernels get channels-last logits in place; NCHW logits are copied once."""
+    from autobalance.functional import _as_rows
+    z = torch.randn(2, 5, 3, 4)
+    y = torch.zeros(2, 3, 4, dtype=torch.long)
+    cl = z.contiguous(memory_format=torch.channels_last)
+    rows, target, _ = _as_rows(cl, y, None, y.shape)
+    assert rows.shape == (24, 5) and rows.is_contiguous() and target.shape == (24,)
+    assert rows.data_ptr() == cl.data_ptr()
+    assert _as_rows(z, y, None, y.shape)[0].data_ptr() != z.data_ptr()

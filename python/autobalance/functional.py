@@ -89,12 +89,12 @@ def _index_shape(logits, target, group):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"autobalance: `{name}` must be a Tensor, got {type(t).__name__}")
     if logits.dim() == 1:
-        expected, form = (), "a 0-d (scalar) tensor for unbatched [K] logits"
+        expected, form = (), "be a 0-d (scalar) tensor for unbatched [K] logits"
     else:
         expected = (logits.shape[0], *logits.shape[2:])
-        form = f"shape [N, d1, ..., dk] = {list(expected)} for logits of shape {list(logits.shape)}"
+        form = f"have shape [N, d1, ..., dk] = {list(expected)} for logits of shape {list(logits.shape)}"
     if tuple(target.shape) != expected:
-        raise ValueError(f"autobalance: `target` must be {form}, got shape {list(target.shape)}")
+        raise ValueError(f"autobalance: `target` must {form}, got shape {list(target.shape)}")
     if group is not None and group.shape != target.shape:
         raise ValueError(f"autobalance: `group` must have the target's shape {list(target.shape)}, "
                          f"got {list(group.shape)}")
