@@ -5,6 +5,8 @@ import math
 import os
 import sys
 
+from autobalance.experiments.cli import run_folder
+
 
 def check(folder, experiment):
     expected = ["results.json", "table.md", "parameter_evolution.png", "search_trajectory.png"]
@@ -41,8 +43,7 @@ def check(folder, experiment):
     # every (method, seed) run kept for --resume, and no checkpoint or temporary file left
     assert os.path.isfile(os.path.join(folder, "run.json")), "missing run.json"
     for run in results["results"]:
-        slug = "".join(c if c.isalnum() else "_" for c in run["method"]).strip("_")
-        assert os.path.isfile(os.path.join(folder, "runs", f"seed{run['seed']}", slug, "result.json")), run["method"]
+        assert os.path.isfile(os.path.join(run_folder(folder, run["seed"], run["method"]), "result.json")), run["method"]
     left = [f for _, _, files in os.walk(folder) for f in files if f.endswith((".pt", ".tmp"))]
     assert not left, f"left behind: {left}"
     print(f"{folder}: {len(results['results'])} runs, outputs complete, AutoBalance time x{multiple:.2f}")

@@ -113,8 +113,8 @@ __device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
   // The host has checked every index before the launch
   // (check_row_indices_cuda in parametric_ce.cu raises the CPU kernels'
   // IndexError); should a bad one come through anyway (the indices changed on
-  // another stream), the row is skipped, so nothing is read or written out of
-  // bounds.
+  // another stream, or the check was skipped during CUDA-graph capture), the
+  // row is skipped, so nothing is read or written out of bounds.
   const bool ok = y >= 0 && y < a.K && g >= 0 && g < a.G;
   return {ok ? static_cast<int>(y) : 0, ok ? g : 0, !ok};
 }

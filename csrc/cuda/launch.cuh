@@ -1,7 +1,8 @@
 // Host side of the CUDA kernels: contiguous inputs, alignment, and the
 // choice of kernel shape by K. Shared by parametric_ce.cu and
 // parametric_ce_double_backward.cu; everything launches on the current
-// stream with no host synchronisation.
+// stream; the one host synchronisation is the label check before the launch
+// (check_row_indices_cuda; none while a CUDA graph is captured).
 #pragma once
 
 #include <ATen/core/Tensor.h>

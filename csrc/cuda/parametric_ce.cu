@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -40,9 +41,11 @@ __global__ void __launch_bounds__(kThreads) first_bad_row_kernel(
 // ignore_index) or group is out of range. It costs one pass over the indices
 // (a small kernel) and one device-to-host copy of its 8-byte result, i.e. a
 // host synchronisation per op call; the error path reads that row's indices back.
+// Skipped while the stream is captured into a CUDA graph, where a read-back is
+// not allowed: the kernels then skip bad rows (read_row) instead of raising.
 void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
                             int64_t ignore_index, cudaStream_t stream) {
-  if (s.rows == 0) return;
+  if (s.rows == 0 || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   Tensor first = at::full({1}, s.rows, target.options());
   const int64_t blocks = std::min<int64_t>(ceil_div(s.rows, kThreads), 1024);
   first_bad_row_kernel<<<blocks, kThreads, 0, stream>>>(

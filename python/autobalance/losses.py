@@ -352,7 +352,8 @@ class LDAMLoss(nn.Module):
                              f"got {got}")
         check_labels(target, "target", like=logits[:, 0])
         kept = target != self.ignore_index
-        check_labels(target[kept], "target", classes)
+        if bool((kept & ((target < 0) | (target >= classes))).any()):  # one host sync; the message needs the range
+            check_labels(target[kept], "target", classes)
         safe = torch.where(kept, target, 0)[:, None]
         margin = torch.where(kept, self.margins.to(logits)[safe[:, 0]], 0)[:, None]
         weight = None if self.weight is None else self.weight.to(logits)

@@ -618,7 +618,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         return out
 
     def _ridge(self):
-        """The ridge coefficient of every weight of theta, flat (None if all 0): the ``ridge``
+        """The ridge coefficient of every weight of theta, flat (None without any decay): the ``ridge``
         argument, or read from the wrapped optimizer (docs/math.md section 5, "Weight
         decay"): ``weight_decay`` as an L2 term, or for Adam's decoupled decay (AdamW,
         ``Adam(decoupled_weight_decay=True)``) ``weight_decay * (sqrt(v_hat) + eps)``."""
@@ -626,6 +626,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
             return None if self.ridge == 0 else torch.cat([torch.full((p.numel(),), self.ridge, dtype=p.dtype,
                                                                       device=p.device) for p in self._theta])
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        if not any(float(group_of[id(p)].get("weight_decay", 0.0)) for p in self._theta):
+            return None  # no decay: nothing to build, no device work
         parts = []
         for p in self._theta:
             group = group_of[id(p)]
@@ -646,8 +648,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 else:  # no step yet: v_hat = 0
                     coefficient *= float(group["eps"])
             parts.append(coefficient.reshape(-1))
-        ridge = torch.cat(parts)
-        return ridge if bool(ridge.any()) else None
+        return torch.cat(parts)
 
     def _hypergradient(self, model, train_batches, val_batches):
         model, train, val = self._arguments(model, train_batches, val_batches)

@@ -59,6 +59,7 @@ QUICK = {"classes": dict(dataset="digits", seeds=1, epochs=4, hyper_steps=10),
 DEFAULTS = {"classes": dict(dataset="mnist", seeds=3, epochs=24, pareto_lams=""),
             "groups": dict(dataset="mnist", seeds=3, epochs=12, pareto_lams="0.1,0.5,0.9")}
 RUN_FILE = "run.json"  # the resolved arguments of the run in an --out folder (read by --resume)
+NOT_SAVED = ("command", "func", "parser", "resume", "no_progress")  # attributes of args that are not the run's
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell gives
 
 
@@ -195,8 +196,11 @@ def resolve_run(args):
     return methods
 
 
-def _slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def run_folder(out, seed, method):
+    """Where a run keeps the result and checkpoints of one (seed, method): ``OUT/runs/seedS/METHOD``
+    (the method's name with every other character than letters and digits as ``_``)."""
+    slug = "".join(c if c.isalnum() else "_" for c in method).strip("_")
+    return os.path.join(out, "runs", f"seed{seed}", slug)
 
 
 def _start_folder(args):
@@ -210,7 +214,7 @@ def _start_folder(args):
         print(f"replacing the earlier run in {args.out} (continue one with --resume {args.out})", flush=True)
         shutil.rmtree(runs)
     os.makedirs(runs, exist_ok=True)
-    saved = {k: v for k, v in vars(args).items() if k not in ("command", "func", "parser", "resume", "no_progress")}
+    saved = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
     recipes.save_atomic(os.path.join(args.out, RUN_FILE), json.dumps(saved, indent=1))
 
 
@@ -220,7 +224,7 @@ def _resumed(args, parser):
     if not os.path.isfile(path):
         raise UsageError(f"--resume {args.resume!r}: no run to continue there (no {RUN_FILE}); give the --out "
                          "folder of an earlier autobalance run")
-    given = [a for a in vars(args) if a not in ("command", "func", "parser", "resume", "no_progress", "seed")
+    given = [a for a in vars(args) if a not in NOT_SAVED + ("seed",)
              and getattr(args, a) != parser.get_default(a)]
     if given:
         raise UsageError(f"--resume continues a run with its own arguments; drop {', '.join(given)}")
@@ -278,7 +282,7 @@ def run(args):
                   f"{config.batch_size}, {n_val} validation batch{'es' if n_val > 1 else ''} of {val_batch}", flush=True)
         for method in methods.values():
             result = recipes.run_method(method, splits, factory, config, search, seed=seed, progress=progress,
-                                        checkpoint=os.path.join(out, "runs", f"seed{seed}", _slug(method.name)))
+                                        checkpoint=run_folder(out, seed, method.name))
             results.append(result.to_json())
             key = "balanced_error" if args.experiment == "classes" else "deo_error"
             chosen = "".join(f", {name}={value:g}" for name, value in result.choice.items())
@@ -404,7 +408,7 @@ def main(argv=None):
     p.add_argument("--hyper-steps", type=int, default=None,
                    help="about this many hyper-steps per search (default 50, spread over the steps after the warm-up)")
     p.add_argument("--hyper-every", type=int, default=None,
-                   help="a hyper-step every N training steps instead (CIFAR: the paper's 20; 2 with --quick)")
+                   help="a hyper-step every N training steps instead (CIFAR and groups: the paper's 20)")
     p.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default=None,
                    help="the hyper-optimizer: adam (default; scale-free steps) or sgd (the paper's)")
     p.add_argument("--hyper-lr", type=float, default=None, help="its learning rate (default 0.05)")
