@@ -63,7 +63,17 @@ def check_inputs(logits, target, group, weight, scale, shift):
     if groups < 1:
         raise ValueError(f"autobalance: tables need G >= 1 rows, got `weight` of shape {list(weight.shape)}")
     acc = accumulate_dtype(logits.dtype)
-    _check_index(target, "target", rows, logits.device)
+    if isinstance(target, torch.Tensor) and target.is_floating_point():  # a probability target
+        if target.dtype != logits.dtype:
+            raise TypeError(f"autobalance: a probability `target` must have the dtype of logits ({logits.dtype}), "
+                            f"got {target.dtype}")
+        if target.shape != logits.shape:
+            raise ValueError(f"autobalance: a floating-point `target` is a probability target and must have the "
+                             f"shape of logits {list(logits.shape)}, got {list(target.shape)}; class-index targets "
+                             "must have dtype torch.int64")
+        _check_device(target, "target", logits.device)
+    else:
+        _check_index(target, "target", rows, logits.device)
     if group is not None:
         _check_index(group, "group", rows, logits.device)
     elif groups != 1:
@@ -71,6 +81,16 @@ def check_inputs(logits, target, group, weight, scale, shift):
     for name, t in (("weight", weight), ("scale", scale), ("shift", shift)):
         _check_table(t, name, groups, classes, acc, logits.device)
     return rows, classes, groups
+
+
+def check_label_smoothing(label_smoothing):
+    """``label_smoothing`` must be a number in [0, 1] (NaN fails too)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"autobalance: `label_smoothing` must be a float in [0, 1], got "
+                        f"{type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"autobalance: `label_smoothing` must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
 
 
 def check_cotangents(logits, groups, u_logits, u_weight, u_scale, u_shift):

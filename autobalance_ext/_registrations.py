@@ -5,22 +5,24 @@ Their autograd is C++ (``csrc/autograd.cpp``): the backward of
 fused ``parametric_ce_double_backward``, and a third derivative raises."""
 import torch
 
-from ._checks import accumulate_dtype, check_cotangents, check_inputs, check_per_row
+from ._checks import accumulate_dtype, check_cotangents, check_inputs, check_label_smoothing, check_per_row
 
 _lib = "autobalance::"
 
 
 @torch.library.register_fake(_lib + "parametric_ce")
-def _parametric_ce_fake(logits, target, group, weight, scale, shift, ignore_index):
+def _parametric_ce_fake(logits, target, group, weight, scale, shift, ignore_index, label_smoothing=0.0):
     rows, _, _ = check_inputs(logits, target, group, weight, scale, shift)
+    check_label_smoothing(label_smoothing)
     acc = accumulate_dtype(logits.dtype)
     return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
 
 
 @torch.library.register_fake(_lib + "parametric_ce_backward")
 def _parametric_ce_backward_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
-                                 ignore_index, table_grads):
+                                 ignore_index, table_grads, label_smoothing=0.0):
     rows, _, _ = check_inputs(logits, target, group, weight, scale, shift)
+    check_label_smoothing(label_smoothing)
     acc = accumulate_dtype(logits.dtype)
     check_per_row(grad_loss, "grad_loss", rows, acc)
     check_per_row(lse, "lse", rows, acc)
@@ -30,8 +32,10 @@ def _parametric_ce_backward_fake(grad_loss, logits, target, group, weight, scale
 
 @torch.library.register_fake(_lib + "parametric_ce_double_backward")
 def _parametric_ce_double_backward_fake(grad_loss, logits, target, group, weight, scale, shift, lse,
-                                        u_logits, u_weight, u_scale, u_shift, ignore_index, table_grads):
+                                        u_logits, u_weight, u_scale, u_shift, ignore_index, table_grads,
+                                        label_smoothing=0.0):
     rows, _, groups = check_inputs(logits, target, group, weight, scale, shift)
+    check_label_smoothing(label_smoothing)
     acc = accumulate_dtype(logits.dtype)
     check_per_row(grad_loss, "grad_loss", rows, acc)
     check_per_row(lse, "lse", rows, acc)

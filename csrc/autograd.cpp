@@ -24,15 +24,15 @@ using torch::autograd::variable_list;
 
 using ForwardSig = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-    const Tensor&, const Tensor&, int64_t);
+    const Tensor&, const Tensor&, int64_t, double);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double);
 using DoubleBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool);
+    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool, double);
 
 using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
@@ -148,15 +148,36 @@ Tensor weight_sum(const Tensor& counts, const Tensor& weight) {
 // The per-row losses reduced (sum, or mean = sum / <counts, W>) the same way on
 // every path, so the reduced loss has the same bits whichever kernel made the
 // losses. For a mean, undefined `counts` are computed here (after the kernel,
-// which has checked the indices).
+// which has checked the indices). A probability target's mean divides by the
+// number of rows instead (docs/math.md section 8), and `counts` stay undefined.
 Tensor reduce_losses(const Tensor& loss, int64_t reduction, Tensor& counts, const Tensor& target,
                      const std::optional<Tensor>& group, const Tensor& weight,
                      int64_t ignore_index) {
   if (reduction == kNone) return loss;
   const Tensor total = fixed_block_sum(loss);
   if (reduction == kSum) return total;
+  if (target.is_floating_point()) return total.div(loss.sym_size(0));
   if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
   return total.div(weight_sum(counts, weight));
+}
+
+// ∂ℓ_i/∂P[i,k] = ω_i (1 - ε) W[g,k] nlp_ik for a probability target P that
+// needs a gradient (docs/math.md section 8), from the saved inputs (logits,
+// target, group, weight, scale, shift). ATen ops, not a kernel: learned soft
+// labels are rare, and these ops are differentiable again.
+Tensor probability_target_grad(const Tensor& upstream, const variable_list& s,
+                               double label_smoothing) {
+  const Tensor& group = s[2];
+  const auto rows = [&](const Tensor& table) {
+    return group.defined() ? table.index_select(0, group) : table;
+  };
+  const Tensor a = rows(s[4]).mul(s[0].to(s[4].scalar_type())).add(rows(s[5]));
+  const Tensor nlp = a.log_softmax(1).neg();
+  return upstream.unsqueeze(1)
+      .mul(rows(s[3]))
+      .mul(nlp)
+      .mul(1.0 - label_smoothing)
+      .to(s[1].scalar_type());
 }
 
 // The 0-dim incoming gradient's value (read in place: no dispatch).
@@ -191,8 +212,8 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits,
                                const Tensor& target, const std::optional<Tensor>& group,
                                const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, int64_t ignore_index, bool fast,
-                               int64_t reduction) {
+                               const Tensor& shift, int64_t ignore_index, double label_smoothing,
+                               bool fast, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out, lse, kept, counts, dW, dS, dL;  // kept: the residual or grad_logits
     if (fast && reduction != kNone) {
@@ -205,8 +226,8 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       std::tie(out, lse, kept) =
           ops().residual.call(logits, target, group, weight, scale, shift, ignore_index);
     } else {
-      std::tie(out, lse) =
-          ops().forward.call(logits, target, group, weight, scale, shift, ignore_index);
+      std::tie(out, lse) = ops().forward.call(logits, target, group, weight, scale, shift,
+                                              ignore_index, label_smoothing);
     }
     out = reduce_losses(out, reduction, counts, target, group, weight, ignore_index);
     if (reduction == kMean) ctx->saved_data["counts"] = counts;
@@ -224,11 +245,12 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);  // no gradient flows into the loss
+    if (!grads[0].defined()) return variable_list(10);  // no gradient flows into the loss
     const Edges e{ctx, 2};
     // Grad mode is on exactly when this backward is differentiated again.
     const bool differentiable = at::GradMode::is_enabled();
@@ -236,7 +258,7 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
     // unless the graph is kept (retain_graph=True) for another: then copies.
     const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
     auto own = [&](const Tensor& t) { return keep_graph ? t.clone() : t; };
-    Tensor dz, dW, dS, dL;
+    Tensor dz, dW, dS, dL, dq;
     const auto gradients = ctx->saved_data.find("gradients");
     // A non-finite incoming gradient times the kept gradients would be NaN on
     // ignored rows and empty cells too (0 * inf), where the kernels give 0 (an
@@ -262,10 +284,15 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       const bool table_grads = e.needed(3) || e.needed(4) || e.needed(5);
       const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+      const bool probs = s[1].is_floating_point();
       const bool use_kept = s[7].defined() && !differentiable;
-      // d out / d loss_i: 1 (sum) or 1 / <counts, W> (mean), times the incoming gradient.
+      // d out / d loss_i: 1 (sum), 1 / <counts, W> (mean) or 1 / N (mean of a
+      // probability target), times the incoming gradient.
       Tensor upstream = grads[0], counts, denominator;
-      if (reduction == kMean) {
+      if (reduction == kMean && probs) {
+        upstream = upstream.div(s[6].sym_size(0));
+      } else if (reduction == kMean) {
         counts = ctx->saved_data["counts"].toTensor();
         denominator = weight_sum(counts, s[3]);
         upstream = upstream.div(denominator);
@@ -281,15 +308,17 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
                                                         s[4], s[5], s[6], dz, ignore_index, table_grads);
       } else {
         std::tie(dz, dW, dS, dL) = ops().backward.call(upstream, s[0], s[1], optional(s[2]), s[3],
-                                                       s[4], s[5], s[6], ignore_index, table_grads);
+                                                       s[4], s[5], s[6], ignore_index, table_grads,
+                                                       label_smoothing);
       }
-      if (reduction == kMean && e.needed(3)) {
+      if (probs && e.needed(1)) dq = probability_target_grad(upstream, s, label_smoothing);
+      if (reduction == kMean && !probs && e.needed(3)) {
         // the denominator's share: d(sum / D)/dW = -(out / D) counts
         dW = dW.sub(grads[0].mul(s[8]).div(denominator).mul(counts.view_as(dW)));
       }
     }
-    return {e.keep(0, dz), Tensor(), Tensor(), e.keep(3, dW), e.keep(4, dS),
-            e.keep(5, dL), Tensor(), Tensor(), Tensor()};
+    return {e.keep(0, dz), dq, Tensor(), e.keep(3, dW), e.keep(4, dS),
+            e.keep(5, dL), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -301,15 +330,16 @@ struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
                                const std::optional<Tensor>& group, const Tensor& weight,
                                const Tensor& scale, const Tensor& shift,
                                const Tensor& lse, int64_t ignore_index,
-                               bool table_grads) {
+                               bool table_grads, double label_smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dz, dW, dS, dL] =
         ops().backward.call(grad_loss, logits, target, group, weight,
-                           scale, shift, lse, ignore_index, table_grads);
+                           scale, shift, lse, ignore_index, table_grads, label_smoothing);
     ctx->save_for_backward({grad_loss, logits, target, value(group), weight, scale, shift, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["has_group"] = group.has_value() && group->defined();
     ctx->saved_data["table_grads"] = table_grads;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->set_materialize_grads(false);  // absent cotangents stay undefined: no [N, K] zeros
     return {dz, dW, dS, dL};
   }
@@ -319,16 +349,20 @@ struct ParametricCEBackward : torch::autograd::Function<ParametricCEBackward> {
       // the table outputs were constant zeros
       u[1] = u[2] = u[3] = Tensor();
     }
-    variable_list none(10);
+    variable_list none(11);
     if (!u[0].defined() && !u[1].defined() && !u[2].defined() && !u[3].defined())
       return none;
     const auto s = ctx->get_saved_variables();
     const Edges e{ctx, 3};
+    TORCH_CHECK_NOT_IMPLEMENTED(!e.needed(2), "autobalance: second derivatives with respect to a "
+                                "probability target are not implemented; detach the target or "
+                                "differentiate once");
     const bool table_grads = e.needed(4) || e.needed(5) || e.needed(6);
     auto [grad_grad_loss, dz, dW, dS, dL] = ops().double_backward.call(
         s[0], s[1], s[2], optional(s[3]), s[4], s[5], s[6], s[7], optional(u[0]),
         optional(u[1]), optional(u[2]), optional(u[3]),
-        ctx->saved_data["ignore_index"].toInt(), table_grads);
+        ctx->saved_data["ignore_index"].toInt(), table_grads,
+        ctx->saved_data["label_smoothing"].toDouble());
     none[0] = e.keep(0, grad_grad_loss);
     none[1] = e.keep(1, dz);
     none[4] = e.keep(4, dW);
@@ -347,11 +381,11 @@ struct ParametricCEDoubleBackward
       const Tensor& scale, const Tensor& shift, const Tensor& lse,
       const std::optional<Tensor>& u_logits, const std::optional<Tensor>& u_weight,
       const std::optional<Tensor>& u_scale, const std::optional<Tensor>& u_shift,
-      int64_t ignore_index, bool table_grads) {
+      int64_t ignore_index, bool table_grads, double label_smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [a, b, c, d, e] = ops().double_backward.call(
         grad_loss, logits, target, group, weight, scale, shift, lse, u_logits,
-        u_weight, u_scale, u_shift, ignore_index, table_grads);
+        u_weight, u_scale, u_shift, ignore_index, table_grads, label_smoothing);
     return {a, b, c, d, e};
   }
 
@@ -366,7 +400,8 @@ struct ParametricCEDoubleBackward
 variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
                                   const std::optional<Tensor>& group, const Tensor& weight,
                                   const Tensor& scale, const Tensor& shift,
-                                  int64_t ignore_index, int64_t reduction) {
+                                  int64_t ignore_index, double label_smoothing,
+                                  int64_t reduction) {
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (logits.requires_grad() || weight.requires_grad() ||
                            scale.requires_grad() || shift.requires_grad());
@@ -375,29 +410,32 @@ variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
   // Eager tensors only: not under FakeTensor / functionalization tracing.
   const bool traced = logits.key_set().has(c10::DispatchKey::Python) ||
                       logits.key_set().has(c10::DispatchKey::Functionalize);
-  const bool fast = needs_grad && !traced && logits.device().is_cpu() &&
+  // The fast path's ops take class-index targets without label smoothing.
+  const bool one_hot = !target.is_floating_point() && label_smoothing == 0.0;
+  const bool fast = needs_grad && !traced && one_hot && logits.device().is_cpu() &&
                     !logits.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
                     (reduction != kNone || logits.numel() <= kResidualMaxElements) &&
                     (logits.scalar_type() == at::kFloat ||
                      logits.scalar_type() == at::kDouble);
   return ParametricCE::apply(logits, target, group, weight, scale, shift, ignore_index,
-                             fast, reduction);
+                             label_smoothing, fast, reduction);
 }
 
 std::tuple<Tensor, Tensor> parametric_ce_autograd(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
-    int64_t ignore_index) {
-  auto out = apply_parametric_ce(logits, target, group, weight, scale, shift, ignore_index, kNone);
+    int64_t ignore_index, double label_smoothing) {
+  auto out = apply_parametric_ce(logits, target, group, weight, scale, shift, ignore_index,
+                                 label_smoothing, kNone);
   return {out[0], out[1]};
 }
 
 Tensor parametric_ce_reduced_autograd(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
-    int64_t ignore_index, bool mean) {
+    int64_t ignore_index, bool mean, double label_smoothing) {
   return apply_parametric_ce(logits, target, group, weight, scale, shift, ignore_index,
-                             mean ? kMean : kSum)[0];
+                             label_smoothing, mean ? kMean : kSum)[0];
 }
 
 // Below autograd (and for FakeTensor tracing), the reduced op in terms of the
@@ -405,20 +443,22 @@ Tensor parametric_ce_reduced_autograd(
 Tensor parametric_ce_reduced_composite(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
-    int64_t ignore_index, bool mean) {
+    int64_t ignore_index, bool mean, double label_smoothing) {
   Tensor counts;
   return reduce_losses(
-      std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index)),
+      std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index,
+                                     label_smoothing)),
       mean ? kMean : kSum, counts, target, group, weight, ignore_index);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_autograd(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight, const Tensor& scale,
-    const Tensor& shift, const Tensor& lse, int64_t ignore_index, bool table_grads) {
+    const Tensor& shift, const Tensor& lse, int64_t ignore_index, bool table_grads,
+    double label_smoothing) {
   auto out = ParametricCEBackward::apply(grad_loss, logits, target, group,
                                          weight, scale, shift, lse, ignore_index,
-                                         table_grads);
+                                         table_grads, label_smoothing);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -428,10 +468,11 @@ parametric_ce_double_backward_autograd(
     const std::optional<Tensor>& group, const Tensor& weight, const Tensor& scale,
     const Tensor& shift, const Tensor& lse, const std::optional<Tensor>& u_logits,
     const std::optional<Tensor>& u_weight, const std::optional<Tensor>& u_scale,
-    const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads) {
+    const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads,
+    double label_smoothing) {
   auto out = ParametricCEDoubleBackward::apply(
       grad_loss, logits, target, group, weight, scale, shift, lse, u_logits,
-      u_weight, u_scale, u_shift, ignore_index, table_grads);
+      u_weight, u_scale, u_shift, ignore_index, table_grads, label_smoothing);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

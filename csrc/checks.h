@@ -18,6 +18,7 @@ struct Sizes {
   int64_t rows;     // N
   int64_t classes;  // K
   int64_t groups;   // G
+  bool probs;       // `target` is a probability target [N, K], not class indices [N]
 };
 
 // Dtype names as Python spells them, so C++ and Python errors read alike.
@@ -101,7 +102,17 @@ inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
   TORCH_CHECK_VALUE(s.groups >= 1, "autobalance: tables need G >= 1 rows, got "
                     "`weight` of shape ", weight.sizes());
   const auto acc = accumulate_type(dt);
-  check_index(target, "target", s);
+  s.probs = target.is_floating_point();
+  if (s.probs) {
+    TORCH_CHECK_TYPE(target.scalar_type() == dt, "autobalance: a probability `target` must have "
+                     "the dtype of logits (", dtype_name(dt), "), got ",
+                     dtype_name(target.scalar_type()));
+    TORCH_CHECK_VALUE(target.sizes() == logits.sizes(), "autobalance: a floating-point `target` "
+                      "is a probability target and must have the shape of logits ", logits.sizes(),
+                      ", got ", target.sizes(), "; class-index targets must have dtype torch.int64");
+  } else {
+    check_index(target, "target", s);
+  }
   check_same_device(target, "target", logits);
   if (group.has_value()) {
     check_index(*group, "group", s);
@@ -117,6 +128,36 @@ inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
   check_same_device(scale, "scale", logits);
   check_same_device(shift, "shift", logits);
   return s;
+}
+
+// label_smoothing ε in [0, 1] (NaN fails too).
+inline void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "autobalance: `label_smoothing` must be in [0, 1], got ", label_smoothing);
+}
+
+// The CPU fast path's ops take class-index targets without label smoothing.
+inline void check_class_indices(const Sizes& s) {
+  TORCH_CHECK_VALUE(!s.probs, "autobalance: this op takes int64 class-index targets, got a "
+                    "probability target");
+}
+
+// A row's target distribution q_k = α [k = y] + β P_k + γ (docs/math.md
+// section 8): class indices y with label smoothing ε give α = 1 - ε, β = 0,
+// γ = ε / K; a probability target P gives α = 0, β = 1 - ε, γ = ε / K.
+// `dense` says whether q has terms off the label (β P_k + γ); without them
+// the kernels run the one-hot math alone.
+template <typename T>
+struct TargetCoefficients {
+  T alpha, beta, gamma;
+  bool dense;
+};
+
+template <typename T>
+TargetCoefficients<T> target_coefficients(const Sizes& s, double label_smoothing) {
+  const double gamma = label_smoothing / static_cast<double>(s.classes);
+  if (s.probs) return {T(0), T(1.0 - label_smoothing), T(gamma), true};
+  return {T(1.0 - label_smoothing), T(0), T(gamma), label_smoothing != 0.0};
 }
 
 // check_inputs plus the backward's per-row inputs grad_loss and lse.

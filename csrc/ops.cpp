@@ -3,8 +3,12 @@
 //
 // The math is docs/math.md sections 1, 3 and 4. Tables `weight`, `scale`, `shift`
 // are the [G, K] tables W, S, L; `group` is an optional [N] group index
-// (absent means G == 1). Rows whose target equals `ignore_index` contribute
-// nothing (zero loss, zero gradients).
+// (absent means G == 1). `target` is int64 [N] class indices, or a
+// probability target: a floating [N, K] tensor of the logits' dtype, with no
+// ignored rows. Rows whose class index equals `ignore_index` contribute
+// nothing (zero loss, zero gradients). `label_smoothing` ε in [0, 1] mixes the
+// target with the uniform distribution: q = (1 - ε) target + ε / K
+// (docs/math.md section 8).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -27,22 +31,23 @@ TORCH_LIBRARY(autobalance, m) {
   // -> (loss [N], lse [N]); docs/math.md section 1.
   m.def(
       "parametric_ce(Tensor logits, Tensor target, Tensor? group, "
-      "Tensor weight, Tensor scale, Tensor shift, int ignore_index) "
-      "-> (Tensor, Tensor)");
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, "
+      "float label_smoothing=0.0) -> (Tensor, Tensor)");
   // -> the 0-dim sum of the per-row losses, or with `mean` their weighted mean
   // sum_i loss_i / sum_i W[g_i, y_i] over the rows not ignored (docs/math.md
-  // section 1). One autograd node, in the accumulation dtype.
+  // section 1); with a probability target the mean divides by N (section 8).
+  // One autograd node, in the accumulation dtype.
   m.def(
       "parametric_ce_reduced(Tensor logits, Tensor target, Tensor? group, "
-      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean) "
-      "-> Tensor");
+      "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean, "
+      "float label_smoothing=0.0) -> Tensor");
   // -> (grad_logits [N,K], grad_weight, grad_scale, grad_shift [G,K]);
   // docs/math.md section 3. With table_grads=False the three table gradients are
   // returned as zeros and not computed.
   m.def(
       "parametric_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor? group, Tensor weight, Tensor scale, Tensor shift, Tensor lse, "
-      "int ignore_index, bool table_grads) "
+      "int ignore_index, bool table_grads, float label_smoothing=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of Q = <(Uz, UW, US, UL), backward(...)>; docs/math.md section 4.
   // -> (grad_grad_loss [N], grad_logits [N,K], grad_weight, grad_scale,
@@ -51,8 +56,10 @@ TORCH_LIBRARY(autobalance, m) {
       "parametric_ce_double_backward(Tensor grad_loss, Tensor logits, "
       "Tensor target, Tensor? group, Tensor weight, Tensor scale, "
       "Tensor shift, Tensor lse, Tensor? u_logits, Tensor? u_weight, "
-      "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads, "
+      "float label_smoothing=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The ops below are the CPU fast path's, for class-index targets without
+  // label smoothing only.
   // CPU, float32/float64: the forward that also returns the residual
   // r = W_y (softmax(S z + L) - onehot(y)) [N, K], and the backward that uses
   // it instead of recomputing the softmax (for a backward that is not itself

@@ -174,5 +174,37 @@ C10_HOST_DEVICE inline void double_residual_label(Given given, const T& c, const
   }
 }
 
+// ------------------------------ section 8: target distributions off the label
+//
+// A row's target q_k = α [k = y] + d_k (checks.h: TargetCoefficients). The
+// label's part α [k = y] is the one-hot math above with c = ω α W[g,y] (and
+// cu = ω α UW[g,y]); the kernels add the dense part d_k with the functions
+// below, and the one-hot math's p-coefficient becomes c = ω Σ_k q_k W[g,k]
+// (cu = ω Σ_k q_k UW[g,k]) while the label terms keep ω α W[g,y].
+
+// d_k = β P_k + γ
+template <typename T>
+C10_HOST_DEVICE inline T dense_target(const T& beta, const T& P, const T& gamma) {
+  return fmadd(beta, P, gamma);
+}
+
+// r_k off the label: c p_k - (ω d_k) W[g,k]
+template <typename T>
+C10_HOST_DEVICE inline T dense_residual(const T& c, const T& p, const T& upstream_d, const T& W) {
+  return fmadd(c, p, -(upstream_d * W));
+}
+
+// t_k off the label: p_k (c (v_k - v̄) + cu) - (ω d_k) UW[g,k]
+template <typename T>
+C10_HOST_DEVICE inline T dense_double_residual(const T& c, const T& cu, const T& p, const T& v,
+                                               const T& vbar, const T& upstream_d, const T& UW) {
+  return fmadd(p, fmadd(c, v - vbar, cu), -(upstream_d * UW));
+}
+
+// The dense part's other terms reuse the one-hot functions with q's weight:
+// the loss d_k W[g,k] nlp_k = loss(d_k W[g,k], nlp_k); ∂/∂W[g,k] += ω d_k nlp_k
+// = grad_weight(ω d_k, nlp_k); ∂Q/∂W[g,k] += double_grad_weight(ω d_k, v̄, v_k);
+// ∂Q/∂ω += grad_grad_loss(d_k W[g,k], d_k UW[g,k], v̄, v_k, nlp_k).
+
 }  // namespace math
 }  // namespace autobalance

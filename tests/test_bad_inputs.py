@@ -221,10 +221,18 @@ def test_logits_dtype(caller, dtype):
 
 
 @pytest.mark.parametrize("caller", SHAPE_CALLERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
 def test_target_dtype(caller, dtype):
     with pytest.raises(TypeError, match=r"`target` must have dtype torch.int64"):
         call_with(caller, target=torch.zeros(N).to(dtype))
+
+
+@pytest.mark.parametrize("caller", SHAPE_CALLERS)
+def test_floating_target_is_a_probability_target(caller):
+    """A floating [N] target reads as a probability target of the wrong shape."""
+    with pytest.raises(ValueError, match=r"probability target and must have the shape of logits.*"
+                                         r"class-index targets must have dtype torch.int64"):
+        call_with(caller, target=torch.zeros(N))
 
 
 @pytest.mark.parametrize("caller", SHAPE_CALLERS)

@@ -122,9 +122,13 @@ ForwardOut forward_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index,
-    Keep keep, bool mean = false, bool table_grads = false) {
+    Keep keep, bool mean = false, bool table_grads = false, double label_smoothing = 0.0) {
   const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
-  if (keep != Keep::kNothing) check_residual_dtype(logits);
+  check_label_smoothing(label_smoothing);
+  if (keep != Keep::kNothing) {
+    check_residual_dtype(logits);
+    check_class_indices(s);
+  }
   const bool gradient = keep == Keep::kGradient;
   table_grads = table_grads && gradient;
   const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
@@ -206,9 +210,34 @@ ForwardOut forward_cpu(
                                partial ? dS + y : nullptr, partial ? dL + y : nullptr);
           if (partial) partial[ri.g * K + y] += math::grad_weight(a, ce);
         };
+        const auto q = target_coefficients<acc_t>(s, label_smoothing);
+        // The loss of a target with a dense part (docs/math.md section 8):
+        // α W_y nlp_y + Σ_k d_k W_k nlp_k, after the row's lse.
+        auto finish_dense = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
+                                acc_t* buf) {
+          const acc_t* S = in.S + ri.g * K;
+          const acc_t* L = in.L + ri.g * K;
+          const acc_t* W = in.W + ri.g * K;
+          const acc_t l = m + std::log(sum);
+          const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, buf, K) : nullptr, q);
+          const Vec<acc_t> vl(l);
+          Vec<acc_t> total(acc_t(0));
+          for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+            const Vec<acc_t> nlp = vl - adjusted_logits(S, z, L, k, n);
+            // (cpu::keep: `keep` is this function's mode)
+            total = total + cpu::keep(math::loss(d.d(k, n) * load(W, k, n), nlp), n, acc_t(0));
+          });
+          acc_t out = reduce_sum(total);
+          if (ri.y >= 0) {
+            const acc_t ce = math::cross_entropy(l, math::adjusted_logit(S[ri.y], z[ri.y], L[ri.y]));
+            out += math::loss(q.alpha * W[ri.y], ce);
+          }
+          lse_p[i] = l;
+          loss_p[i] = out;
+        };
         if (!r_out) {
           // loss and lse only: a row at a time (pairing does not pay here)
-          for_rows<acc_t>(in.N, in.G, K, K, false, tables,
+          for_rows<acc_t>(in.N, in.G, K, 2 * K, false, tables,
                           [&](int64_t i, acc_t* partial, acc_t* buf) {
             const RowIndex ri = in.row(i);
             if (ri.ignored) {
@@ -218,7 +247,11 @@ ForwardOut forward_cpu(
             const acc_t* z = widen(in.z + i * K, buf, K);
             const auto [m, sum] =
                 row_exp_sum(z, in.S + ri.g * K, in.L + ri.g * K, K, (acc_t*)nullptr, fresh);
-            finish(i, ri, z, m, sum, partial);
+            if (q.dense) {
+              finish_dense(i, ri, z, m, sum, buf + K);
+            } else {
+              finish(i, ri, z, m, sum, partial);
+            }
           });
         } else {
           // Rows in pairs (their exponential sums interleaved); one at a time
@@ -271,8 +304,9 @@ ForwardOut forward_cpu(
 std::tuple<Tensor, Tensor> parametric_ce_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
-  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kNothing);
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index, double label_smoothing) {
+  auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index, Keep::kNothing,
+                         false, false, label_smoothing);
   return {out.loss, out.lse};
 }
 

@@ -27,9 +27,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, const Tensor& lse,
-    int64_t ignore_index, bool table_grads) {
+    int64_t ignore_index, bool table_grads, double label_smoothing) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
+  check_label_smoothing(label_smoothing);
   Tensor grad_logits, grad_weight, grad_scale, grad_shift;
   std::tie(grad_logits, grad_weight, grad_scale, grad_shift) = backward_outputs(s, logits, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -44,8 +45,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
         scalar_t* dz_out = grad_logits.mutable_data_ptr<scalar_t>();
         const int64_t K = in.K, table = in.G * K;
         const V fresh = fresh_lanes<acc_t>(K);
+        const auto q = target_coefficients<acc_t>(s, label_smoothing);
         for_rows<acc_t>(
-            in.N, in.G, K, 2 * K, table_grads,
+            in.N, in.G, K, 3 * K, table_grads,
             {grad_weight.mutable_data_ptr<acc_t>(), grad_scale.mutable_data_ptr<acc_t>(),
              grad_shift.mutable_data_ptr<acc_t>()},
             [&](int64_t i, acc_t* partial, acc_t* scratch) {
@@ -58,26 +60,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
               acc_t* dz = grad_row(dz_out + i * K, scratch + K);
               const acc_t* S = in.S + r.g * K;
               const acc_t* L = in.L + r.g * K;
-              // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
-              const acc_t Wy = in.W[r.g * K + r.y];
-              const acc_t c = nan_unless_finite(lse_p[i], math::residual_scale(upstream[i], Wy));
-              const V vl(lse_p[i]), vc(c);
+              const acc_t* W = in.W + r.g * K;
+              const acc_t u = upstream[i];
               acc_t* dW = partial ? partial + r.g * K : nullptr;
               acc_t* dS = partial ? partial + table + r.g * K : nullptr;
               acc_t* dL = partial ? partial + 2 * table + r.g * K : nullptr;
-              for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
-                const V Sk = load(S, k, n), zk = load(z, k, n);
-                const V pk = fast_exp(math::adjusted_logit(Sk, zk, load(L, k, n)) - vl);
-                const V rk = math::residual(vc, pk);
-                math::grad_logit(Sk, rk).store(dz + k, n);
-                if (partial) add_table_grads(dL, dS, k, n, rk, zk, f);
-              });
               const int64_t y = r.y;
-              math::residual_label(c, S[y], z[y], dz[y], partial ? dS + y : nullptr,
-                                   partial ? dL + y : nullptr);
-              if (partial) {
-                const acc_t a_y = math::adjusted_logit(S[y], z[y], L[y]);
-                dW[y] += math::grad_weight(upstream[i], math::cross_entropy(lse_p[i], a_y));
+              // The label's part (ω α W_y) and, with a dense target, Σ = Σ_k q_k W_k.
+              const acc_t c_label = math::residual_scale(u, y >= 0 ? q.alpha * W[y] : acc_t(0));
+              // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+              if (!q.dense) {
+                const V vl(lse_p[i]), vc(nan_unless_finite(lse_p[i], c_label));
+                for_lanes<acc_t>(K, fresh, [&](int64_t k, int64_t n, const V* f) {
+                  const V Sk = load(S, k, n), zk = load(z, k, n);
+                  const V pk = fast_exp(math::adjusted_logit(Sk, zk, load(L, k, n)) - vl);
+                  const V rk = math::residual(vc, pk);
+                  math::grad_logit(Sk, rk).store(dz + k, n);
+                  if (partial) add_table_grads(dL, dS, k, n, rk, zk, f);
+                });
+              } else {
+                const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, scratch + 2 * K, K) : nullptr, q);
+                const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first +
+                                    (y >= 0 ? q.alpha * W[y] : acc_t(0));
+                const V vl(lse_p[i]), vu(u);
+                const V vc(nan_unless_finite(lse_p[i], math::residual_scale(u, sigma)));
+                for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+                  const V Sk = load(S, k, n), zk = load(z, k, n);
+                  const V ak = math::adjusted_logit(Sk, zk, load(L, k, n));
+                  const V ud = vu * d.d(k, n);
+                  const V rk = math::dense_residual(vc, fast_exp(ak - vl), ud, load(W, k, n));
+                  math::grad_logit(Sk, rk).store(dz + k, n);
+                  if (partial) {
+                    add_table_grads<acc_t>(dL, dS, k, n, rk, zk, nullptr);
+                    (load(dW, k, n) + math::grad_weight(ud, vl - ak)).store(dW + k, n);
+                  }
+                });
+              }
+              if (y >= 0) {
+                math::residual_label(nan_unless_finite(lse_p[i], c_label), S[y], z[y], dz[y],
+                                     partial ? dS + y : nullptr, partial ? dL + y : nullptr);
+                if (partial) {
+                  const acc_t a_y = math::adjusted_logit(S[y], z[y], L[y]);
+                  dW[y] += math::grad_weight(u * q.alpha, math::cross_entropy(lse_p[i], a_y));
+                }
               }
               narrow(dz, dz_out + i * K, K);
             });
@@ -97,6 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
   check_residual_dtype(logits);
+  check_class_indices(s);
   TORCH_CHECK_VALUE(residual.sizes() == logits.sizes() &&
                         residual.scalar_type() == logits.scalar_type(),
                     "autobalance: `residual` must have the shape and dtype of logits (",
@@ -145,8 +171,8 @@ std::tuple<Tensor, Tensor, Tensor> parametric_ce_backward_from_residual_cpu(
 // -------------------------------------------------------- double backward
 
 template <typename scalar_t, typename acc_t, bool HasUz, bool HasUTables, bool HasUScale>
-void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstream,
-                          const acc_t* lse_p, const scalar_t* uz_in,
+void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const TargetCoefficients<acc_t>& q,
+                          const acc_t* upstream, const acc_t* lse_p, const scalar_t* uz_in,
                           const acc_t* UW, const acc_t* US, const acc_t* UL,
                           bool table_grads, acc_t* grad_grad_loss,
                           scalar_t* dz_out, std::array<acc_t*, 3> table_out) {
@@ -157,8 +183,8 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstre
     return present ? load(u, k, n) : V(acc_t(0));
   };
   const int64_t K = in.K, table = in.G * K;
-  // scratch: p, v, widened z, widened Uz, narrow-able dz
-  for_rows<acc_t>(in.N, in.G, K, 5 * K, table_grads, table_out,
+  // scratch: p, v, widened z, widened Uz, narrow-able dz, widened P
+  for_rows<acc_t>(in.N, in.G, K, 6 * K, table_grads, table_out,
                   [&](int64_t i, acc_t* partial, acc_t* scratch) {
     const RowIndex r = in.row(i);
     if (r.ignored) {
@@ -172,9 +198,11 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstre
     const acc_t* Uz = HasUz ? widen(uz_in + i * K, scratch + 3 * K, K) : nullptr;
     acc_t* dz = grad_row(dz_out + i * K, scratch + 4 * K);
     const int64_t off = r.g * K, y = r.y;
-    const acc_t *S = in.S + off, *L = in.L + off;
+    const acc_t *S = in.S + off, *L = in.L + off, *W = in.W + off;
+    const acc_t* UWg = UW ? UW + off : nullptr;
     const acc_t* USg = HasUTables ? US + off : nullptr;
     const acc_t* ULg = HasUTables ? UL + off : nullptr;
+    const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, scratch + 5 * K, K) : nullptr, q);
     const V vl(lse_p[i]);
     // Pass 1: p_k, v_k and v̄ = Σ p_k v_k.
     V vbar_acc(acc_t(0));
@@ -189,22 +217,41 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstre
       vbar_acc = vbar_acc + keep(pk * vk, n, acc_t(0));
     });
     const acc_t vbar = reduce_sum(vbar_acc);
-    const acc_t Wy = in.W[off + y];
-    const acc_t UWy = UW ? UW[off + y] : acc_t(0);
+    const acc_t u = upstream[i];
+    // The label's part: α W_y, α UW_y (zero for a probability target) ...
+    const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
+    const acc_t UWy = y >= 0 && UWg ? q.alpha * UWg[y] : acc_t(0);
+    // ... and Σ = Σ_k q_k W_k, ΣU = Σ_k q_k UW_k with a dense part.
+    acc_t sigma = Wy, sigma_u = UWy;
+    if (q.dense) {
+      const auto [sw, su] = dense_weight_sums<acc_t>(d, W, UWg, K);
+      sigma += sw;
+      sigma_u += su;
+    }
     // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
-    const acc_t c = nan_unless_finite(lse_p[i], math::residual_scale(upstream[i], Wy));
-    const acc_t cu = nan_unless_finite(lse_p[i], math::residual_scale(upstream[i], UWy));
-    const acc_t ce = math::cross_entropy(lse_p[i], math::adjusted_logit(S[y], z[y], L[y]));
-    grad_grad_loss[i] = nan_unless_finite(lse_p[i], math::grad_grad_loss(Wy, UWy, vbar, v[y], ce));
+    const acc_t c = nan_unless_finite(lse_p[i], math::residual_scale(u, sigma));
+    const acc_t cu = nan_unless_finite(lse_p[i], math::residual_scale(u, sigma_u));
     // Pass 2, then the label's terms.
     acc_t* dW = partial ? partial + off : nullptr;
     acc_t* dS = partial ? partial + table + off : nullptr;
     acc_t* dL = partial ? partial + 2 * table + off : nullptr;
-    const V vc(c), vcu(cu), vvbar(vbar);
+    const V vc(c), vcu(cu), vvbar(vbar), vu(u);
+    V ggl_acc(acc_t(0));  // the dense part of ∂Q/∂ω
     for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
-      const V pk = load(p, k, n);
-      const V tk = math::double_residual(vc, vcu, pk, load(v, k, n), vvbar);
-      const V rk = math::residual(vc, pk);
+      const V pk = load(p, k, n), vk = load(v, k, n);
+      V tk, rk;
+      if (q.dense) {
+        const V dk = d.d(k, n), ud = vu * dk;
+        const V Wk = load(W, k, n), UWk = chunk_if(UWg != nullptr, UWg, k, n);
+        tk = math::dense_double_residual(vc, vcu, pk, vk, vvbar, ud, UWk);
+        rk = math::dense_residual(vc, pk, ud, Wk);
+        const V nlp = vl - math::adjusted_logit(load(S, k, n), load(z, k, n), load(L, k, n));
+        ggl_acc = ggl_acc + keep(math::grad_grad_loss(dk * Wk, dk * UWk, vvbar, vk, nlp), n, acc_t(0));
+        if (partial) (load(dW, k, n) + math::double_grad_weight(ud, vvbar, vk)).store(dW + k, n);
+      } else {
+        tk = math::double_residual(vc, vcu, pk, vk, vvbar);
+        rk = math::residual(vc, pk);
+      }
       math::double_grad_logit(given, load(S, k, n), tk, chunk_if(HasUTables, USg, k, n), rk)
           .store(dz + k, n);
       if (partial) {
@@ -214,10 +261,18 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const acc_t* upstre
         math::add_grad_shift(load(dL, k, n), tk).store(dL + k, n);
       }
     });
-    math::double_residual_label(given, c, cu, S[y], z[y], HasUz ? Uz[y] : acc_t(0),
-                                HasUTables ? USg[y] : acc_t(0), dz[y],
-                                partial ? dS + y : nullptr, partial ? dL + y : nullptr);
-    if (partial) dW[y] += math::double_grad_weight(upstream[i], vbar, v[y]);
+    acc_t ggl = q.dense ? reduce_sum(ggl_acc) : acc_t(0);
+    if (y >= 0) {
+      const acc_t c_label = nan_unless_finite(lse_p[i], math::residual_scale(u, Wy));
+      const acc_t cu_label = nan_unless_finite(lse_p[i], math::residual_scale(u, UWy));
+      const acc_t ce = math::cross_entropy(lse_p[i], math::adjusted_logit(S[y], z[y], L[y]));
+      ggl += math::grad_grad_loss(Wy, UWy, vbar, v[y], ce);
+      math::double_residual_label(given, c_label, cu_label, S[y], z[y], HasUz ? Uz[y] : acc_t(0),
+                                  HasUTables ? USg[y] : acc_t(0), dz[y],
+                                  partial ? dS + y : nullptr, partial ? dL + y : nullptr);
+      if (partial) dW[y] += math::double_grad_weight(u * q.alpha, vbar, v[y]);
+    }
+    grad_grad_loss[i] = nan_unless_finite(lse_p[i], ggl);
     narrow(dz, dz_out + i * K, K);
   });
 }
@@ -231,9 +286,10 @@ parametric_ce_double_backward_cpu(
     const std::optional<Tensor>& u_weight,
     const std::optional<Tensor>& u_scale,
     const std::optional<Tensor>& u_shift, int64_t ignore_index,
-    bool table_grads) {
+    bool table_grads, double label_smoothing) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
+  check_label_smoothing(label_smoothing);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   Tensor grad_grad_loss = at::empty({s.rows}, grad_loss.options());
   Tensor grad_logits, grad_weight, grad_scale, grad_shift;
@@ -262,7 +318,8 @@ parametric_ce_double_backward_cpu(
         auto run = [&](auto has_uz_c, auto has_ut_c, auto has_us_c) {
           double_backward_rows<scalar_t, acc_t, decltype(has_uz_c)::value,
                                decltype(has_ut_c)::value, decltype(has_us_c)::value>(
-              in, upstream_c.const_data_ptr<acc_t>(), lse_c.const_data_ptr<acc_t>(),
+              in, target_coefficients<acc_t>(s, label_smoothing), upstream_c.const_data_ptr<acc_t>(),
+              lse_c.const_data_ptr<acc_t>(),
               uz, ptr(UW), ptr(US), ptr(UL), table_grads,
               grad_grad_loss.mutable_data_ptr<acc_t>(),
               grad_logits.mutable_data_ptr<scalar_t>(), out);

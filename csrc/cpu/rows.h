@@ -32,8 +32,14 @@ struct RowIndex {
   bool ignored;
 };
 
+// `target` null: a probability target (no label: y = -1, never ignored).
 inline RowIndex read_row(int64_t i, const int64_t* target, const int64_t* group,
                          int64_t K, int64_t G, int64_t ignore_index) {
+  if (!target) {
+    const int64_t g = group ? group[i] : 0;
+    check_row_indices(i, 0, g, K, G, ignore_index);
+    return {-1, g, false};
+  }
   const int64_t y = target[i];
   if (y == ignore_index) return {y, 0, true};
   const int64_t g = group ? group[i] : 0;
@@ -145,7 +151,8 @@ template <typename scalar_t, typename acc_t>
 struct Inputs {
   Tensor logits_c, target_c, group_c, weight_c, scale_c, shift_c;
   const scalar_t* z;
-  const int64_t* target;
+  const int64_t* target;  // class indices, or null with a probability target
+  const scalar_t* P;      // the probability target [N, K], or null
   const int64_t* group;
   const acc_t *W, *S, *L;
   int64_t N, K, G, ignore_index;
@@ -161,7 +168,8 @@ struct Inputs {
         scale_c(scale.contiguous()),
         shift_c(shift.contiguous()),
         z(logits_c.const_data_ptr<scalar_t>()),
-        target(target_c.const_data_ptr<int64_t>()),
+        target(s.probs ? nullptr : target_c.const_data_ptr<int64_t>()),
+        P(s.probs ? target_c.const_data_ptr<scalar_t>() : nullptr),
         group(group_c.defined() ? group_c.const_data_ptr<int64_t>() : nullptr),
         W(weight_c.const_data_ptr<acc_t>()),
         S(scale_c.const_data_ptr<acc_t>()),
@@ -205,6 +213,33 @@ inline void add_table_grads(T* dL, T* dS, int64_t k, int64_t n, const Vec<T>& rk
   const Vec<T> once = fresh ? rk * *fresh : rk;
   math::add_grad_shift(load(dL, k, n), once).store(dL + k, n);
   math::add_grad_scale(load(dS, k, n), once, zk).store(dS + k, n);
+}
+
+// The dense part of a row's target (checks.h: TargetCoefficients): its P row
+// (widened; null without a probability target) and the coefficients as
+// vectors. d(k, n) = β P_k + γ over a chunk.
+template <typename T>
+struct DenseRow {
+  const T* P;
+  Vec<T> beta, gamma;
+
+  DenseRow(const T* P_, const TargetCoefficients<T>& q) : P(P_), beta(q.beta), gamma(q.gamma) {}
+  Vec<T> d(int64_t k, int64_t n) const {
+    return P ? math::dense_target(beta, load(P, k, n), gamma) : gamma;
+  }
+};
+
+// Σ_k d_k W_k over a row (the dense part of Σ = Σ_k q_k W_k), and likewise
+// for another table (UW) when `U` is given: {Σ d W, Σ d U}.
+template <typename T>
+std::pair<T, T> dense_weight_sums(const DenseRow<T>& q, const T* W, const T* U, int64_t K) {
+  Vec<T> sw(T(0)), su(T(0));
+  for_chunks<T>(K, [&](int64_t k, int64_t n) {
+    const Vec<T> dk = q.d(k, n);
+    sw = sw + keep(dk * load(W, k, n), n, T(0));
+    if (U) su = su + keep(dk * load(U, k, n), n, T(0));
+  });
+  return {reduce_sum(sw), reduce_sum(su)};
 }
 
 // dz = S r over one row with r = c R (R: the kept residual, or the

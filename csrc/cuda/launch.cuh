@@ -217,7 +217,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> parametric_ce_double_backward
     const std::optional<Tensor>& group, const Tensor& weight, const Tensor& scale,
     const Tensor& shift, const Tensor& lse, const std::optional<Tensor>& u_logits,
     const std::optional<Tensor>& u_weight, const std::optional<Tensor>& u_scale,
-    const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads);
+    const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads,
+    double label_smoothing);
+
+// TODO(issue 15): the CUDA kernels do not take target distributions yet.
+inline void check_one_hot_cuda(const Sizes& s, double label_smoothing) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!s.probs && label_smoothing == 0.0,
+                              "autobalance: the CUDA kernels take class-index targets without "
+                              "label smoothing only in this build");
+}
 
 }  // namespace cuda
 }  // namespace autobalance

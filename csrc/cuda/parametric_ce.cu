@@ -66,8 +66,10 @@ namespace {
 std::tuple<Tensor, Tensor> parametric_ce_cuda(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
-    const Tensor& scale, const Tensor& shift, int64_t ignore_index) {
+    const Tensor& scale, const Tensor& shift, int64_t ignore_index, double label_smoothing) {
   const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  check_label_smoothing(label_smoothing);
+  check_one_hot_cuda(s, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   Tensor loss = at::empty({s.rows}, acc_opts);
@@ -91,9 +93,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cuda(
     const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, const Tensor& lse,
-    int64_t ignore_index, bool table_grads) {
+    int64_t ignore_index, bool table_grads, double label_smoothing) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
+  check_label_smoothing(label_smoothing);
+  check_one_hot_cuda(s, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
   Tensor grad_logits = at::empty({s.rows, s.classes}, logits.options());

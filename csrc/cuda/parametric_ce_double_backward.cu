@@ -20,9 +20,11 @@ parametric_ce_double_backward_cuda(
     const std::optional<Tensor>& u_weight,
     const std::optional<Tensor>& u_scale,
     const std::optional<Tensor>& u_shift, int64_t ignore_index,
-    bool table_grads) {
+    bool table_grads, double label_smoothing) {
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
+  check_label_smoothing(label_smoothing);
+  check_one_hot_cuda(s, label_smoothing);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
