@@ -62,7 +62,7 @@ def fwd_bwd(backend):
     def run(z, y, tables):
         z = z.detach().requires_grad_()
         ts = [t.detach().requires_grad_() for t in tables]
-        loss = parametric_cross_entropy(z, y, *ts, backend=backend)
+        loss = parametric_cross_entropy(z, y, ts[0], scale=ts[1], shift=ts[2], backend=backend)
         loss.backward()
     return run
 
@@ -129,7 +129,7 @@ def bench_segmentation(shape, quick):
 
     def fused(z):
         z = z.detach().requires_grad_()
-        parametric_cross_entropy(z, y, *tables).backward()
+        parametric_cross_entropy(z, y, tables[0], scale=tables[1], shift=tables[2]).backward()
 
     def cross_entropy(z):
         z = z.detach().requires_grad_()

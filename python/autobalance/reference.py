@@ -26,12 +26,14 @@ def _check_ranges(target, group, classes, groups, ignore_index):
     return valid
 
 
-def parametric_ce(logits, target, group, weight, scale, shift, ignore_index):
+def parametric_ce(logits, target, group, weight, scale, shift, ignore_index, label_smoothing=0.0):
     """Per-sample loss ``W[g,y] (lse - a_y)`` with ``a = S[g] z + L[g]``, and ``lse``.
 
     Ignored rows give 0 for both. Returns ``(loss, lse)`` in the accumulation dtype.
     """
     rows, classes, groups = check_inputs(logits, target, group, weight, scale, shift)
+    if label_smoothing or target.is_floating_point():
+        raise NotImplementedError("autobalance: the reference path takes target distributions soon")
     if torch.compiler.is_compiling():  # range checks read data; eager mode runs them
         valid = target != ignore_index
     else:
