@@ -111,7 +111,8 @@ class Definition:
         P = torch.softmax(Sg * zd + Lg, 1)
         tiny = torch.finfo(p.acc).tiny / torch.finfo(p.acc).eps
         A = (1.0 + (Sg * zd).abs().amax(1) + Lg.abs().amax(1) + math.log(K)) if N else torch.zeros(0, dtype=d)
-        qa = q.abs()
+        # |q|'s terms, not |q|: (1 - ε) P_k + ε / K cancels for negative P_k, its rounding does not
+        qa = definition_q(p.target.abs() if _probs(p) else p.target, K, p.ignore_index, p.eps)
         qW = qa * Wg
         sig = qW.sum(1)
         self.mag_loss = sig * A
