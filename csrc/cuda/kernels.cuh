@@ -17,8 +17,8 @@
 //   registers between its two passes.
 //
 // A target with a dense part (a probability target, or label smoothing;
-// checks.h: TargetCoefficients) takes the branches on `q.dense`, uniform over
-// a launch, so the one-hot path runs the instructions it ran without them.
+// checks.h: TargetCoefficients) runs the kernels' kDense instances, chosen at
+// launch: the one-hot instances are the code (and registers) without it.
 // Its forward makes a second pass over the row once lse is known; its
 // backward and double backward need Σ_k d_k W_k before the per-element terms:
 // the team sums it when its tile holds the whole row, else a row pass has.
@@ -121,12 +121,14 @@ struct Row {
   bool skip;  // ignore_index (or, with asserts compiled out, a bad index)
 };
 
-template <typename scalar_t>
+template <bool kDense, typename scalar_t>
 __device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
-  if (!a.target) {  // a probability target: never ignored, only the group to check
-    const int64_t g = a.group ? a.group[i] : 0;
-    const bool ok = g >= 0 && g < a.G;
-    return {-1, ok ? g : 0, !ok};
+  if constexpr (kDense) {
+    if (!a.target) {  // a probability target: never ignored, only the group to check
+      const int64_t g = a.group ? a.group[i] : 0;
+      const bool ok = g >= 0 && g < a.G;
+      return {-1, ok ? g : 0, !ok};
+    }
   }
   const int64_t y = a.target[i];
   if (y == a.ignore_index) return {0, 0, true};
@@ -475,8 +477,9 @@ enum class RowPass {
   kPrep,
 };
 
-template <RowPass kPass, typename scalar_t, int TEAM>
-__global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
+// A dense target's instances get more registers rather than spill.
+template <RowPass kPass, typename scalar_t, int TEAM, bool kDense>
+__global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : (kDense ? 2 : 3))
     row_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kForward = kPass == RowPass::kForward;
@@ -487,12 +490,12 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
   constexpr int kAhead = 4;            // chunks loaded before any is used
   const int lane = threadIdx.x % TEAM;
   const int K = a.K;
-  const bool dense = a.q.dense;
+  constexpr bool dense = kDense;
   const math::Given given = given_cotangents(a);
   // Team-uniform loops: the lanes of a team always take the same branches.
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM; i < a.N;
        i += static_cast<int64_t>(gridDim.x) * kTeams) {
-    const Row r = read_row(a, i);
+    const Row r = read_row<kDense>(a, i);
     if (r.skip) {
       if (lane == 0) {
         if constexpr (kPrep) {
@@ -541,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
           lse_add(lse, logit);
         } else {
           if constexpr (kPrep) add_vbar_chunk<VEC>(vbar, a, given, off, c, zc[u], uc[u], lse_in);
-          if (dense) add_dense_sums_chunk<VEC>(sums, a, i, off, c);
+          if constexpr (dense) add_dense_sums_chunk<VEC>(sums, a, i, off, c);
         }
       }
     }
@@ -550,14 +553,14 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
       const acc_t value = lse.m + log_(lse.s);
       // A dense target's Σ_k d_k W_k nlp_k needs lse: a second pass.
       acc_t dense_loss = 0;
-      if (dense) {
+      if constexpr (dense) {
         for (int b = 0; b < K; b += kStride)
           add_dense_loss_chunk<VEC>(dense_loss, a, i, off, chunk_cols<TEAM, VEC>(b, lane, a.vec), value);
         dense_loss = team_reduce<TEAM>(dense_loss, Plus{});
       }
       if (lane == 0) {
         a.lse_out[i] = value;
-        if (!dense) {
+        if constexpr (!dense) {
           const acc_t a_y = math::adjusted_logit(S[r.y], static_cast<acc_t>(z[r.y]), L[r.y]);
           a.loss[i] = math::loss(a.W[off + r.y], math::cross_entropy(value, a_y));
         } else if (r.y >= 0) {
@@ -569,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
       }
       continue;
     }
-    if (dense) {
+    if constexpr (dense) {
       sums = team_reduce_sums<TEAM>(sums, a.UW != nullptr);
       if (lane == 0) {
         a.sigma_out[i] = sums.w;
@@ -580,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
       vbar = team_reduce<TEAM>(vbar, Plus{});
       // The dense part of grad_grad_loss needs v̄: a second pass.
       acc_t dense_ggl = 0;
-      if (dense) {
+      if constexpr (dense) {
         for (int b = 0; b < K; b += kStride) {
           add_dense_grad_grad_loss_chunk<VEC>(dense_ggl, a, given, i, off,
                                               chunk_cols<TEAM, VEC>(b, lane, a.vec), lse_in, vbar);
@@ -589,7 +592,7 @@ __global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : 3)
       }
       if (lane == 0) {
         a.vbar_out[i] = vbar;
-        if (!dense) {
+        if constexpr (!dense) {
           const auto d = double_row(a, i, r);
           a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
         } else if (r.y >= 0) {
@@ -625,12 +628,12 @@ __device__ __forceinline__ int owned_slot(int rel, int lane, bool vec) {
 
 // With 16 float32 values per lane (E = 16) the backward fits 128 registers,
 // so two blocks per SM: four 16-byte loads in flight per lane. The double
-// backward of 2-byte logits, float64 and the wide fused tile (E = 32) need
-// more and get one block per SM.
-template <bool kDouble, typename scalar_t, int CH>
+// backward of 2-byte logits, float64, the wide fused tile (E = 32) and dense
+// targets (which spilled at 128) need more and get one block per SM.
+template <bool kDouble, typename scalar_t, int CH, bool kDense>
 constexpr int tile_min_blocks() {
   constexpr bool fits = sizeof(at::opmath_type<scalar_t>) == 4 && CH * kVec<scalar_t> <= 16 &&
-                        !(kDouble && sizeof(scalar_t) == 2);
+                        !(kDouble && sizeof(scalar_t) == 2) && !kDense;
   return fits ? 2 : 1;
 }
 
@@ -640,8 +643,8 @@ constexpr int tile_min_blocks() {
 // A dense target (section 8) adds ω d_k W_k (ω d_k UW_k) to each column's
 // terms and grad W (one entry per column, summed in the tree); its Σ and ΣU
 // come from a.sigma when set, else the tile holds the whole row.
-template <bool kDouble, typename scalar_t, int TX, int CH>
-__global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, CH>()))
+template <bool kDouble, typename scalar_t, int TX, int CH, bool kDense>
+__global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, CH, kDense>()))
     tile_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = kVec<scalar_t>;
@@ -664,7 +667,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
       row_begin + a.rows_per_chunk < a.N ? row_begin + a.rows_per_chunk : a.N;
   const bool table_grads = a.partial != nullptr;
   const bool fused = kDouble && a.vbar == nullptr;
-  const bool dense = a.q.dense;
+  constexpr bool dense = kDense;
   const math::Given given = given_cotangents(a);
   const auto cols = [&](int ch) {
     return chunk_cols<TX, VEC>(tile0 + ch * TX * VEC, lane, a.vec);
@@ -693,7 +696,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
     }
 
     for (int64_t i = row_begin + team; i < row_end; i += TY) {
-      const Row r = read_row(a, i);
+      const Row r = read_row<kDense>(a, i);
       if (table_grads && r.g != pass) continue;
       scalar_t* dz = a.dz + i * K;
       if (r.skip) {
@@ -727,7 +730,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
         // Section 3: r, grad z, grad S, grad L and grad W[g,y]. A dense target
         // (section 8): c = ω Σ for the p-terms, ω α W_y for the label's.
         acc_t c, c_label;
-        if (!dense) {
+        if constexpr (!dense) {
           c = c_label = math::residual_scale(upstream, a.W[off + r.y]);
           const acc_t a_y =
               math::adjusted_logit(a.S[off + r.y], static_cast<acc_t>(z[r.y]), a.L[off + r.y]);
@@ -749,7 +752,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
           Pack<acc_t, VEC> Wc{}, dc{};
-          if (dense) {
+          if constexpr (dense) {
             Wc = load<VEC>(a.W + off, cc, K);
             dc = load_dense<VEC>(a, i, cc);
           }
@@ -760,7 +763,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
             acc_t rk;
-            if (!dense) {
+            if constexpr (!dense) {
               rk = math::residual(c, p);
             } else {
               const acc_t ud = upstream * dc.v[v];
@@ -797,7 +800,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
         // The p-terms' c and cu: the label's, or with a dense target ω Σ and
         // ω ΣU (section 8).
         acc_t c = d.c, cu = d.cu;
-        if (dense) {
+        if constexpr (dense) {
           const auto sums = dense_sums(i, off);
           c = math::residual_scale(upstream, sums.w + d.Wy);
           cu = math::residual_scale(upstream, sums.u + d.UWy);
@@ -813,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           const auto Lc = load<VEC>(a.L + off, cc, K);
           const auto U = load_cotangent_tables<VEC>(a, given, off, cc);
           Pack<acc_t, VEC> Wc{}, UWc{}, dc{};
-          if (dense) {
+          if constexpr (dense) {
             Wc = load<VEC>(a.W + off, cc, K);
             if (a.UW) UWc = load<VEC>(a.UW + off, cc, K);
             dc = load_dense<VEC>(a, i, cc);
@@ -827,7 +830,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
             const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
             acc_t rk, tk;
-            if (!dense) {
+            if constexpr (!dense) {
               rk = math::residual(c, p);
               tk = math::double_residual(c, cu, p, vk, vbar);
             } else {

@@ -113,7 +113,11 @@ template <RowPass kPass, typename scalar_t, int TEAM>
 void launch_rows(const Args<scalar_t>& a, cudaStream_t stream) {
   constexpr int64_t teams = kThreads / TEAM;
   const int64_t blocks = std::min(ceil_div(a.N, teams), kMaxGrid);
-  row_kernel<kPass, scalar_t, TEAM><<<blocks, kThreads, 0, stream>>>(a);
+  if (kPass == RowPass::kSums || a.q.dense) {
+    row_kernel<kPass, scalar_t, TEAM, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else if constexpr (kPass != RowPass::kSums) {
+    row_kernel<kPass, scalar_t, TEAM, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -156,7 +160,11 @@ void launch_tiles(Args<scalar_t> a, const Tensor& grad_weight,
     a.partial = partial.mutable_data_ptr<acc_t>();
   }
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(col_tiles));
-  tile_kernel<kDouble, scalar_t, TX, CH><<<grid, kThreads, 0, stream>>>(a);
+  if (a.q.dense) {
+    tile_kernel<kDouble, scalar_t, TX, CH, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    tile_kernel<kDouble, scalar_t, TX, CH, false><<<grid, kThreads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (table_grads) {
     const int64_t table = a.G * a.K;
