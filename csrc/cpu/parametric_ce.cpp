@@ -189,11 +189,11 @@ ForwardOut forward_cpu(
         // in r, the gradient row r_k = a (Σ e_k / sum - d_k W_k) (less a α W_y at
         // the label) with its table terms, in one pass after Σ = Σ_k q_k W_k.
         auto finish_dense_gradient = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m,
-                                         acc_t sum, acc_t* r, acc_t* partial, acc_t* buf) {
+                                         acc_t sum, acc_t* r, acc_t* partial, const acc_t* P_row) {
           const int64_t off = ri.g * K, y = ri.y;
           const acc_t *S = in.S + off, *L = in.L + off, *W = in.W + off;
           const acc_t l = m + std::log(sum);
-          const DenseRow<acc_t> d(in.P ? in.row_in(in.P, i, buf) : nullptr, q);
+          const DenseRow<acc_t> d(P_row, q);
           const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
           const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
           // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
@@ -228,8 +228,8 @@ ForwardOut forward_cpu(
         // After the row's exponential sum: loss, lse and what the mode keeps
         // (in r: the row's exponentials on entry; null in the loss-only mode).
         auto finish = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
-                          acc_t* r, acc_t* partial, acc_t* buf) {
-          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, r, partial, buf);
+                          acc_t* r, acc_t* partial, const acc_t* P_row) {
+          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, r, partial, P_row);
           const int64_t y = ri.y;
           const acc_t* S = in.S + ri.g * K;
           const acc_t* L = in.L + ri.g * K;
@@ -305,41 +305,56 @@ ForwardOut forward_cpu(
         } else {
           // Rows in pairs (their exponential sums interleaved); one at a time
           // where a pair has an ignored row, and for the last row of an odd span.
-          // scratch: two widened rows, a widened probability target row and,
-          // for spatial logits, two rows of exponentials and gradients
-          for_row_spans<acc_t>(in.N, in.G, K, 2, 5 * K, table_grads, tables,
-                               [&](int64_t i, int64_t n, acc_t* partial, acc_t* buf) {
-            std::array<RowIndex, 2> ri;
-            std::array<ExpRow<acc_t>, 2> rows;
-            int64_t live = 0;
-            for (int64_t j = 0; j < n; ++j) {
-              ri[j] = in.row(i + j);
-              acc_t* r = in.row_out(r_out, i + j, buf + (3 + j) * K);
-              if (ri[j].ignored) {
-                loss_p[i + j] = lse_p[i + j] = 0;
-                std::fill(r, r + K, acc_t(0));
-                in.row_out_done(r_out, i + j, r);
+          // Spatial logits go in spans of kTile rows: the span's logits (and
+          // probability target) transposed into [n, K] rows in scratch, its
+          // gradient rows transposed back at the end (Inputs::tile_in, tile_out).
+          constexpr int64_t kTile = 16;
+          const bool spatial = in.D > 1;
+          // scratch: two widened rows and a probability target row, or the
+          // span's logits, probability target and gradient rows
+          for_row_spans<acc_t>(in.N, in.G, K, spatial ? kTile : 2, (spatial ? 3 * kTile : 3) * K,
+                               table_grads, tables,
+                               [&](int64_t i0, int64_t n0, acc_t* partial, acc_t* buf) {
+            acc_t *zt = buf, *pt = buf + kTile * K, *rt = buf + 2 * kTile * K;
+            if (spatial) {
+              in.tile_in(in.z, i0, n0, zt);
+              if (in.P) in.tile_in(in.P, i0, n0, pt);
+            }
+            const auto p_row = [&](int64_t i) -> const acc_t* {
+              if (!in.P) return nullptr;
+              return spatial ? pt + (i - i0) * K : widen(in.P + i * K, buf + 2 * K, K);
+            };
+            for (int64_t i = i0; i < i0 + n0; i += 2) {
+              const int64_t n = std::min<int64_t>(2, i0 + n0 - i);
+              std::array<RowIndex, 2> ri;
+              std::array<ExpRow<acc_t>, 2> rows;
+              int64_t live = 0;
+              for (int64_t j = 0; j < n; ++j) {
+                ri[j] = in.row(i + j);
+                acc_t* r = spatial ? rt + (i + j - i0) * K : r_out + (i + j) * K;
+                if (ri[j].ignored) {
+                  loss_p[i + j] = lse_p[i + j] = 0;
+                  std::fill(r, r + K, acc_t(0));
+                  continue;
+                }
+                const acc_t* z = spatial ? zt + (i + j - i0) * K : widen(in.z + (i + j) * K, buf + j * K, K);
+                rows[j] = {z, in.S + ri[j].g * K, in.L + ri[j].g * K, r};
+                ++live;
+              }
+              if (live == 2) {
+                const auto sums = row_exp_sum_pair(rows[0], rows[1], K, fresh);
+                for (int64_t j = 0; j < 2; ++j)
+                  finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, rows[j].e, partial,
+                         p_row(i + j));
                 continue;
               }
-              rows[j] = {in.row_in(in.z, i + j, buf + j * K), in.S + ri[j].g * K,
-                         in.L + ri[j].g * K, r};
-              ++live;
-            }
-            if (live == 2) {
-              const auto sums = row_exp_sum_pair(rows[0], rows[1], K, fresh);
-              for (int64_t j = 0; j < 2; ++j) {
-                finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, rows[j].e, partial,
-                       buf + 2 * K);
-                in.row_out_done(r_out, i + j, rows[j].e);
+              for (int64_t j = 0; j < n; ++j) {
+                if (ri[j].ignored) continue;
+                const auto [m, sum] = row_exp_sum(rows[j].z, rows[j].S, rows[j].L, K, rows[j].e, fresh);
+                finish(i + j, ri[j], rows[j].z, m, sum, rows[j].e, partial, p_row(i + j));
               }
-              return;
             }
-            for (int64_t j = 0; j < n; ++j) {
-              if (ri[j].ignored) continue;
-              const auto [m, sum] = row_exp_sum(rows[j].z, rows[j].S, rows[j].L, K, rows[j].e, fresh);
-              finish(i + j, ri[j], rows[j].z, m, sum, rows[j].e, partial, buf + 2 * K);
-              in.row_out_done(r_out, i + j, rows[j].e);
-            }
+            if (spatial) in.tile_out(rt, i0, n0, r_out);
           });
         }
         if (gradient && mean && table_grads && !in.P) {

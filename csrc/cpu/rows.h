@@ -181,25 +181,39 @@ struct Inputs {
         ignore_index(ignore),
         D(s.inner) {}
 
-  // Row i of `x` (the logits, or a probability target of their layout) as a
-  // contiguous row in the accumulation type: in place, widened, or for spatial
-  // logits gathered with class stride D into `buf`. Consecutive rows of a
-  // spatial block share their cache lines, so the gather reads each line once.
-  const acc_t* row_in(const scalar_t* x, int64_t i, acc_t* buf) const {
-    if (D == 1) return widen(x + i * K, buf, K);
-    const scalar_t* p = x + (i / D) * K * D + i % D;
-    for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<acc_t>(p[k * D]);
-    return buf;
+  // Rows [i0, i0 + n) of spatial `x` (the logits, or a probability target of
+  // their layout: [B, K, D], class stride D) as [n, K] rows in `tile`, by
+  // transposes of the [K, m] blocks of each b; tile_out writes such rows back.
+  // (kGradient only, float32/float64: no widening.)
+  void tile_in(const scalar_t* x, int64_t i0, int64_t n, acc_t* tile) const {
+    for_blocks(i0, n, [&](int64_t offset, int64_t i, int64_t m) {
+      transpose(x + offset, D, tile + (i - i0) * K, K, K, m);
+    });
+  }
+  void tile_out(const acc_t* tile, int64_t i0, int64_t n, acc_t* out) const {
+    for_blocks(i0, n, [&](int64_t offset, int64_t i, int64_t m) {
+      transpose(tile + (i - i0) * K, K, out + offset, D, m, K);
+    });
   }
 
-  // Row i of an output of the logits' layout: `out` itself ([N, K]), or for
-  // spatial logits `row` (a scratch row) scattered with class stride D by
-  // row_out_done.
-  acc_t* row_out(acc_t* out, int64_t i, acc_t* row) const { return D == 1 ? out + i * K : row; }
-  void row_out_done(acc_t* out, int64_t i, const acc_t* row) const {
-    if (D == 1) return;
-    acc_t* p = out + (i / D) * K * D + i % D;
-    for (int64_t k = 0; k < K; ++k) p[k * D] = row[k];
+  // f(offset of row i's first logit, i, m) for each run of m rows of one b.
+  template <typename F>
+  void for_blocks(int64_t i0, int64_t n, const F& f) const {
+    for (int64_t i = i0; i < i0 + n;) {
+      const int64_t b = i / D, j = i % D, m = std::min(i0 + n - i, D - j);
+      f(b * K * D + j, i, m);
+      i += m;
+    }
+  }
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for r < M, c < N.
+  template <typename Src, typename Dst>
+  static void transpose(const Src* src, int64_t ld_src, Dst* dst, int64_t ld_dst, int64_t M, int64_t N) {
+    if constexpr (std::is_same_v<Src, Dst>) {
+      at::vec::transpose_mxn<Dst>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+    } else {
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t c = 0; c < N; ++c) dst[c * ld_dst + r] = static_cast<Dst>(src[r * ld_src + c]);
+    }
   }
 
   RowIndex row(int64_t i) const {
