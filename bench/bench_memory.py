@@ -30,12 +30,12 @@ def child(rows, groups, classes):
     z = torch.randn(rows, classes, requires_grad=True)
     y, g = torch.randint(0, classes, (rows,)), torch.randint(0, groups, (rows,))
     tables = [torch.rand(groups, classes).add_(0.5).requires_grad_() for _ in range(3)]
-    autobalance.parametric_cross_entropy(z[:8], y[:8], *tables, g[:8]).backward()  # load, warm up
+    autobalance.parametric_cross_entropy(z[:8], y[:8], tables[0], scale=tables[1], shift=tables[2], group=g[:8]).backward()  # load, warm up
     z.grad = None
     for t in tables:
         t.grad = None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    autobalance.parametric_cross_entropy(z, y, *tables, g).backward()
+    autobalance.parametric_cross_entropy(z, y, tables[0], scale=tables[1], shift=tables[2], group=g).backward()
     rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     ops = torch.ops.autobalance
     scratch = ops._table_grad_scratch(rows, groups, classes, False) / MIB if hasattr(ops, "_table_grad_scratch") \

@@ -70,7 +70,7 @@ def fwd_bwd(backend):
     def run(z, y, tables):
         z = z.detach().requires_grad_()
         ts = [t.detach().requires_grad_() for t in tables]
-        loss = parametric_cross_entropy(z, y, weight=ts[0], scale=ts[1], shift=ts[2], backend=backend)
+        loss = parametric_cross_entropy(z, y, ts[0], scale=ts[1], shift=ts[2], backend=backend)
         loss.backward()
     return run
 
@@ -137,7 +137,7 @@ def bench_segmentation(shape, quick):
 
     def fused(z):
         z = z.detach().requires_grad_()
-        parametric_cross_entropy(z, y, weight=tables[0], scale=tables[1], shift=tables[2]).backward()
+        parametric_cross_entropy(z, y, tables[0], scale=tables[1], shift=tables[2]).backward()
 
     def cross_entropy(z):
         z = z.detach().requires_grad_()

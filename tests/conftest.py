@@ -418,3 +418,11 @@ def restore_threads():
 __all__ = ["OPS", "FLOAT_DTYPES", "LOW_PRECISION", "Problem", "Oracle", "acc_dtype", "assert_all_zero",
            "assert_within", "cotangents", "examples", "make_logits", "make_problem", "problems", "random_problem",
            "reference", "tolerance"]
+
+
+def pce(logits, target, weight=None, scale=None, shift=None, group=None, **kwargs):
+    """``autobalance.parametric_cross_entropy`` with the tables W, S, L and the
+    group positional, as the op-level tests write it (the public signature is
+    ``F.cross_entropy``'s, with ``scale``, ``shift`` and ``group`` as keywords)."""
+    return autobalance.parametric_cross_entropy(logits, target, weight, scale=scale, shift=shift, group=group,
+                                                **kwargs)

@@ -8,7 +8,7 @@ import autobalance
 from autobalance import ParametricCE, frequency_clusters, loss_tables, reference
 from conftest import OPS
 
-pce = autobalance.parametric_cross_entropy
+from conftest import pce  # noqa: E402
 N, K, G = 6, 5, 2
 # The C++ checks print c10 dtype names, the Python ones torch names; accept either.
 F32, F64 = r"(torch\.float32|Float)", r"(torch\.float64|Double)"
@@ -128,11 +128,11 @@ def test_logits_rank(caller, shape):
     logits = torch.randn(N * K).reshape(shape) if shape else torch.tensor(1.0)
     message = r"`logits` must have shape \[N, K\]"
     if caller in ("fused", "reference", "module"):
-        message = {(N * K,): r"`target` must be a 0-d \(scalar\) tensor for unbatched \[K\] logits",
+        message = {(N * K,): r"`target` must be a 0-d \(scalar\) tensor for unbatched \[C\] logits",
                    (N, K, 1): r"`target` must have shape \[N, d1, ..., dk\] = \[6, 1\]",
-                   (): r"`logits` must have shape \[K\], \[N, K\] or \[N, K, d1, ..., dk\]"}[shape]
+                   (): r"`input` must have shape \[C\], \[N, C\] or \[N, C, d1, ..., dk\]"}[shape]
         if caller == "module" and shape == (N * K,):
-            message = r"`logits` must have K = num_classes = 5 classes"
+            message = r"`input` must have K = num_classes = 5 classes"
     with pytest.raises(ValueError, match=message):
         call_with(caller, logits=logits)
 
@@ -153,8 +153,18 @@ def test_group_rank(caller):
 @pytest.mark.parametrize("name", ["weight", "scale", "shift"])
 @pytest.mark.parametrize("shape", [(K,), (G, K, 1)])
 def test_table_rank(caller, name, shape):
-    with pytest.raises(ValueError, match=rf"`{name}` must have shape \[G, K\]"):
-        call_with(caller, **{name: torch.ones(shape)})
+    """The ops take [G, K] tables; the functional also takes a [C] table (a class
+    weight, as F.cross_entropy takes it), the same as [1, C]."""
+    table = torch.ones(shape)
+    if caller in ("fused", "reference"):
+        if shape == (K,):
+            torch.testing.assert_close(call_with(caller, **{name: table}), call_with(caller, **{name: table[None]}))
+            return
+        message = rf"`{name}` must have shape \[C\] or \[G, C\], got \[2, 5, 1\]"
+    else:
+        message = rf"`{name}` must have shape \[G, K\]"
+    with pytest.raises(ValueError, match=message):
+        call_with(caller, **{name: table})
 
 
 # ------------------------------------------------------- shape mismatch
@@ -184,7 +194,10 @@ def test_table_classes_mismatch(caller, name, shape):
 @pytest.mark.parametrize("name", ["scale", "shift"])
 def test_table_groups_mismatch(caller, name):
     """G comes from `weight`; the other tables must agree with it."""
-    with pytest.raises(ValueError, match=rf"`{name}` must have shape \[G, K\] = \[2, 5\].*got \[3, 5\]"):
+    message = rf"`{name}` must have shape \[G, K\] = \[2, 5\].*got \[3, 5\]"
+    if caller in ("fused", "reference"):
+        message = rf"`{name}` must have shape \[C\], \[1, C\] or \[G, C\] with G = 2 \(from `weight`\), got \[3, 5\]"
+    with pytest.raises(ValueError, match=message):
         call_with(caller, **{name: torch.ones(G + 1, K)})
 
 
@@ -269,13 +282,13 @@ def test_functional_casts_float_tables(backend):
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("name", ["weight", "scale", "shift"])
 def test_functional_integer_table(backend, name):
-    with pytest.raises(TypeError, match=rf"`{name}` must have dtype {F32}"):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a floating-point tensor, got torch.int64"):
         call_with(backend, **{name: torch.ones(G, K, dtype=torch.long)})
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_functional_logits_not_a_tensor(backend):
-    with pytest.raises(TypeError, match=r"`logits` must be a Tensor"):
+    with pytest.raises(TypeError, match=r"`input` must be a Tensor"):
         pce([[0.0, 1.0]], torch.zeros(1, dtype=torch.long), torch.ones(1, 2), torch.ones(1, 2),
             torch.zeros(1, 2), backend=backend)
 

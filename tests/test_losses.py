@@ -12,7 +12,7 @@ import autobalance
 from autobalance import LossTables, ParametricCE, frequency_clusters, loss_tables
 from conftest import examples
 
-pce = autobalance.parametric_cross_entropy
+from conftest import pce  # noqa: E402
 INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 USES = {"la": ("tau",), "vs": ("tau", "gamma"), "group_la": ("tau",), "cdt": ("gamma",)}  # loss_tables' options
 

@@ -108,9 +108,9 @@ def test_without_compiled_ops_the_library_warns_once_and_runs_the_reference_path
         g = torch.Generator().manual_seed(0)
         z = torch.randn(9, 4, generator=g, requires_grad=True)
         y = torch.randint(0, 4, (9,), generator=g)
-        tables = [torch.rand(1, 4, generator=g) + 0.5 for _ in range(3)]
-        fused = parametric_cross_entropy(z, y, *tables)  # backend="fused", the default
-        ref = parametric_cross_entropy(z, y, *tables, backend="reference")
+        W, S, L = [torch.rand(1, 4, generator=g) + 0.5 for _ in range(3)]
+        fused = parametric_cross_entropy(z, y, W, scale=S, shift=L)  # backend="fused", the default
+        ref = parametric_cross_entropy(z, y, W, scale=S, shift=L, backend="reference")
         assert torch.equal(fused, ref)
         assert torch.equal(*(torch.autograd.grad(l, z)[0] for l in (fused, ref)))
     {textwrap.indent(USE_THE_LIBRARY, "    ")}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import autobalance
 from conftest import examples
 
-pce = autobalance.parametric_cross_entropy
+from conftest import pce  # noqa: E402
 IGNORE = -100
 # (logits shape, channels-last): one per form, the class dimension is 1 (0 when unbatched)
 FORMS = {
@@ -146,10 +146,10 @@ def test_bad_shapes_are_clear_errors(backend):
         (z, torch.zeros(2, 3, 5, dtype=torch.long), None, tables, "`target` must have shape"),
         (z, torch.zeros(2, 5, 3, 4, dtype=torch.long), None, tables, "`target` must have shape"),
         (z, torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long), t2,
-         "`group` must have the target's shape [2, 3, 4]"),
+         "`group` must have the target's index shape [2, 3, 4]"),
         (torch.randn(5), torch.zeros(1, dtype=torch.long), None, tables, "`target` must be a 0-d (scalar) tensor"),
         (torch.randn(5), torch.zeros(3, dtype=torch.long), None, tables, "`target` must be a 0-d"),
-        (torch.randn(()), torch.tensor(0), None, tables, "`logits` must have shape [K], [N, K]"),
+        (torch.randn(()), torch.tensor(0), None, tables, "`input` must have shape [C], [N, C]"),
     ]
     for logits, target, group, tabs, message in cases:
         with pytest.raises(ValueError) as err:

@@ -4,10 +4,12 @@ backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
 ops could not be loaded (``autobalance_ext`` warned at import), ``"fused"``
 runs the reference path."""
 import torch
+from torch.nn import _reduction as _Reduction
 
 import autobalance_ext
 from autobalance import reference
 from autobalance._validation import check_choice
+from autobalance_ext._checks import check_label_smoothing
 
 BACKENDS = ("fused", "reference")
 REDUCTIONS = ("none", "sum", "mean")
@@ -33,82 +35,148 @@ def _op(backend, on_cuda):
     return _FUSED
 
 
-def parametric_cross_entropy(logits, target, weight, scale, shift, group=None, *,
-                             reduction="mean", ignore_index=-100, backend="fused"):
-    """Weighted CE of affine-adjusted logits, ``W[g,y] (lse(S[g] z + L[g]) - S[g,y] z_y - L[g,y])``.
+def parametric_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                             reduction="mean", label_smoothing=0.0, *, scale=None, shift=None, group=None,
+                             backend="fused"):
+    """``F.cross_entropy`` of affine-adjusted logits with per-(group, class) tables:
+    per row ``Σ_k q_k W[g,k] (lse(S[g] z + L[g]) - S[g,k] z_k - L[g,k])`` with ``q``
+    the target distribution (docs/math.md sections 1 and 8).
+
+    The positional arguments and their defaults are ``F.cross_entropy``'s, with the
+    same meaning; with the default tables every case equals ``F.cross_entropy``.
 
     Args:
-        logits: ``[N, K]`` float32/float64/bfloat16/float16, any strides; or, as
-            ``F.cross_entropy`` takes them, ``[K]`` (unbatched, with a 0-d target) or
-            ``[N, K, d1, ..., dk]`` (class dimension 1, with ``[N, d1, ..., dk]``
-            targets): every position is a row (docs/math.md section 8).
-        target: int64 class indices, ``[N]`` (or the shapes above); rows equal to
-            ``ignore_index`` contribute nothing.
-        weight, scale, shift: the ``[G, K]`` tables W, S, L; cast to the accumulation
-            dtype (float64 for float64 logits, else float32).
-        group: optional int64 group index in ``[0, G)`` of the target's shape; required
-            when ``G > 1``.
-        reduction: ``"none"`` (per-sample loss of the target's shape, 0 on ignored rows), ``"sum"``, or
-            ``"mean"`` = ``sum_i loss_i / sum_i W[g_i, y_i]`` over non-ignored rows
-            (PyTorch's weighted mean; NaN when every row is ignored, as in
-            ``F.cross_entropy``).
-        backend: ``"fused"`` or ``"reference"``.
+        input: logits, float32/float64/bfloat16/float16, any strides: ``[C]``
+            (unbatched), ``[N, C]`` or ``[N, C, d1, ..., dk]`` (every position a row;
+            class dimension 1).
+        target: int64 class indices of the input's shape without the class dimension
+            (``[]``, ``[N]``, ``[N, d1, ..., dk]``; rows equal to ``ignore_index``
+            contribute nothing), or a probability target of the input's shape and
+            dtype (no ignored rows; it gets a gradient when it requires one).
+        weight: the table W: ``None`` (1), a ``[C]`` class weight as in
+            ``F.cross_entropy``, or ``[G, C]``.
+        size_average, reduce: PyTorch's deprecated spellings of ``reduction``.
+        ignore_index: for class-index targets.
+        reduction: ``"none"`` (the loss of each row, in the target's index shape),
+            ``"sum"``, or ``"mean"``: for class indices ``sum_i loss_i / sum_i
+            W[g_i, y_i]`` over the rows not ignored (NaN when all are), for a
+            probability target the sum divided by the number of rows.
+        label_smoothing: ε in [0, 1]: ``q = (1 - ε) target + ε / C``.
+        scale, shift: the tables S (default 1) and L (default 0): ``[C]`` or ``[G, C]``.
+        group: int64 group index in ``[0, G)`` of the target's index shape; required
+            when a table has ``G > 1`` rows.
+        backend: a testing aid: ``"fused"`` (the compiled kernels, the default) or
+            ``"reference"`` (plain PyTorch, ``autobalance.reference``).
 
-    A NaN or infinite logit makes its own row's loss non-finite and its
-    gradients NaN; other rows are unaffected.
-    The loss is returned in the accumulation dtype.
+    The tables are cast to the accumulation dtype (float64 for float64 input, else
+    float32), the loss is computed in it and returned in the input's dtype, as
+    ``F.cross_entropy`` does. A NaN or infinite logit makes its own row's loss
+    non-finite and its gradients NaN; other rows are unaffected.
     """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
     check_choice(reduction, "reduction", REDUCTIONS)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
-    op = _op(backend, logits.is_cuda)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"autobalance: `input` must be a Tensor, got {type(input).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"autobalance: `target` must be a Tensor, got {type(target).__name__}")
+    op = _op(backend, input.is_cuda)
+    logits, out_dtype = input, input.dtype
     shape = None if logits.dim() == 2 else _index_shape(logits, target, group)
     if shape is not None:
         logits, target, group = _as_rows(logits, target, group, shape)
-    acc = autobalance_ext.accumulate_dtype(logits.dtype)
-    if not (isinstance(weight, torch.Tensor) and weight.dtype == acc and isinstance(scale, torch.Tensor)
-            and scale.dtype == acc and isinstance(shift, torch.Tensor) and shift.dtype == acc):
-        weight, scale, shift = (t.to(acc) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                                for t in (weight, scale, shift))
+    weight, scale, shift = _tables(weight, scale, shift, logits)
     if op is _FUSED and reduction != "none":  # one autograd node for loss and reduction
-        return _FUSED_REDUCED(logits, target, group, weight, scale, shift, ignore_index, reduction == "mean")
-    loss, _ = op(logits, target, group, weight, scale, shift, ignore_index)
-    if reduction == "none":
-        return loss if shape is None else loss.reshape(shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / _weight_sum(weight, target, group, ignore_index)
+        out = _FUSED_REDUCED(logits, target, group, weight, scale, shift, ignore_index, reduction == "mean",
+                             label_smoothing)
+    else:
+        loss, _ = op(logits, target, group, weight, scale, shift, ignore_index, label_smoothing)
+        if reduction == "none":
+            out = loss if shape is None else loss.reshape(shape)
+        elif reduction == "sum":
+            out = loss.sum()
+        elif target.is_floating_point():
+            out = loss.sum() / loss.shape[0]
+        else:
+            out = loss.sum() / _weight_sum(weight, target, group, ignore_index)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _tables(weight, scale, shift, logits):
+    """W, S, L as ``[G, K]`` tables in the accumulation dtype, from None, ``[K]`` or
+    ``[G, K]`` (a ``[K]`` or ``[1, K]`` table broadcast over the others' G rows)."""
+    acc = autobalance_ext.accumulate_dtype(logits.dtype)
+    given = {"weight": weight, "scale": scale, "shift": shift}
+    rows, source = 1, None  # G, and the table it comes from
+    for name, t in given.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"autobalance: `{name}` must be None or a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"autobalance: `{name}` must be a floating-point tensor, got {t.dtype}")
+        if t.dim() not in (1, 2):
+            raise ValueError(f"autobalance: `{name}` must have shape [C] or [G, C], got {list(t.shape)}")
+        if t.dim() == 2 and t.shape[0] != 1:
+            if source is not None and t.shape[0] != rows:
+                raise ValueError(f"autobalance: `{name}` must have shape [C], [1, C] or [G, C] with G = {rows} "
+                                 f"(from `{source}`), got {list(t.shape)}")
+            if source is None:
+                rows, source = t.shape[0], name
+    classes = logits.shape[1]  # [R, K] rows by now
+    tables = []
+    for t, fill in ((weight, 1.0), (scale, 1.0), (shift, 0.0)):
+        if t is None:
+            t = torch.full((rows, classes), fill, dtype=acc, device=logits.device)
+        else:
+            t = t.to(acc)
+            if t.dim() == 1:
+                t = t[None]
+            if t.shape[0] != rows:
+                t = t.expand(rows, -1)
+        tables.append(t)
+    return tables
 
 
 def _index_shape(logits, target, group):
-    """The target's shape for ``[K]`` or ``[N, K, d1..dk]`` logits (checked, with
-    the group's); the ``[N, K]`` case is checked by the ops."""
+    """The target's index shape for ``[K]`` or ``[N, K, d1..dk]`` logits (checked,
+    with the group's); the ``[N, K]`` case is checked by the ops."""
     if logits.dim() == 0:
-        raise ValueError("autobalance: `logits` must have shape [K], [N, K] or [N, K, d1, ..., dk], got a 0-d tensor")
-    for name, t in (("target", target), ("group", group)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"autobalance: `{name}` must be a Tensor, got {type(t).__name__}")
+        raise ValueError("autobalance: `input` must have shape [C], [N, C] or [N, C, d1, ..., dk], got a 0-d tensor")
+    if group is not None and not isinstance(group, torch.Tensor):
+        raise TypeError(f"autobalance: `group` must be a Tensor, got {type(group).__name__}")
     if logits.dim() == 1:
-        expected, form = (), "be a 0-d (scalar) tensor for unbatched [K] logits"
+        expected, form = (), "be a 0-d (scalar) tensor for unbatched [C] logits"
     else:
         expected = (logits.shape[0], *logits.shape[2:])
         form = f"have shape [N, d1, ..., dk] = {list(expected)} for logits of shape {list(logits.shape)}"
-    if tuple(target.shape) != expected:
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(f"autobalance: a floating-point `target` is a probability target and must have the "
+                             f"input's shape {list(logits.shape)}, got {list(target.shape)}; class-index targets "
+                             f"are int64 of shape {list(expected)}")
+    elif tuple(target.shape) != expected:
         raise ValueError(f"autobalance: `target` must {form}, got shape {list(target.shape)}")
-    if group is not None and group.shape != target.shape:
-        raise ValueError(f"autobalance: `group` must have the target's shape {list(target.shape)}, "
+    if group is not None and tuple(group.shape) != expected:
+        raise ValueError(f"autobalance: `group` must have the target's index shape {list(expected)}, "
                          f"got {list(group.shape)}")
-    return target.shape
+    return torch.Size(expected)
 
 
 def _as_rows(logits, target, group, shape):
-    """``[K]`` / ``[N, K, d1..dk]`` logits as ``[R, K]`` rows (class dimension last),
-    and the indices as ``[R]``. A view where the layout allows (``[K]``, and a
-    class dimension of stride 1 such as channels-last); otherwise one copy of
-    the logits (autograd takes the gradient back through it)."""
-    rows = target.numel()
-    z = logits.reshape(1, -1) if logits.dim() == 1 else logits.movedim(1, -1).reshape(rows, logits.shape[1])
-    return z, target.reshape(rows), None if group is None else group.reshape(rows)
+    """``[K]`` / ``[N, K, d1..dk]`` logits (and a probability target) as ``[R, K]``
+    rows (class dimension last), and the indices as ``[R]``. A view where the
+    layout allows (``[K]``, and a class dimension of stride 1 such as
+    channels-last); otherwise one copy (autograd takes the gradient back
+    through it)."""
+    rows = shape.numel()
+
+    def as_rows(t):
+        return t.reshape(1, -1) if t.dim() == 1 else t.movedim(1, -1).reshape(rows, t.shape[1])
+
+    target = as_rows(target) if target.is_floating_point() else target.reshape(rows)
+    return as_rows(logits), target, None if group is None else group.reshape(rows)
 
 
 def _weight_sum(weight, target, group, ignore_index):

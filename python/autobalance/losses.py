@@ -5,9 +5,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn import _reduction as _Reduction
 
 from autobalance._validation import check_choice, check_finite, check_int, check_labels, check_positive
 from autobalance.functional import BACKENDS, REDUCTIONS, parametric_cross_entropy
+from autobalance_ext._checks import check_label_smoothing
 
 INITS = ("ce", "balanced", "la", "cdt", "vs", "group_la", "group_balanced")
 LEARNABLE = ("weight", "scale", "shift")
@@ -188,25 +190,32 @@ class ParametricCE(nn.Module):
         group_params: learn separate parameters per group (default: ``num_groups > 1``).
         class_counts: ``[K]`` or ``[G, K]`` training counts, for ``clusters=C``.
         weight, scale, shift: initial tables W0, S0, L0: scalar, ``[K]`` or ``[G, K]``.
+            With ``weight`` not learned, ``W = W0``: ``weight=w`` (``[K]``) is
+            ``nn.CrossEntropyLoss``'s class weight.
         learn: which tables are learnable, a subset of ``("weight", "scale", "shift")``.
         scale_max: upper bound of the scales.
-        reduction, ignore_index, backend: as in
-            :func:`autobalance.functional.parametric_cross_entropy`.
+        size_average, ignore_index, reduce, reduction, label_smoothing: as in
+            ``nn.CrossEntropyLoss`` (same defaults; see
+            :func:`autobalance.functional.parametric_cross_entropy`).
+        backend: a testing aid, ``"fused"`` or ``"reference"``.
 
-    ``forward(input, target, group=None)`` takes the class-index forms of
-    ``nn.CrossEntropyLoss``: ``[N, K]`` with ``[N]`` targets, ``[K]`` with a 0-d
-    target, ``[N, K, d1, ..., dk]`` with ``[N, d1, ..., dk]`` targets; ``group``
-    has the target's shape.
+    ``forward(input, target, group=None)`` takes every form ``nn.CrossEntropyLoss``
+    takes: ``[N, K]`` with ``[N]`` class indices, ``[K]`` with a 0-d target,
+    ``[N, K, d1, ..., dk]`` with ``[N, d1, ..., dk]`` class indices, and probability
+    targets of the input's shape; ``group`` has the target's index shape.
     """
 
     def __init__(self, num_classes: int, clusters: Union[None, int, torch.Tensor] = None, *,
                  num_groups: int = 1, group_params: Optional[bool] = None, class_counts=None,
                  weight=None, scale=None, shift=None, learn: Sequence[str] = ("scale", "shift"),
-                 scale_max: float = 2.0, reduction: str = "mean", ignore_index: int = -100,
-                 backend: str = "fused"):
+                 scale_max: float = 2.0, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "fused"):
         super().__init__()
         num_classes, num_groups = check_int(num_classes, "num_classes"), check_int(num_groups, "num_groups")
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
         check_choice(reduction, "reduction", REDUCTIONS)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         check_choice(backend, "backend", BACKENDS)
         if isinstance(learn, str):
             learn = (learn,)
@@ -294,21 +303,22 @@ class ParametricCE(nn.Module):
         groups = self.num_groups
         return LossTables(*(t.expand(groups, -1) for t in (weight, scale, shift)))
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
                 group: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if isinstance(logits, torch.Tensor) and logits.dim() >= 1 \
-                and logits.shape[min(1, logits.dim() - 1)] != self.num_classes:
-            raise ValueError(f"autobalance: `logits` must have K = num_classes = {self.num_classes} classes "
-                             f"(dimension 1, or 0 for unbatched [K] logits), got shape {list(logits.shape)}")
+        if isinstance(input, torch.Tensor) and input.dim() >= 1 \
+                and input.shape[min(1, input.dim() - 1)] != self.num_classes:
+            raise ValueError(f"autobalance: `input` must have K = num_classes = {self.num_classes} classes "
+                             f"(dimension 1, or 0 for unbatched [K] logits), got shape {list(input.shape)}")
         weight, scale, shift = self.tables()
-        return parametric_cross_entropy(logits, target, weight, scale, shift, group,
-                                        reduction=self.reduction, ignore_index=self.ignore_index,
-                                        backend=self.backend)
+        return parametric_cross_entropy(input, target, weight, ignore_index=self.ignore_index,
+                                        reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                        scale=scale, shift=shift, group=group, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, "
                 f"num_groups={self.num_groups}, group_params={self.group_params}, learn={self.learn}, "
-                f"scale_max={self.scale_max}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"scale_max={self.scale_max}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, backend={self.backend!r}")
 
 
 class LDAMLoss(nn.Module):
@@ -432,8 +442,9 @@ class LATemperature(nn.Module):
 
     def forward(self, logits, target, group=None):
         weight, scale, shift = self.tables()
-        return parametric_cross_entropy(logits, target, weight, scale, shift, group, reduction=self.reduction,
-                                        ignore_index=self.ignore_index, backend=self.backend)
+        return parametric_cross_entropy(logits, target, weight, scale=scale, shift=shift, group=group,
+                                        reduction=self.reduction, ignore_index=self.ignore_index,
+                                        backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"
