@@ -53,7 +53,8 @@ def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shif
 
 @torch.library.register_fake(_lib + "_parametric_ce_reduced_with_gradient")
 def _parametric_ce_reduced_with_gradient_fake(logits, target, group, weight, scale, shift, ignore_index, mean,
-                                              table_grads):
+                                              table_grads, label_smoothing=0.0):
+    check_label_smoothing(label_smoothing)
     loss, lse, grad_logits = _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shift,
                                                                ignore_index)
     return ((loss, lse, weight.new_empty((weight.numel(),)), grad_logits)

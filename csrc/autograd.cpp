@@ -39,7 +39,7 @@ using ResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, int64_t);
 using WithGradientSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-    const Tensor&, const Tensor&, int64_t, bool, bool);
+    const Tensor&, const Tensor&, int64_t, bool, bool, double);
 using FromResidualSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
@@ -221,7 +221,7 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
       const bool table_grads = weight.requires_grad() || scale.requires_grad() || shift.requires_grad();
       std::tie(out, lse, counts, kept, dW, dS, dL) = ops().with_gradient.call(
           logits, target, group, weight, scale, shift, ignore_index, reduction == kMean,
-          table_grads);
+          table_grads, label_smoothing);
     } else if (fast) {
       std::tie(out, lse, kept) =
           ops().residual.call(logits, target, group, weight, scale, shift, ignore_index);
@@ -410,9 +410,11 @@ variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
   // Eager tensors only: not under FakeTensor / functionalization tracing.
   const bool traced = logits.key_set().has(c10::DispatchKey::Python) ||
                       logits.key_set().has(c10::DispatchKey::Functionalize);
-  // The fast path's ops take class-index targets without label smoothing.
+  // The residual op takes class-index targets without label smoothing; the
+  // reduced one every target, except one that needs its own gradient.
   const bool one_hot = !target.is_floating_point() && label_smoothing == 0.0;
-  const bool fast = needs_grad && !traced && one_hot && logits.device().is_cpu() &&
+  const bool fast = needs_grad && !traced && (one_hot || reduction != kNone) &&
+                    !target.requires_grad() && logits.device().is_cpu() &&
                     !logits.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
                     (reduction != kNone || logits.numel() <= kResidualMaxElements) &&
                     (logits.scalar_type() == at::kFloat ||

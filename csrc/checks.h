@@ -136,10 +136,15 @@ inline void check_label_smoothing(double label_smoothing) {
                     "autobalance: `label_smoothing` must be in [0, 1], got ", label_smoothing);
 }
 
-// The CPU fast path's ops take class-index targets without label smoothing.
+// The CPU fast path's residual ops take class-index targets without label smoothing.
 inline void check_class_indices(const Sizes& s) {
   TORCH_CHECK_VALUE(!s.probs, "autobalance: this op takes int64 class-index targets, got a "
                     "probability target");
+}
+
+inline void check_one_hot(double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing == 0.0, "autobalance: this op takes no label smoothing, got ",
+                    label_smoothing);
 }
 
 // A row's target distribution q_k = α [k = y] + β P_k + γ (docs/math.md

@@ -58,8 +58,8 @@ TORCH_LIBRARY(autobalance, m) {
       "Tensor shift, Tensor lse, Tensor? u_logits, Tensor? u_weight, "
       "Tensor? u_scale, Tensor? u_shift, int ignore_index, bool table_grads, "
       "float label_smoothing=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The ops below are the CPU fast path's, for class-index targets without
-  // label smoothing only.
+  // The ops below are the CPU fast path's; the residual ones take class-index
+  // targets without label smoothing only, the reduced one every target.
   // CPU, float32/float64: the forward that also returns the residual
   // r = W_y (softmax(S z + L) - onehot(y)) [N, K], and the backward that uses
   // it instead of recomputing the softmax (for a backward that is not itself
@@ -79,7 +79,8 @@ TORCH_LIBRARY(autobalance, m) {
   m.def(
       "_parametric_ce_reduced_with_gradient(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean, "
-      "bool table_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool table_grads, float label_smoothing=0.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_parametric_ce_backward_from_residual_(Tensor grad_loss, Tensor logits, "
       "Tensor target, Tensor? group, Tensor weight, Tensor scale, Tensor shift, "

@@ -220,7 +220,7 @@ def test_zero_classes(caller):
 
 def test_module_class_count_mismatch_names_both_sizes():
     module = ParametricCE(K)
-    with pytest.raises(ValueError, match=rf"`logits` must have K = num_classes = {K}.*\[{N}, {K + 1}\]"):
+    with pytest.raises(ValueError, match=rf"`input` must have K = num_classes = {K}.*\[{N}, {K + 1}\]"):
         module(torch.randn(N, K + 1), torch.zeros(N, dtype=torch.long))
 
 

@@ -117,6 +117,20 @@ def test_groups_and_per_group_parameters_converge_to_exact():
     assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
 
 
+@pytest.mark.parametrize("target", ("label_smoothing", "probabilities"))
+def test_hypergradient_with_target_distributions_converges_to_exact(target):
+    """The mixed derivative of a smoothed or probability-target training loss
+    (docs/math.md section 8) gives the exact implicit hypergradient with CG."""
+    criterion, (x, y), val = logistic_problem(seed=2)
+    if target == "label_smoothing":
+        criterion.label_smoothing = 0.2
+    else:  # a mixup-like target: the label mixed with a random other class
+        other = torch.randint(0, K, y.shape, generator=torch.Generator().manual_seed(3))
+        y = 0.7 * F.one_hot(y, K).double() + 0.3 * F.one_hot(other, K).double()
+    c = check_hypergrad(criterion, BalancedCE(K), (x, y), val, l2=0.05, solver="cg", cg_iterations=60, cg_tol=0.0)
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+
+
 def test_first_order_is_neumann_without_terms_and_matches_its_formula():
     criterion, train, val = logistic_problem()
     model = nn.Linear(D, K, bias=False).double()

@@ -1,6 +1,7 @@
 """The CUDA kernels against the plain-PyTorch reference (docs/math.md sections 1,
-3, 4) on the same GPU inputs, within the tolerance model of conftest.py;
-plus determinism, opcheck, torch.compile, device mix-ups and edge cases.
+3, 4) on the same GPU inputs, within the tolerance model of conftest.py; with
+target distributions (section 8) against the CPU kernels; plus determinism,
+opcheck, torch.compile, device mix-ups and edge cases.
 Skipped without a CUDA device."""
 import dataclasses
 import itertools
@@ -285,6 +286,110 @@ def test_cpu_cuda_mixup_raises_value_error():
             OPS.parametric_ce_backward(bad_gamma, *p.args(), bad_lse, p.ignore_index, True)
     with pytest.raises(ValueError, match="same device"):
         OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz.cpu(), None, None, None, p.ignore_index, True)
+
+
+# ------------------------------------------------- target distributions
+
+# (target kind, label_smoothing): docs/math.md section 8.
+TARGETS = [("probs", 0.0), ("probs", 0.2), ("indices", 0.1)]
+
+
+def with_target(p, kind, salt=5):
+    """``p`` with a probability target of its logits' dtype (random rows that sum
+    to 1) for kind "probs"; ``p`` itself for "indices"."""
+    if kind == "indices":
+        return p
+    P = torch.rand(p.N, p.K, generator=p.generator(salt), dtype=torch.float64)
+    return dataclasses.replace(p, target=(P / P.sum(1, keepdim=True)).to(p.dtype))
+
+
+def assert_matches_cpu(got, want, what):
+    """CUDA outputs against the CPU kernels' on the same inputs: only summation
+    orders, fma and the exponential differ (2-byte outputs may round the other way)."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.is_cuda and g.dtype == w.dtype and g.shape == w.shape, f"{what}: output {i}"
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(w.dtype, 2 * torch.finfo(w.dtype).eps)
+        w = w.double()
+        atol = tol * max(1.0, w.abs().max().item() if w.numel() else 0.0)
+        torch.testing.assert_close(g.cpu().double(), w, rtol=tol, atol=atol, msg=lambda m: f"{what}: output {i}: {m}")
+
+
+def check_target_distribution(p, smoothing):
+    """The three ops on the GPU against the CPU kernels (tests/test_ops.py holds
+    those to the math) with a probability target or label smoothing: every
+    output, both table_grads, every cotangent combination. Both backwards read
+    the CPU's lse."""
+    q = on_gpu(p)
+    cpu = OPS.parametric_ce(*p.args(), p.ignore_index, smoothing)
+    gpu = OPS.parametric_ce(*q.args(), q.ignore_index, smoothing)
+    assert_matches_cpu(gpu, cpu, f"forward {p}")
+    if not p.target.is_floating_point():
+        assert_all_zero(gpu[0][q.target == q.ignore_index], "loss of ignored rows")
+    lse = cpu[1]
+    upstream = cotangents(p)[0]
+    for table_grads in (True, False):
+        want = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, table_grads, smoothing)
+        got = OPS.parametric_ce_backward(on_gpu(upstream), *q.args(), on_gpu(lse), q.ignore_index, table_grads,
+                                         smoothing)
+        assert_matches_cpu(got, want, f"backward (table_grads={table_grads}) {p}")
+    for present in PRESENT:
+        cot = cotangents(p, present)
+        want = OPS.parametric_ce_double_backward(cot[0], *p.args(), lse, *cot[1:], p.ignore_index, True, smoothing)
+        got = OPS.parametric_ce_double_backward(on_gpu(cot[0]), *q.args(), on_gpu(lse), *on_gpu(cot[1:]),
+                                                q.ignore_index, True, smoothing)
+        assert_matches_cpu(got, want, f"double backward [{present_id(present)}] {p}")
+
+
+@pytest.mark.parametrize("kind,smoothing", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("classes", [5, 100, 600, 1500])
+def test_target_distributions_match_cpu(classes, dtype, kind, smoothing):
+    """K = 5 and 100 (lanes per row, the tile holds the row), 600 (past the
+    backward's one tile: its row pass of Σ; for float64 past the fused double
+    backward too) and 1500 (past kFusedMaxK: the double backward's row pass),
+    G = 3 with groups, ignored rows with class indices."""
+    seed = classes + 11 * [torch.float32, torch.float64, torch.bfloat16].index(dtype)
+    p = make_problem(seed, min(rows_for(classes), 400), classes, 3, dtype, ignore_frac=0.15)
+    check_target_distribution(with_target(p, kind), smoothing)
+
+
+@pytest.mark.parametrize("kind,smoothing", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("classes", [10, 1000, 8142])
+def test_target_distributions_deterministic(classes, dtype, kind, smoothing):
+    """Two runs are bit-identical, table gradients included."""
+    rows = 4096 if classes < 8142 else 512
+    base = make_problem(1, rows, classes, 3, dtype)
+    p = on_gpu(with_target(base, kind))
+    upstream, uz, uw, us, ul = on_gpu(cotangents(base))
+
+    def run():
+        loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index, smoothing)
+        first = OPS.parametric_ce_backward(upstream, *p.args(), lse, p.ignore_index, True, smoothing)
+        full = OPS.parametric_ce_double_backward(upstream, *p.args(), lse, uz, uw, us, ul, p.ignore_index, True,
+                                                 smoothing)
+        return (loss, lse, *first, *full)
+
+    for i, (a, b) in enumerate(zip(run(), run())):
+        assert torch.equal(a, b), f"output {i} differs between two runs"
+
+
+def test_probability_target_checks_only_the_group():
+    """A probability target is never read as indices; its groups are checked
+    as with class indices."""
+    p = on_gpu(with_target(make_problem(0, 4000, 10, 2, torch.float32, ignore_frac=0.0), "probs"))
+    upstream = on_gpu(cotangents(make_problem(0, 4000, 10, 2, torch.float32))[0])
+    loss, lse = OPS.parametric_ce(*p.args(), p.ignore_index)
+    group = p.group.clone()
+    group[2500] = 2
+    with pytest.raises(IndexError, match=r"`group\[2500\]` = 2 is out of range.*\[0, 2\)"):
+        OPS.parametric_ce(p.logits, p.target, group, *p.tables(), p.ignore_index)
+    with pytest.raises(IndexError, match=r"`group\[2500\]` = 2 is out of range"):
+        OPS.parametric_ce_backward(upstream, p.logits, p.target, group, *p.tables(), lse, p.ignore_index, True)
+    no_group = on_gpu(with_target(make_problem(0, 4000, 10, 1, torch.float32, use_group=False), "probs"))
+    out = OPS.parametric_ce(*no_group.args(), no_group.ignore_index)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t).all() for t in (loss, lse, *out))
 
 
 @pytest.mark.parametrize("op", ["forward", "backward", "double_backward"])

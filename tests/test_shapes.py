@@ -1,6 +1,7 @@
-"""The input forms of ``nn.CrossEntropyLoss`` with class-index targets
-(docs/math.md section 8): unbatched ``[K]`` logits with a 0-d target and
-``[N, K, d1, ..., dk]`` logits with ``[N, d1, ..., dk]`` targets, through the
+"""The input forms of ``nn.CrossEntropyLoss`` (docs/math.md section 8):
+unbatched ``[K]`` logits with a 0-d target and ``[N, K, d1, ..., dk]`` logits
+with ``[N, d1, ..., dk]`` targets, each with class indices (plain or with label
+smoothing) and with probability targets of the logits' shape, through the
 fused kernels and the reference path."""
 import pytest
 import torch
@@ -24,18 +25,27 @@ FORMS = {
 }
 
 
-def _problem(form, dtype, seed=0, groups=1, ignore=True):
+# target kinds: (probability target, label smoothing)
+KINDS = {"index": (False, 0.0), "smoothed": (False, 0.2), "probs": (True, 0.0),
+         "probs_smoothed": (True, 0.3)}
+
+
+def _problem(form, dtype, seed=0, groups=1, ignore=True, kind="index"):
+    """Logits, target, group, K; a probability target (kind "probs*") is a random
+    distribution per position, laid out like the logits (channels-last too)."""
     shape, channels_last = FORMS[form]
     gen = torch.Generator().manual_seed(seed)
     classes = shape[0] if len(shape) == 1 else shape[1]
     z = 3 * torch.randn(shape, generator=gen, dtype=dtype)
-    if channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
+    layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda t: t)
+    z = layout(z)
     index_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    g = torch.randint(0, groups, index_shape, generator=gen) if groups > 1 else None
+    if KINDS[kind][0]:
+        return z, layout(torch.rand(shape, generator=gen, dtype=dtype).softmax(min(1, len(shape) - 1))), g, classes
     y = torch.randint(0, classes, index_shape, generator=gen)
     if ignore and y.dim() > 0:
         y[torch.rand(index_shape, generator=gen) < 0.25] = IGNORE
-    g = torch.randint(0, groups, index_shape, generator=gen) if groups > 1 else None
     return z, y, g, classes
 
 
@@ -49,12 +59,15 @@ def _identity(classes, dtype, weighted, seed=1):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("weighted", (False, True), ids=("unweighted", "weighted"))
 @pytest.mark.parametrize("reduction", ("none", "sum", "mean"))
-def test_identity_tables_match_cross_entropy(form, dtype, weighted, reduction):
-    z, y, _, classes = _problem(form, dtype)
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_tables_match_cross_entropy(form, dtype, weighted, reduction, kind):
+    z, y, _, classes = _problem(form, dtype, kind=kind)
+    eps = KINDS[kind][1]
     w, *tables = _identity(classes, dtype, weighted)
     z1, z2 = z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
-    ours = pce(z1, y, *tables, reduction=reduction, ignore_index=IGNORE)
-    theirs = F.cross_entropy(z2, y, weight=w if weighted else None, reduction=reduction, ignore_index=IGNORE)
+    ours = pce(z1, y, *tables, reduction=reduction, ignore_index=IGNORE, label_smoothing=eps)
+    theirs = F.cross_entropy(z2, y, weight=w if weighted else None, reduction=reduction, ignore_index=IGNORE,
+                             label_smoothing=eps)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(ours, theirs, **tol)
@@ -85,21 +98,28 @@ def _random_tables(groups, classes, dtype, seed):
 
 @settings(max_examples=examples(15))
 @given(form=st.sampled_from(sorted(FORMS)), dtype=st.sampled_from((torch.float32, torch.float64)),
-       groups=st.integers(1, 3), reduction=st.sampled_from(("none", "sum", "mean")), seed=st.integers(0, 2**16))
-def test_fused_matches_reference_and_flat_rows(form, dtype, groups, reduction, seed):
+       groups=st.integers(1, 3), reduction=st.sampled_from(("none", "sum", "mean")), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(sorted(KINDS)))
+def test_fused_matches_reference_and_flat_rows(form, dtype, groups, reduction, seed, kind):
     """Random tables and groups: the fused N-d loss equals the reference path's,
-    and both equal the [R, K] loss of the rows in the target's order."""
-    z, y, g, classes = _problem(form, dtype, seed, groups)
+    and both equal the [R, K] loss of the rows in the target's order (and the
+    probability target's gradient likewise)."""
+    z, y, g, classes = _problem(form, dtype, seed, groups, kind=kind)
+    probs, eps = KINDS[kind]
     tables = _random_tables(groups, classes, dtype, seed + 1)
     z = z.requires_grad_()
-    inputs = [z, *tables]
-    if z.dim() == 1:
-        flat = z[None], y.reshape(1), None if g is None else g.reshape(1)
-    else:
-        flat = (z.movedim(1, -1).reshape(-1, classes), y.reshape(-1), None if g is None else g.reshape(-1))
-    outs = [pce(z, y, *tables, g, reduction=reduction, backend=b) for b in ("fused", "reference")]
-    outs.append(pce(*flat[:2], *tables, flat[2], reduction=reduction, backend="reference").reshape(outs[0].shape))
-    assert outs[0].shape == (y.shape if reduction == "none" else ())
+    if probs:
+        y = y.requires_grad_()
+    inputs = [z, *tables] + ([y] if probs else [])
+
+    def rows(t):
+        return t[None] if t.dim() == 1 else t.movedim(1, -1).reshape(-1, classes)
+    index_shape = z.shape if z.dim() < 2 else (z.shape[0], *z.shape[2:])
+    flat = (rows(z), rows(y) if probs else y.reshape(-1), None if g is None else g.reshape(-1))
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    outs = [pce(z, y, *tables, g, backend=b, **kw) for b in ("fused", "reference")]
+    outs.append(pce(*flat[:2], *tables, flat[2], backend="reference", **kw).reshape(outs[0].shape))
+    assert outs[0].shape == ((() if z.dim() == 1 else index_shape) if reduction == "none" else ())
     cot = torch.randn_like(outs[0])
     grads = [torch.autograd.grad(o, inputs, cot) for o in outs]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
@@ -111,21 +131,34 @@ def test_fused_matches_reference_and_flat_rows(form, dtype, groups, reduction, s
 
 @pytest.mark.parametrize("reduction", ("none", "mean"))
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "nhwc"))
-def test_gradcheck_and_gradgradcheck_nd(reduction, channels_last):
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_and_gradgradcheck_nd(reduction, channels_last, kind):
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
     if channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
     z.requires_grad_()
-    y = torch.randint(0, 3, (2, 2, 2), generator=gen)
-    y[0, 1, 0] = IGNORE
+    probs, eps = KINDS[kind]
+    if probs:
+        y = torch.rand(z.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=z_format(z))
+    else:
+        y = torch.randint(0, 3, (2, 2, 2), generator=gen)
+        y[0, 1, 0] = IGNORE
     g = torch.randint(0, 2, (2, 2, 2), generator=gen)
     tables = _random_tables(2, 3, torch.float64, 4)
 
     def f(z, w, s, l):
-        return pce(z, y, w, s, l, g, reduction=reduction, ignore_index=IGNORE)
+        return pce(z, y, w, s, l, g, reduction=reduction, ignore_index=IGNORE, label_smoothing=eps)
     assert torch.autograd.gradcheck(f, [z, *tables])
     assert torch.autograd.gradgradcheck(f, [z, *tables])
+    if probs:  # the probability target's own gradient (once: a second derivative w.r.t. it raises)
+        assert torch.autograd.gradcheck(lambda p: pce(z.detach(), p, *tables, g, reduction=reduction,
+                                                      label_smoothing=eps), [y.requires_grad_()])
+
+
+def z_format(z):
+    return torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
+        else torch.contiguous_format
 
 
 def test_unbatched_gradgradcheck():
@@ -178,13 +211,14 @@ def test_module_takes_the_nd_forms():
 
 
 @pytest.mark.parametrize("form", ("4d", "4d_channels_last", "unbatched"))
-def test_deterministic(form):
-    z, y, g, classes = _problem(form, torch.float32, 11, groups=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic(form, kind):
+    z, y, g, classes = _problem(form, torch.float32, 11, groups=2, kind=kind)
     tables = _random_tables(2, classes, torch.float32, 12)
     runs = []
     for _ in range(2):
         zz = z.detach().clone().requires_grad_()
-        loss = pce(zz, y, *tables, g)
+        loss = pce(zz, y, *tables, g, label_smoothing=KINDS[kind][1])
         runs.append((loss, *torch.autograd.grad(loss, [zz, *tables])))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -200,3 +234,78 @@ def test_channels_last_rows_are_a_view():
     assert rows.shape == (24, 5) and rows.is_contiguous() and target.shape == (24,)
     assert rows.data_ptr() == cl.data_ptr()
     assert _as_rows(z, y, None, y.shape)[0].data_ptr() != z.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ("fused", "reference"))
+def test_bad_targets_and_label_smoothing_are_clear_errors(backend):
+    z = torch.randn(2, 5, 3, 4)
+    _, *tables = _identity(5, torch.float32, False)
+    value_errors = [
+        (z, torch.rand(2, 5, 3, 3), {}, "probability target and must have the input's shape [2, 5, 3, 4], "
+                                        "got [2, 5, 3, 3]; class-index targets are int64 of shape [2, 3, 4]"),
+        (z[:, :, 0, 0], torch.rand(2, 4), {}, "probability target and must have the shape of logits [2, 5]"),
+        (torch.randn(5), torch.rand(4), {}, "must have the input's shape [5], got [4]"),
+        (z, torch.zeros(2, 3, 4, dtype=torch.long), {"label_smoothing": -0.1}, "`label_smoothing` must be in [0, 1]"),
+        (z, torch.zeros(2, 3, 4, dtype=torch.long), {"label_smoothing": 1.5}, "`label_smoothing` must be in [0, 1]"),
+        (z, torch.rand(2, 5, 3, 4), {"label_smoothing": float("nan")}, "`label_smoothing` must be in [0, 1], got nan"),
+    ]
+    for logits, target, kw, message in value_errors:
+        with pytest.raises(ValueError) as err:
+            pce(logits, target, *tables, backend=backend, **kw)
+        assert message in str(err.value), str(err.value)
+    with pytest.raises(TypeError, match=r"probability `target` must have the dtype of logits \(torch.float32\), "
+                                        r"got torch.float64"):
+        pce(z, torch.rand(2, 5, 3, 4, dtype=torch.float64), *tables, backend=backend)
+    with pytest.raises(TypeError, match="`label_smoothing` must be a float in"):
+        pce(z, torch.zeros(2, 3, 4, dtype=torch.long), *tables, label_smoothing="0.1", backend=backend)
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\], got 2"):
+        autobalance.ParametricCE(5, label_smoothing=2, backend=backend)
+
+
+def test_module_matches_cross_entropy_loss_with_its_keywords():
+    """nn.CrossEntropyLoss(**kw) and ParametricCE(K, **kw) agree on every target form."""
+    w = torch.rand(5) + 0.5
+    for kw in (dict(weight=w, label_smoothing=0.1), dict(ignore_index=2, reduction="sum"),
+               dict(reduction="none", label_smoothing=0.3), dict(size_average=False)):
+        ours, theirs = autobalance.ParametricCE(5, **kw), torch.nn.CrossEntropyLoss(**kw)
+        for kind in KINDS:
+            z, y, _, _ = _problem("4d", torch.float32, 5, kind=kind)
+            if not KINDS[kind][0]:
+                y = y.clamp(min=0)
+            elif "ignore_index" in kw:
+                with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+                    theirs(z, y)
+                with pytest.raises(ValueError, match="`ignore_index` is not supported for a probability target"):
+                    ours(z, y)
+                continue
+            torch.testing.assert_close(ours(z, y), theirs(z, y))
+
+
+@pytest.mark.parametrize("kind", ("smoothed", "probs", "probs_smoothed"))
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_reduced_fast_path_with_target_distributions(kind, reduction, dtype):
+    """A sum or mean on the CPU computes its gradients in the forward (the fast
+    path, taken when the target needs no gradient); against the reference path,
+    with random tables and groups, and against the same loss differentiated
+    again (create_graph takes the plain backward op)."""
+    probs, eps = KINDS[kind]
+    gen = torch.Generator().manual_seed(21)
+    rows, classes, groups = 517, 13, 3
+    z = 3 * torch.randn(rows, classes, generator=gen, dtype=dtype)
+    g = torch.randint(0, groups, (rows,), generator=gen)
+    if probs:
+        y = torch.rand(rows, classes, generator=gen, dtype=dtype) * 1.5 - 0.2  # not normalised
+    else:
+        y = torch.randint(0, classes, (rows,), generator=gen)
+        y[:40] = IGNORE
+    tables = _random_tables(groups, classes, dtype, 22)
+    results = []
+    for backend, create_graph in (("fused", False), ("fused", True), ("reference", False)):
+        zz = z.detach().clone().requires_grad_()
+        loss = pce(zz, y, *tables, g, reduction=reduction, label_smoothing=eps, backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, [zz, *tables], create_graph=create_graph)))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol)

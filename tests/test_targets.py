@@ -492,6 +492,23 @@ def test_opcheck(p):
     for present in [(True,) * 4, (False, True, False, True)]:
         cot = cotangents(p, present)[1:]
         torch.library.opcheck(OPS.parametric_ce_double_backward, (*plain, *cot, p.ignore_index, True, p.eps))
+    if p.dtype in (torch.float32, torch.float64):  # the CPU fast path's reduced op takes every target
+        for mean in means:
+            torch.library.opcheck(OPS._parametric_ce_reduced_with_gradient,
+                                  (*p.args(), p.ignore_index, mean, True, p.eps))
+
+
+def test_residual_ops_refuse_target_distributions():
+    """The fast path's residual ops serve class indices without smoothing only;
+    autograd never sends them anything else, and a direct call is an error."""
+    p = make_problem(0, 6, 5, 1, torch.float32, use_group=False, ignore_frac=0.0)
+    probs = torch.rand(6, 5)
+    with pytest.raises(ValueError, match="takes int64 class-index targets, got a probability target"):
+        OPS._parametric_ce_with_residual(p.logits, probs, None, *p.tables(), -100)
+    loss, lse, residual = OPS._parametric_ce_with_residual(*p.args(), -100)
+    with pytest.raises(ValueError, match="takes int64 class-index targets"):
+        OPS._parametric_ce_backward_from_residual_(torch.ones(6), p.logits, probs, None, *p.tables(), lse,
+                                                   residual, -100, True)
 
 
 # ------------------------------------------------------------ determinism

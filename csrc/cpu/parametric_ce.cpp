@@ -125,9 +125,10 @@ ForwardOut forward_cpu(
     Keep keep, bool mean = false, bool table_grads = false, double label_smoothing = 0.0) {
   const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
   check_label_smoothing(label_smoothing);
-  if (keep != Keep::kNothing) {
-    check_residual_dtype(logits);
+  if (keep != Keep::kNothing) check_residual_dtype(logits);
+  if (keep == Keep::kResidual) {
     check_class_indices(s);
+    check_one_hot(label_smoothing);
   }
   const bool gradient = keep == Keep::kGradient;
   table_grads = table_grads && gradient;
@@ -151,9 +152,12 @@ ForwardOut forward_cpu(
         acc_t* r_out = out.kept.defined() ? out.kept.mutable_data_ptr<acc_t>() : nullptr;
         const int64_t K = in.K, table = in.G * K;
         // With `gradient`: the per-cell counts (checking every index first) and
-        // the factor a = d reduced / d loss_i (1 / sum_i W[g_i, y_i] for a mean).
+        // the factor a = d reduced / d loss_i (1 / sum_i W[g_i, y_i] for a mean,
+        // 1 / N for the mean of a probability target, whose counts stay 0).
         acc_t a = 1, denominator = 0;
-        if (gradient) {
+        if (gradient && in.P) {
+          if (mean) a = acc_t(1) / acc_t(in.N);
+        } else if (gradient) {
           acc_t* counts = out.counts.mutable_data_ptr<acc_t>();
           for (int64_t i = 0; i < in.N; ++i) {
             const int64_t y = in.target[i];
@@ -176,9 +180,53 @@ ForwardOut forward_cpu(
           tables = {out.grad_weight.mutable_data_ptr<acc_t>(), out.grad_scale.mutable_data_ptr<acc_t>(),
                     out.grad_shift.mutable_data_ptr<acc_t>()};
         }
+        const auto q = target_coefficients<acc_t>(s, label_smoothing);
+        // kGradient with a target that has a dense part (docs/math.md section 8):
+        // the loss α W_y nlp_y + Σ_k d_k W_k nlp_k and, from the exponentials e
+        // in r, the gradient row r_k = a (Σ e_k / sum - d_k W_k) (less a α W_y at
+        // the label) with its table terms, in one pass after Σ = Σ_k q_k W_k.
+        auto finish_dense_gradient = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m,
+                                         acc_t sum, acc_t* partial, acc_t* buf) {
+          acc_t* r = r_out + i * K;
+          const int64_t off = ri.g * K, y = ri.y;
+          const acc_t *S = in.S + off, *L = in.L + off, *W = in.W + off;
+          const acc_t l = m + std::log(sum);
+          const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, buf, K) : nullptr, q);
+          const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
+          const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
+          // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+          const Vec<acc_t> vc(nan_unless_finite(l, a * sigma / sum)), va(a), vl(l);
+          acc_t* dW = partial ? partial + off : nullptr;
+          acc_t* dS = partial ? partial + table + off : nullptr;
+          acc_t* dL = partial ? partial + 2 * table + off : nullptr;
+          Vec<acc_t> total(acc_t(0));
+          for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
+            const Vec<acc_t> Sk = load(S, k, n), zk = load(z, k, n), Wk = load(W, k, n);
+            const Vec<acc_t> nlp = vl - math::adjusted_logit(Sk, zk, load(L, k, n));
+            const Vec<acc_t> dk = d.d(k, n), ad = va * dk;
+            total = total + cpu::keep(math::loss(dk * Wk, nlp), n, acc_t(0));
+            const Vec<acc_t> rk = math::dense_residual(vc, load(r, k, n), ad, Wk);
+            if (partial) {
+              add_table_grads<acc_t>(dL, dS, k, n, rk, zk, nullptr);
+              (load(dW, k, n) + math::grad_weight(ad, nlp)).store(dW + k, n);
+            }
+            math::grad_logit(Sk, rk).store(r + k, n);
+          });
+          acc_t out = reduce_sum(total);
+          if (y >= 0) {
+            const acc_t ce = math::cross_entropy(l, math::adjusted_logit(S[y], z[y], L[y]));
+            out += math::loss(Wy, ce);
+            math::residual_label(nan_unless_finite(l, math::residual_scale(a, Wy)), S[y], z[y], r[y],
+                                 partial ? dS + y : nullptr, partial ? dL + y : nullptr);
+            if (partial) dW[y] += math::grad_weight(a * q.alpha, ce);
+          }
+          lse_p[i] = l;
+          loss_p[i] = out;
+        };
         // After the row's exponential sum: loss, lse and what the mode keeps.
         auto finish = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
-                          acc_t* partial) {
+                          acc_t* partial, acc_t* buf) {
+          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, partial, buf);
           acc_t* r = r_out ? r_out + i * K : nullptr;
           const int64_t y = ri.y;
           const acc_t* S = in.S + ri.g * K;
@@ -210,7 +258,6 @@ ForwardOut forward_cpu(
                                partial ? dS + y : nullptr, partial ? dL + y : nullptr);
           if (partial) partial[ri.g * K + y] += math::grad_weight(a, ce);
         };
-        const auto q = target_coefficients<acc_t>(s, label_smoothing);
         // The loss of a target with a dense part (docs/math.md section 8):
         // α W_y nlp_y + Σ_k d_k W_k nlp_k, after the row's lse.
         auto finish_dense = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
@@ -250,13 +297,14 @@ ForwardOut forward_cpu(
             if (q.dense) {
               finish_dense(i, ri, z, m, sum, buf + K);
             } else {
-              finish(i, ri, z, m, sum, partial);
+              finish(i, ri, z, m, sum, partial, nullptr);
             }
           });
         } else {
           // Rows in pairs (their exponential sums interleaved); one at a time
           // where a pair has an ignored row, and for the last row of an odd span.
-          for_row_spans<acc_t>(in.N, in.G, K, 2, 2 * K, table_grads, tables,
+          // scratch: two widened rows, and a widened probability target row
+          for_row_spans<acc_t>(in.N, in.G, K, 2, 3 * K, table_grads, tables,
                                [&](int64_t i, int64_t n, acc_t* partial, acc_t* buf) {
             std::array<RowIndex, 2> ri;
             std::array<ExpRow<acc_t>, 2> rows;
@@ -276,17 +324,17 @@ ForwardOut forward_cpu(
             if (live == 2) {
               const auto sums = row_exp_sum_pair(rows[0], rows[1], K, fresh);
               for (int64_t j = 0; j < 2; ++j)
-                finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, partial);
+                finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, partial, buf + 2 * K);
               return;
             }
             for (int64_t j = 0; j < n; ++j) {
               if (ri[j].ignored) continue;
               const auto [m, sum] = row_exp_sum(rows[j].z, rows[j].S, rows[j].L, K, rows[j].e, fresh);
-              finish(i + j, ri[j], rows[j].z, m, sum, partial);
+              finish(i + j, ri[j], rows[j].z, m, sum, partial, buf + 2 * K);
             }
           });
         }
-        if (gradient && mean && table_grads) {
+        if (gradient && mean && table_grads && !in.P) {
           // the denominator's share of d mean / dW: -(mean / D) counts, with
           // the sum in row order (in double): deterministic whatever the
           // thread count
@@ -324,9 +372,9 @@ parametric_ce_reduced_with_gradient_cpu(
     const Tensor& logits, const Tensor& target,
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index, bool mean,
-    bool table_grads) {
+    bool table_grads, double label_smoothing) {
   auto out = forward_cpu(logits, target, group, weight, scale, shift, ignore_index,
-                         Keep::kGradient, mean, table_grads);
+                         Keep::kGradient, mean, table_grads, label_smoothing);
   return {out.loss, out.lse, out.counts, out.kept, out.grad_weight, out.grad_scale,
           out.grad_shift};
 }

@@ -1,11 +1,13 @@
-// CUDA kernels of the parametric cross-entropy (docs/math.md sections 1, 3, 4).
+// CUDA kernels of the parametric cross-entropy (docs/math.md sections 1, 3, 4,
+// and 8 for target distributions).
 //
 // Two kernel shapes serve the three ops:
 //
 // - row_kernel: one team of TEAM threads per row (4 or 32 lanes of a warp for
 //   small K, the whole block for large K) streams the row once with 16-byte
 //   loads and reduces it to per-row numbers: the forward's loss and lse, and
-//   for large K the double backward's v̄ and grad_grad_loss.
+//   for large K the double backward's v̄ and grad_grad_loss, and a dense
+//   target's Σ_k d_k W_k (and Σ_k d_k UW_k) that the tiles then read.
 // - tile_kernel: the backward and the double backward. Block (c, t) takes
 //   the rows of row chunk c and the columns of column tile t. A team of TX
 //   lanes takes one row at a time and each lane owns the same E = CH * VEC
@@ -13,6 +15,13 @@
 //   When one tile holds the whole row (small K) the team also reduces the
 //   row: that is the fused double backward, one read of the row, kept in
 //   registers between its two passes.
+//
+// A target with a dense part (a probability target, or label smoothing;
+// checks.h: TargetCoefficients) runs the kernels' kDense instances, chosen at
+// launch: the one-hot instances are the code (and registers) without it.
+// Its forward makes a second pass over the row once lse is known; its
+// backward and double backward need Σ_k d_k W_k before the per-element terms:
+// the team sums it when its tile holds the whole row, else a row pass has.
 //
 // Table gradients are deterministic, with no atomics: a block adds up its
 // teams in a fixed tree order into its own slab of a [chunks, 3, G, K]
@@ -35,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../checks.h"
 #include "../parametric_ce_math.h"
 
 namespace autobalance {
@@ -57,7 +67,9 @@ template <typename scalar_t>
 struct Args {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* z;  // logits
-  const int64_t* target;
+  const int64_t* target;  // class indices; null with a probability target
+  const scalar_t* P;      // the probability target [N, K], or null
+  TargetCoefficients<acc_t> q;
   const int64_t* group;  // null when G == 1
   const acc_t *W, *S, *L;
   const acc_t* upstream;  // grad_loss
@@ -68,6 +80,10 @@ struct Args {
   const acc_t *UW, *US, *UL;
   bool scale_table;  // US was given, not zero-filled (math::Given)
   const acc_t* vbar;  // double backward, large K: v̄ from row_kernel
+  // A dense target whose row a tile does not hold: Σ_k d_k W_k [N], then
+  // Σ_k d_k UW_k [N] when UW is given, from row_kernel.
+  const acc_t* sigma;
+  acc_t* sigma_out;
   acc_t* loss;
   acc_t* lse_out;
   acc_t* vbar_out;
@@ -100,13 +116,20 @@ __device__ __forceinline__ T nan_max(T a, T b) {
 // ------------------------------------------------------------------ rows
 
 struct Row {
-  int y;
+  int y;  // -1: no label (a probability target)
   int64_t g;
   bool skip;  // ignore_index (or, with asserts compiled out, a bad index)
 };
 
-template <typename scalar_t>
+template <bool kDense, typename scalar_t>
 __device__ __forceinline__ Row read_row(const Args<scalar_t>& a, int64_t i) {
+  if constexpr (kDense) {
+    if (!a.target) {  // a probability target: never ignored, only the group to check
+      const int64_t g = a.group ? a.group[i] : 0;
+      const bool ok = g >= 0 && g < a.G;
+      return {-1, ok ? g : 0, !ok};
+    }
+  }
   const int64_t y = a.target[i];
   if (y == a.ignore_index) return {0, 0, true};
   const int64_t g = a.group ? a.group[i] : 0;
@@ -327,31 +350,158 @@ __device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> double_row(
   return d;
 }
 
+// ------------------------------------------- target distributions (section 8)
+
+// d_k = β P_k + γ over one chunk of row i (P widened from the logits' dtype).
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<at::opmath_type<scalar_t>, VEC> load_dense(const Args<scalar_t>& a,
+                                                                           int64_t i, Cols c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Pack<acc_t, VEC> d;
+  if (a.P) {
+    const auto P = load<VEC>(a.P + i * a.K, c, a.K);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      d.v[v] = math::dense_target(a.q.beta, static_cast<acc_t>(P.v[v]), a.q.gamma);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) d.v[v] = a.q.gamma;
+  }
+  return d;
+}
+
+// The dense parts of Σ = Σ_k q_k W_k and ΣU = Σ_k q_k UW_k (u stays 0
+// without UW).
+template <typename T>
+struct DenseSums {
+  T w, u;
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void add_dense_sums_chunk(DenseSums<at::opmath_type<scalar_t>>& sum,
+                                                     const Args<scalar_t>& a, int64_t i,
+                                                     int64_t off, Cols c) {
+  const auto d = load_dense<VEC>(a, i, c);
+  const auto Wc = load<VEC>(a.W + off, c, a.K);
+  Pack<at::opmath_type<scalar_t>, VEC> UWc{};
+  if (a.UW) UWc = load<VEC>(a.UW + off, c, a.K);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (c[v] >= a.K) continue;
+    sum.w += d.v[v] * Wc.v[v];
+    if (a.UW) sum.u += d.v[v] * UWc.v[v];
+  }
+}
+
+// Reduces a team's DenseSums; every lane of the team must call.
+template <int TEAM, typename T>
+__device__ __forceinline__ DenseSums<T> team_reduce_sums(DenseSums<T> s, bool with_u) {
+  s.w = team_reduce<TEAM>(s.w, Plus{});
+  if (with_u) s.u = team_reduce<TEAM>(s.u, Plus{});
+  return s;
+}
+
+// Adds the forward's Σ_k d_k W_k nlp_k over one chunk of row i.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void add_dense_loss_chunk(at::opmath_type<scalar_t>& sum,
+                                                     const Args<scalar_t>& a, int64_t i,
+                                                     int64_t off, Cols c,
+                                                     at::opmath_type<scalar_t> lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto z = load<VEC>(a.z + i * a.K, c, a.K);
+  const auto Sc = load<VEC>(a.S + off, c, a.K);
+  const auto Lc = load<VEC>(a.L + off, c, a.K);
+  const auto Wc = load<VEC>(a.W + off, c, a.K);
+  const auto d = load_dense<VEC>(a, i, c);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (c[v] >= a.K) continue;
+    const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], static_cast<acc_t>(z.v[v]), Lc.v[v]);
+    sum += math::loss(d.v[v] * Wc.v[v], nlp);
+  }
+}
+
+// Adds the dense part of ∂Q/∂ω, Σ_k d_k (W_k (v̄ - v_k) + UW_k nlp_k), over one
+// chunk of row i.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void add_dense_grad_grad_loss_chunk(
+    at::opmath_type<scalar_t>& sum, const Args<scalar_t>& a, math::Given given, int64_t i,
+    int64_t off, Cols c, at::opmath_type<scalar_t> lse, at::opmath_type<scalar_t> vbar) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto z = load<VEC>(a.z + i * a.K, c, a.K);
+  Pack<scalar_t, VEC> uz{};
+  if (given.uz) uz = load<VEC>(a.uz + i * a.K, c, a.K);
+  const auto Sc = load<VEC>(a.S + off, c, a.K);
+  const auto Lc = load<VEC>(a.L + off, c, a.K);
+  const auto Wc = load<VEC>(a.W + off, c, a.K);
+  Pack<acc_t, VEC> UWc{};
+  if (a.UW) UWc = load<VEC>(a.UW + off, c, a.K);
+  const auto U = load_cotangent_tables<VEC>(a, given, off, c);
+  const auto d = load_dense<VEC>(a, i, c);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (c[v] >= a.K) continue;
+    const acc_t zk = static_cast<acc_t>(z.v[v]);
+    const acc_t uk = given.uz ? static_cast<acc_t>(uz.v[v]) : acc_t(0);
+    const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
+    const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+    sum += math::grad_grad_loss(d.v[v] * Wc.v[v], d.v[v] * UWc.v[v], vbar, vk, nlp);
+  }
+}
+
+// The label's part of a row of a dense target: double_row's numbers with
+// α W[g,y] and α UW[g,y] (so c and cu are the label's ω α W_y, ω α UW_y);
+// all zero without a label.
+template <typename scalar_t>
+__device__ __forceinline__ DoubleRow<at::opmath_type<scalar_t>> dense_label_row(
+    const Args<scalar_t>& a, int64_t i, const Row& r) {
+  DoubleRow<at::opmath_type<scalar_t>> d{};
+  if (r.y < 0) return d;
+  d = double_row(a, i, r);
+  d.Wy = a.q.alpha * d.Wy;
+  d.UWy = a.q.alpha * d.UWy;
+  d.c = math::residual_scale(a.upstream[i], d.Wy);
+  d.cu = math::residual_scale(a.upstream[i], d.UWy);
+  return d;
+}
+
 // ------------------------------------------------------------- row_kernel
 
-// kPrep = false: forward, writes loss and lse.
-// kPrep = true: double backward for large K, writes v̄ = Σ_k p_k v_k and
-// grad_grad_loss = W[g,y] (v̄ - v_y) + UW[g,y] ce.
-template <bool kPrep, typename scalar_t, int TEAM>
-__global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args<scalar_t> a) {
+enum class RowPass {
+  kForward,  // writes loss and lse
+  // the backward of a dense target whose row no tile holds: writes
+  // sigma_out = Σ_k d_k W_k
+  kSums,
+  // double backward for large K: writes v̄ = Σ_k p_k v_k and grad_grad_loss,
+  // and for a dense target sigma_out = Σ_k d_k W_k, Σ_k d_k UW_k
+  kPrep,
+};
+
+// A dense target's instances get more registers rather than spill.
+template <RowPass kPass, typename scalar_t, int TEAM, bool kDense>
+__global__ void __launch_bounds__(kThreads, kPass == RowPass::kPrep ? 1 : (kDense ? 2 : 3))
+    row_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kForward = kPass == RowPass::kForward;
+  constexpr bool kPrep = kPass == RowPass::kPrep;
   constexpr int VEC = kVec<scalar_t>;
   constexpr int kTeams = kThreads / TEAM;
   constexpr int kStride = TEAM * VEC;  // columns per team chunk
   constexpr int kAhead = 4;            // chunks loaded before any is used
   const int lane = threadIdx.x % TEAM;
   const int K = a.K;
+  constexpr bool dense = kDense;
   const math::Given given = given_cotangents(a);
   // Team-uniform loops: the lanes of a team always take the same branches.
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TEAM; i < a.N;
        i += static_cast<int64_t>(gridDim.x) * kTeams) {
-    const Row r = read_row(a, i);
+    const Row r = read_row<kDense>(a, i);
     if (r.skip) {
       if (lane == 0) {
         if constexpr (kPrep) {
           a.vbar_out[i] = 0;
           a.grad_grad_loss[i] = 0;
-        } else {
+        } else if constexpr (kForward) {
           a.loss[i] = 0;
           a.lse_out[i] = 0;
         }
@@ -360,17 +510,19 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
     }
     const scalar_t* z = a.z + i * K;
     const scalar_t* uz = given.uz ? a.uz + i * K : nullptr;
-    const acc_t* S = a.S + r.g * K;
-    const acc_t* L = a.L + r.g * K;
+    const int64_t off = r.g * K;
+    const acc_t* S = a.S + off;
+    const acc_t* L = a.L + off;
     const acc_t lse_in = kPrep ? a.lse[i] : acc_t(0);
     Lse<acc_t> lse{neg_inf<acc_t>(), acc_t(0)};  // forward
     acc_t vbar = 0;                               // prep
+    DenseSums<acc_t> sums{};                      // sums, and prep of a dense target
     for (int base = 0; base < K; base += kAhead * kStride) {
       Pack<scalar_t, VEC> zc[kAhead], uc[kAhead];
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
         const int b = base + u * kStride;
-        if (b >= K) continue;
+        if (kPass == RowPass::kSums || b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
         zc[u] = load<VEC>(z, c, K);
         if (kPrep && given.uz) uc[u] = load<VEC>(uz, c, K);
@@ -380,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
         const int b = base + u * kStride;
         if (b >= K) continue;
         const Cols c = chunk_cols<TEAM, VEC>(b, lane, a.vec);
-        if constexpr (!kPrep) {
+        if constexpr (kForward) {
           const auto Sc = load<VEC>(S, c, K);
           const auto Lc = load<VEC>(L, c, K);
           acc_t logit[VEC];
@@ -391,24 +543,64 @@ __global__ void __launch_bounds__(kThreads, kPrep ? 1 : 3) row_kernel(const Args
                            : neg_inf<acc_t>();
           lse_add(lse, logit);
         } else {
-          add_vbar_chunk<VEC>(vbar, a, given, r.g * K, c, zc[u], uc[u], lse_in);
+          if constexpr (kPrep) add_vbar_chunk<VEC>(vbar, a, given, off, c, zc[u], uc[u], lse_in);
+          if constexpr (dense) add_dense_sums_chunk<VEC>(sums, a, i, off, c);
         }
       }
     }
-    if constexpr (!kPrep) {
+    if constexpr (kForward) {
       lse = team_reduce<TEAM>(lse, LseMerge{});
-      if (lane == 0) {
-        const acc_t value = lse.m + log_(lse.s);
-        const acc_t a_y = math::adjusted_logit(S[r.y], static_cast<acc_t>(z[r.y]), L[r.y]);
-        a.lse_out[i] = value;
-        a.loss[i] = math::loss(a.W[r.g * K + r.y], math::cross_entropy(value, a_y));
+      const acc_t value = lse.m + log_(lse.s);
+      // A dense target's Σ_k d_k W_k nlp_k needs lse: a second pass.
+      acc_t dense_loss = 0;
+      if constexpr (dense) {
+        for (int b = 0; b < K; b += kStride)
+          add_dense_loss_chunk<VEC>(dense_loss, a, i, off, chunk_cols<TEAM, VEC>(b, lane, a.vec), value);
+        dense_loss = team_reduce<TEAM>(dense_loss, Plus{});
       }
-    } else {
-      vbar = team_reduce<TEAM>(vbar, Plus{});
       if (lane == 0) {
-        const auto d = double_row(a, i, r);
+        a.lse_out[i] = value;
+        if constexpr (!dense) {
+          const acc_t a_y = math::adjusted_logit(S[r.y], static_cast<acc_t>(z[r.y]), L[r.y]);
+          a.loss[i] = math::loss(a.W[off + r.y], math::cross_entropy(value, a_y));
+        } else if (r.y >= 0) {
+          const acc_t a_y = math::adjusted_logit(S[r.y], static_cast<acc_t>(z[r.y]), L[r.y]);
+          a.loss[i] = dense_loss + math::loss(a.q.alpha * a.W[off + r.y], math::cross_entropy(value, a_y));
+        } else {
+          a.loss[i] = dense_loss;
+        }
+      }
+      continue;
+    }
+    if constexpr (dense) {
+      sums = team_reduce_sums<TEAM>(sums, a.UW != nullptr);
+      if (lane == 0) {
+        a.sigma_out[i] = sums.w;
+        if (a.UW) a.sigma_out[a.N + i] = sums.u;
+      }
+    }
+    if constexpr (kPrep) {
+      vbar = team_reduce<TEAM>(vbar, Plus{});
+      // The dense part of grad_grad_loss needs v̄: a second pass.
+      acc_t dense_ggl = 0;
+      if constexpr (dense) {
+        for (int b = 0; b < K; b += kStride) {
+          add_dense_grad_grad_loss_chunk<VEC>(dense_ggl, a, given, i, off,
+                                              chunk_cols<TEAM, VEC>(b, lane, a.vec), lse_in, vbar);
+        }
+        dense_ggl = team_reduce<TEAM>(dense_ggl, Plus{});
+      }
+      if (lane == 0) {
         a.vbar_out[i] = vbar;
-        a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
+        if constexpr (!dense) {
+          const auto d = double_row(a, i, r);
+          a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
+        } else if (r.y >= 0) {
+          const auto d = dense_label_row(a, i, r);
+          a.grad_grad_loss[i] = dense_ggl + math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
+        } else {
+          a.grad_grad_loss[i] = dense_ggl;
+        }
       }
     }
   }
@@ -436,20 +628,23 @@ __device__ __forceinline__ int owned_slot(int rel, int lane, bool vec) {
 
 // With 16 float32 values per lane (E = 16) the backward fits 128 registers,
 // so two blocks per SM: four 16-byte loads in flight per lane. The double
-// backward of 2-byte logits, float64 and the wide fused tile (E = 32) need
-// more and get one block per SM.
-template <bool kDouble, typename scalar_t, int CH>
+// backward of 2-byte logits, float64, the wide fused tile (E = 32) and dense
+// targets (which spilled at 128) need more and get one block per SM.
+template <bool kDouble, typename scalar_t, int CH, bool kDense>
 constexpr int tile_min_blocks() {
   constexpr bool fits = sizeof(at::opmath_type<scalar_t>) == 4 && CH * kVec<scalar_t> <= 16 &&
-                        !(kDouble && sizeof(scalar_t) == 2);
+                        !(kDouble && sizeof(scalar_t) == 2) && !kDense;
   return fits ? 2 : 1;
 }
 
 // kDouble = false: backward (docs/math.md section 3). kDouble = true: double
 // backward (section 4); with a.vbar null the tile holds the whole row and
-// the team computes v̄ and grad_grad_loss itself, else row_kernel<true> has.
-template <bool kDouble, typename scalar_t, int TX, int CH>
-__global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, CH>()))
+// the team computes v̄ and grad_grad_loss itself, else row_kernel<kPrep> has.
+// A dense target (section 8) adds ω d_k W_k (ω d_k UW_k) to each column's
+// terms and grad W (one entry per column, summed in the tree); its Σ and ΣU
+// come from a.sigma when set, else the tile holds the whole row.
+template <bool kDouble, typename scalar_t, int TX, int CH, bool kDense>
+__global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, CH, kDense>()))
     tile_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = kVec<scalar_t>;
@@ -472,11 +667,22 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
       row_begin + a.rows_per_chunk < a.N ? row_begin + a.rows_per_chunk : a.N;
   const bool table_grads = a.partial != nullptr;
   const bool fused = kDouble && a.vbar == nullptr;
+  constexpr bool dense = kDense;
   const math::Given given = given_cotangents(a);
   const auto cols = [&](int ch) {
     return chunk_cols<TX, VEC>(tile0 + ch * TX * VEC, lane, a.vec);
   };
   const auto in_row = [&](int ch) { return tile0 + ch * TX * VEC < K; };
+  // The dense parts of row i's Σ and ΣU: from the row pass, or summed by the
+  // team over its tile, which then holds the whole row.
+  const auto dense_sums = [&](int64_t i, int64_t off) {
+    if (a.sigma) return DenseSums<acc_t>{a.sigma[i], a.UW ? a.sigma[a.N + i] : acc_t(0)};
+    DenseSums<acc_t> sums{};
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch)
+      if (in_row(ch)) add_dense_sums_chunk<VEC>(sums, a, i, off, cols(ch));
+    return team_reduce_sums<TX>(sums, a.UW != nullptr);
+  };
 
   // With table grads, pass g takes the rows of group g (ignored rows go to
   // pass 0), so each pass fills the slab of one group.
@@ -490,7 +696,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
     }
 
     for (int64_t i = row_begin + team; i < row_end; i += TY) {
-      const Row r = read_row(a, i);
+      const Row r = read_row<kDense>(a, i);
       if (table_grads && r.g != pass) continue;
       scalar_t* dz = a.dz + i * K;
       if (r.skip) {
@@ -519,35 +725,63 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
 
       // Every column takes the off-label form of r and t; the label's column
       // then takes its term off (math::residual_label), as on the CPU.
-      acc_t dW_y;
+      acc_t dW_y = 0;
       if constexpr (!kDouble) {
-        // Section 3: r, grad z, grad S, grad L and grad W[g,y].
-        const acc_t c = math::residual_scale(upstream, a.W[off + r.y]);
-        const acc_t a_y =
-            math::adjusted_logit(a.S[off + r.y], static_cast<acc_t>(z[r.y]), a.L[off + r.y]);
-        dW_y = math::grad_weight(upstream, math::cross_entropy(lse, a_y));
+        // Section 3: r, grad z, grad S, grad L and grad W[g,y]. A dense target
+        // (section 8): c = ω Σ for the p-terms, ω α W_y for the label's.
+        acc_t c, c_label;
+        if constexpr (!dense) {
+          c = c_label = math::residual_scale(upstream, a.W[off + r.y]);
+          const acc_t a_y =
+              math::adjusted_logit(a.S[off + r.y], static_cast<acc_t>(z[r.y]), a.L[off + r.y]);
+          dW_y = math::grad_weight(upstream, math::cross_entropy(lse, a_y));
+        } else {
+          const acc_t W_label = r.y >= 0 ? a.q.alpha * a.W[off + r.y] : acc_t(0);
+          c = math::residual_scale(upstream, dense_sums(i, off).w + W_label);
+          c_label = math::residual_scale(upstream, W_label);
+          if (r.y >= 0) {
+            const acc_t a_y =
+                math::adjusted_logit(a.S[off + r.y], static_cast<acc_t>(z[r.y]), a.L[off + r.y]);
+            dW_y = math::grad_weight(upstream * a.q.alpha, math::cross_entropy(lse, a_y));
+          }
+        }
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
           const Cols cc = cols(ch);
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
+          Pack<acc_t, VEC> Wc{}, dc{};
+          if constexpr (dense) {
+            Wc = load<VEC>(a.W + off, cc, K);
+            dc = load_dense<VEC>(a, i, cc);
+          }
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
             const int e = ch * VEC + v;
             const acc_t zk = static_cast<acc_t>(zc[ch].v[v]);
-            const acc_t rk = math::residual(c, prob(Sc.v[v], zk, Lc.v[v], lse));
+            const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
+            acc_t rk;
+            if constexpr (!dense) {
+              rk = math::residual(c, p);
+            } else {
+              const acc_t ud = upstream * dc.v[v];
+              rk = math::dense_residual(c, p, ud, Wc.v[v]);
+              const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+              if (table_grads) my_tree[e * TX] += math::grad_weight(ud, nlp);
+            }
             acc_t dzk = math::grad_logit(Sc.v[v], rk);
             acc[0][e] = math::add_grad_scale(acc[0][e], rk, zk);
             acc[1][e] = math::add_grad_shift(acc[1][e], rk);
-            if (e == y_slot) math::residual_label(c, Sc.v[v], zk, dzk, &acc[0][e], &acc[1][e]);
+            if (e == y_slot) math::residual_label(c_label, Sc.v[v], zk, dzk, &acc[0][e], &acc[1][e]);
             out.v[v] = static_cast<scalar_t>(dzk);
           }
           store<VEC>(dz, cc, K, out);
         }
       } else {
-        const auto d = double_row(a, i, r);
+        // A dense target's d holds the label's part (zero without a label).
+        const auto d = dense ? dense_label_row(a, i, r) : double_row(a, i, r);
         acc_t vbar;
         if (fused) {
           // Pass 1: v̄ = Σ_k p_k v_k over the row, all of it in this tile.
@@ -557,12 +791,23 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             if (in_row(ch)) add_vbar_chunk<VEC>(sum, a, given, off, cols(ch), zc[ch], uc[ch], lse);
           }
           vbar = team_reduce<TX>(sum, Plus{});
-          if (lane == 0) a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
+          if (!dense && lane == 0) {
+            a.grad_grad_loss[i] = math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce);
+          }
         } else {
           vbar = a.vbar[i];
         }
+        // The p-terms' c and cu: the label's, or with a dense target ω Σ and
+        // ω ΣU (section 8).
+        acc_t c = d.c, cu = d.cu;
+        if constexpr (dense) {
+          const auto sums = dense_sums(i, off);
+          c = math::residual_scale(upstream, sums.w + d.Wy);
+          cu = math::residual_scale(upstream, sums.u + d.UWy);
+        }
+        acc_t dense_ggl = 0;  // fused: the dense part of grad_grad_loss
         // Pass 2 (section 4): r, t, grad z, grad S, grad L and grad W[g,y].
-        dW_y = math::double_grad_weight(upstream, vbar, d.v_y);
+        dW_y = math::double_grad_weight(dense ? upstream * a.q.alpha : upstream, vbar, d.v_y);
 #pragma unroll
         for (int ch = 0; ch < CH; ++ch) {
           if (!in_row(ch)) continue;
@@ -570,6 +815,12 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
           const auto Sc = load<VEC>(a.S + off, cc, K);
           const auto Lc = load<VEC>(a.L + off, cc, K);
           const auto U = load_cotangent_tables<VEC>(a, given, off, cc);
+          Pack<acc_t, VEC> Wc{}, UWc{}, dc{};
+          if constexpr (dense) {
+            Wc = load<VEC>(a.W + off, cc, K);
+            if (a.UW) UWc = load<VEC>(a.UW + off, cc, K);
+            dc = load_dense<VEC>(a, i, cc);
+          }
           Pack<scalar_t, VEC> out;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -578,8 +829,20 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             const acc_t uk = given.uz ? static_cast<acc_t>(uc[ch].v[v]) : acc_t(0);
             const acc_t p = prob(Sc.v[v], zk, Lc.v[v], lse);
             const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
-            const acc_t rk = math::residual(d.c, p);
-            const acc_t tk = math::double_residual(d.c, d.cu, p, vk, vbar);
+            acc_t rk, tk;
+            if constexpr (!dense) {
+              rk = math::residual(c, p);
+              tk = math::double_residual(c, cu, p, vk, vbar);
+            } else {
+              const acc_t ud = upstream * dc.v[v];
+              rk = math::dense_residual(c, p, ud, Wc.v[v]);
+              tk = math::dense_double_residual(c, cu, p, vk, vbar, ud, UWc.v[v]);
+              if (fused && cc[v] < K) {
+                const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+                dense_ggl += math::grad_grad_loss(dc.v[v] * Wc.v[v], dc.v[v] * UWc.v[v], vbar, vk, nlp);
+              }
+              if (table_grads) my_tree[e * TX] += math::double_grad_weight(ud, vbar, vk);
+            }
             acc_t dzk = math::double_grad_logit(given, Sc.v[v], tk, U.US.v[v], rk);
             acc[0][e] = math::add_double_grad_scale(given, acc[0][e], zk, tk, uk, rk);
             acc[1][e] = math::add_grad_shift(acc[1][e], tk);
@@ -590,6 +853,14 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             out.v[v] = static_cast<scalar_t>(dzk);
           }
           store<VEC>(dz, cc, K, out);
+        }
+        if (dense && fused) {
+          dense_ggl = team_reduce<TX>(dense_ggl, Plus{});
+          if (lane == 0) {
+            a.grad_grad_loss[i] =
+                r.y >= 0 ? dense_ggl + math::grad_grad_loss(d.Wy, d.UWy, vbar, d.v_y, d.ce)
+                         : dense_ggl;
+          }
         }
       }
       if (y_slot >= 0) my_tree[y_slot * TX] += dW_y;

@@ -47,7 +47,8 @@ inline bool aligned(const void* p, int64_t bytes) {
 }
 
 // The CPU kernels' IndexError for the lowest row whose target (not
-// ignore_index) or group is out of range; in parametric_ce.cu.
+// ignore_index) or group is out of range; `target` undefined (a probability
+// target): the group alone. In parametric_ce.cu.
 void check_row_indices_cuda(const Tensor& target, const Tensor& group, const Sizes& s,
                             int64_t ignore_index, cudaStream_t stream);
 
@@ -63,10 +64,15 @@ struct Launch {
   Launch(const Tensor& logits, const Tensor& target,
          const std::optional<Tensor>& group, const Tensor& weight,
          const Tensor& scale, const Tensor& shift, const Sizes& s,
-         int64_t ignore_index) {
+         int64_t ignore_index, double label_smoothing) {
     a.z = input<scalar_t>(logits);
-    a.target = input<int64_t>(target);
-    const Tensor target_c = keep.back();
+    if (s.probs) {
+      a.P = input<scalar_t>(target);
+    } else {
+      a.target = input<int64_t>(target);
+    }
+    const Tensor target_c = s.probs ? Tensor() : keep.back();
+    a.q = target_coefficients<acc_t>(s, label_smoothing);
     a.group = group.has_value() ? input<int64_t>(*group) : nullptr;
     check_row_indices_cuda(target_c, group.has_value() ? keep.back() : Tensor(), s, ignore_index,
                            stream);
@@ -97,30 +103,37 @@ struct Launch {
     constexpr int VEC = kVec<scalar_t>;
     constexpr int64_t table_bytes = VEC * sizeof(acc_t);
     a.vec = a.K % VEC == 0 && aligned(a.z, 16) && aligned(a.uz, 16) &&
-            aligned(a.dz, 16) && aligned(a.S, table_bytes) &&
+            aligned(a.dz, 16) && aligned(a.P, 16) && aligned(a.S, table_bytes) &&
             aligned(a.L, table_bytes) && aligned(a.US, table_bytes) &&
             aligned(a.UL, table_bytes);
   }
 };
 
-template <bool kPrep, typename scalar_t, int TEAM>
+template <RowPass kPass, typename scalar_t, int TEAM>
 void launch_rows(const Args<scalar_t>& a, cudaStream_t stream) {
   constexpr int64_t teams = kThreads / TEAM;
   const int64_t blocks = std::min(ceil_div(a.N, teams), kMaxGrid);
-  row_kernel<kPrep, scalar_t, TEAM><<<blocks, kThreads, 0, stream>>>(a);
+  if (kPass == RowPass::kSums || a.q.dense) {
+    row_kernel<kPass, scalar_t, TEAM, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else if constexpr (kPass != RowPass::kSums) {
+    row_kernel<kPass, scalar_t, TEAM, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Forward: 4 lanes per row for tiny K, a warp up to 256 chunks, else the
-// block. The double backward's row pass only runs for large K: the block.
-template <bool kPrep, typename scalar_t>
+// block. The backward's sums run for K past one tile: a warp or the block.
+// The double backward's row pass only runs for large K: the block.
+template <RowPass kPass, typename scalar_t>
 void run_rows(const Args<scalar_t>& a, cudaStream_t stream) {
   constexpr int VEC = kVec<scalar_t>;
-  if constexpr (!kPrep) {
-    if (a.K <= 4 * VEC) return launch_rows<false, scalar_t, 4>(a, stream);
-    if (a.K <= 256 * VEC) return launch_rows<false, scalar_t, 32>(a, stream);
+  if constexpr (kPass == RowPass::kForward) {
+    if (a.K <= 4 * VEC) return launch_rows<kPass, scalar_t, 4>(a, stream);
   }
-  launch_rows<kPrep, scalar_t, kThreads>(a, stream);
+  if constexpr (kPass != RowPass::kPrep) {
+    if (a.K <= 256 * VEC) return launch_rows<kPass, scalar_t, 32>(a, stream);
+  }
+  launch_rows<kPass, scalar_t, kThreads>(a, stream);
 }
 
 template <bool kDouble, typename scalar_t, int TX, int CH>
@@ -147,7 +160,11 @@ void launch_tiles(Args<scalar_t> a, const Tensor& grad_weight,
     a.partial = partial.mutable_data_ptr<acc_t>();
   }
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(col_tiles));
-  tile_kernel<kDouble, scalar_t, TX, CH><<<grid, kThreads, 0, stream>>>(a);
+  if (a.q.dense) {
+    tile_kernel<kDouble, scalar_t, TX, CH, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    tile_kernel<kDouble, scalar_t, TX, CH, false><<<grid, kThreads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (table_grads) {
     const int64_t table = a.G * a.K;
@@ -165,6 +182,10 @@ constexpr int kChunks = std::is_same_v<scalar_t, double> ? 4 : 16 / kVec<scalar_
 template <typename scalar_t>
 constexpr int64_t kLaneCols = kChunks<scalar_t> * kVec<scalar_t>;
 
+// Largest K whose row the backward's tile holds: 512 (256 for float64).
+template <typename scalar_t>
+constexpr int64_t kTileMaxK = 32 * kLaneCols<scalar_t>;
+
 // Largest K whose row the fused double backward keeps in one tile: 1024
 // (256 for float64).
 template <typename scalar_t>
@@ -180,6 +201,10 @@ void run_tiles(const Args<scalar_t>& a, const Tensor& grad_weight,
                bool table_grads, cudaStream_t stream) {
   constexpr int CH = kChunks<scalar_t>;
   constexpr int64_t E = kLaneCols<scalar_t>;
+  // A dense target's Σ (section 8) is summed by a team whose tile holds the
+  // whole row, else by the row pass before.
+  TORCH_INTERNAL_ASSERT(!a.q.dense || a.sigma != nullptr ||
+                        a.K <= (kDouble ? kFusedMaxK<scalar_t> : kTileMaxK<scalar_t>));
   const auto go = [&](auto lanes, auto chunks) {
     launch_tiles<kDouble, scalar_t, decltype(lanes)::value, decltype(chunks)::value>(
         a, grad_weight, grad_scale, grad_shift, table_grads, stream);
@@ -194,7 +219,7 @@ void run_tiles(const Args<scalar_t>& a, const Tensor& grad_weight,
     go(template_int<8>{}, chunks);
   } else if (K <= 16 * E) {
     go(template_int<16>{}, chunks);
-  } else if (K <= 32 * E || !kDouble) {
+  } else if (K <= kTileMaxK<scalar_t> || !kDouble) {
     go(template_int<32>{}, chunks);  // backward, large K: column tiles
   } else if constexpr (kDouble && !std::is_same_v<scalar_t, double>) {
     TORCH_INTERNAL_ASSERT(K <= kFusedMaxK<scalar_t>);
@@ -219,13 +244,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> parametric_ce_double_backward
     const std::optional<Tensor>& u_weight, const std::optional<Tensor>& u_scale,
     const std::optional<Tensor>& u_shift, int64_t ignore_index, bool table_grads,
     double label_smoothing);
-
-// TODO(issue 15): the CUDA kernels do not take target distributions yet.
-inline void check_one_hot_cuda(const Sizes& s, double label_smoothing) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!s.probs && label_smoothing == 0.0,
-                              "autobalance: the CUDA kernels take class-index targets without "
-                              "label smoothing only in this build");
-}
 
 }  // namespace cuda
 }  // namespace autobalance

@@ -24,7 +24,6 @@ parametric_ce_double_backward_cuda(
   const Sizes s = check_backward_inputs(grad_loss, logits, target, group, weight,
                                         scale, shift, lse);
   check_label_smoothing(label_smoothing);
-  check_one_hot_cuda(s, label_smoothing);
   check_cotangents(logits, s, u_logits, u_weight, u_scale, u_shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   table_grads = table_grads && s.rows > 0;
@@ -39,7 +38,8 @@ parametric_ce_double_backward_cuda(
       at::kBFloat16, at::kHalf, logits.scalar_type(),
       "parametric_ce_double_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        Launch<scalar_t> l(logits, target, group, weight, scale, shift, s, ignore_index);
+        Launch<scalar_t> l(logits, target, group, weight, scale, shift, s, ignore_index,
+                           label_smoothing);
         l.a.upstream = l.template input<acc_t>(grad_loss);
         l.a.lse = l.template input<acc_t>(lse);
         l.a.uz = l.template input<scalar_t>(u_logits);
@@ -50,14 +50,20 @@ parametric_ce_double_backward_cuda(
         l.a.grad_grad_loss = grad_grad_loss.mutable_data_ptr<acc_t>();
         l.a.dz = grad_logits.mutable_data_ptr<scalar_t>();
         l.set_vec();
-        Tensor vbar;
+        Tensor vbar, sigma;
         if (s.classes > kFusedMaxK<scalar_t>) {
           // The row does not fit one tile: a row pass computes v̄ and
-          // grad_grad_loss first, then the tiles read v̄.
+          // grad_grad_loss (and a dense target's Σ_k d_k W_k, Σ_k d_k UW_k)
+          // first, then the tiles read them.
           vbar = at::empty({s.rows}, grad_loss.options());
           l.a.vbar_out = vbar.mutable_data_ptr<acc_t>();
-          run_rows<true>(l.a, l.stream);
+          if (l.a.q.dense) {
+            sigma = at::empty({l.a.UW ? 2 * s.rows : s.rows}, grad_loss.options());
+            l.a.sigma_out = sigma.mutable_data_ptr<acc_t>();
+          }
+          run_rows<RowPass::kPrep>(l.a, l.stream);
           l.a.vbar = vbar.const_data_ptr<acc_t>();
+          if (l.a.q.dense) l.a.sigma = sigma.const_data_ptr<acc_t>();
         }
         run_tiles<true>(l.a, grad_weight, grad_scale, grad_shift, table_grads, l.stream);
       });

@@ -56,7 +56,8 @@ def parametric_cross_entropy(input, target, weight=None, size_average=None, igno
         weight: the table W: ``None`` (1), a ``[C]`` class weight as in
             ``F.cross_entropy``, or ``[G, C]``.
         size_average, reduce: PyTorch's deprecated spellings of ``reduction``.
-        ignore_index: for class-index targets.
+        ignore_index: for class-index targets (a probability target with an
+            ``ignore_index`` other than -100 is an error, as in ``F.cross_entropy``).
         reduction: ``"none"`` (the loss of each row, in the target's index shape),
             ``"sum"``, or ``"mean"``: for class indices ``sum_i loss_i / sum_i
             W[g_i, y_i]`` over the rows not ignored (NaN when all are), for a
@@ -81,6 +82,9 @@ def parametric_cross_entropy(input, target, weight=None, size_average=None, igno
         raise TypeError(f"autobalance: `input` must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"autobalance: `target` must be a Tensor, got {type(target).__name__}")
+    if target.is_floating_point() and ignore_index != -100:
+        raise ValueError(f"autobalance: `ignore_index` is not supported for a probability target (a "
+                         f"floating-point `target`), got ignore_index={ignore_index}; as in F.cross_entropy")
     op = _op(backend, input.is_cuda)
     logits, out_dtype = input, input.dtype
     shape = None if logits.dim() == 2 else _index_shape(logits, target, group)
