@@ -53,8 +53,10 @@ float16 CPU forward tolerance to atol 3e-2 for the same reason.
 
 ``torch.testing._internal`` imports ``expecttest`` (for its unittest base
 class only, which nothing here uses); where that package is not installed a
-stub module stands in for it. The import of the sample sets takes about 12 s
-on two cores; everything else here a few seconds.
+stub module stands in for it. That import also freezes ``torch.backends``'
+global flags (``disable_global_flags``); the flag is restored right after it,
+so the rest of a pytest session is unaffected. The import of the sample sets
+takes about 12 s on two cores; everything else here a few seconds.
 """
 import inspect
 import random
@@ -77,8 +79,15 @@ except ImportError:  # only torch.testing._internal.common_utils.TestCase's base
     _stub.TestCase = unittest.TestCase
     sys.modules["expecttest"] = _stub
 
+_FLAGS_FROZEN = torch.backends.flags_frozen()
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
+
+# common_utils freezes torch.backends' global flags on import (for its own
+# test classes); undo that for the rest of the pytest session.
+if not _FLAGS_FROZEN and torch.backends.flags_frozen():
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+assert torch.backends.flags_frozen() == _FLAGS_FROZEN
 
 DTYPES = (torch.float32, torch.float64)
 SEED = 0
