@@ -45,8 +45,26 @@ def check_per_row(t, name, rows, acc):
         raise ValueError(f"autobalance: `{name}` must have shape [N] = [{rows}], got {list(t.shape)}")
 
 
-def check_inputs(logits, target, group, weight, scale, shift):
-    """Checks every argument's type, dtype, shape and device; returns (N, K, G)."""
+def check_inputs(logits, target, group, weight, scale, shift, spatial=False):
+    """Checks every argument's type, dtype, shape and device; returns (N, K, G).
+    With ``spatial``, ``[B, K, D]`` logits with ``[B, D]`` indices are taken too
+    (``N = B D`` rows; ``csrc/checks.h``: ``Sizes::spatial``)."""
+    if spatial and isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        batch, classes, inner = logits.shape
+        as_rows = logits.new_empty((batch * inner, classes))
+        for name, t in (("target", target), ("group", group)):
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and tuple(t.shape) != (batch, inner):
+                raise ValueError(f"autobalance: `{name}` must have shape [B, D] = [{batch}, {inner}] to match "
+                                 f"spatial logits [B, K, D], got {list(t.shape)}")
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            if target.shape != logits.shape:
+                raise ValueError(f"autobalance: a floating-point `target` is a probability target and must have "
+                                 f"the shape of logits {list(logits.shape)}, got {list(target.shape)}")
+            target = target.new_empty(as_rows.shape)
+        elif isinstance(target, torch.Tensor):
+            target = target.reshape(-1)
+        group = group.reshape(-1) if isinstance(group, torch.Tensor) else group
+        return check_inputs(as_rows, target, group, weight, scale, shift)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"autobalance: `logits` must be a Tensor, got {type(logits).__name__}")
     if logits.dtype not in _LOGIT_DTYPES:

@@ -54,7 +54,14 @@ def _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shif
 @torch.library.register_fake(_lib + "_parametric_ce_reduced_with_gradient")
 def _parametric_ce_reduced_with_gradient_fake(logits, target, group, weight, scale, shift, ignore_index, mean,
                                               table_grads, label_smoothing=0.0):
+    """Takes spatial [B, K, D] logits too; the gradient has their shape."""
     check_label_smoothing(label_smoothing)
+    rows, _, _ = check_inputs(logits, target, group, weight, scale, shift, spatial=True)
+    acc = accumulate_dtype(logits.dtype)
+    if logits.dim() == 3:
+        return ((logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc),
+                 weight.new_empty((weight.numel(),)), logits.new_empty(logits.shape, dtype=acc))
+                + tuple(weight.new_empty(weight.shape) for _ in range(3)))
     loss, lse, grad_logits = _parametric_ce_with_residual_fake(logits, target, group, weight, scale, shift,
                                                                ignore_index)
     return ((loss, lse, weight.new_empty((weight.numel(),)), grad_logits)

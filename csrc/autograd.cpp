@@ -99,10 +99,10 @@ enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 // numbers added in floating point: exact and deterministic.
 Tensor cell_counts(const Tensor& target, const std::optional<Tensor>& group,
                    const Tensor& weight, int64_t ignore_index) {
-  const Tensor valid = target.ne(ignore_index);
-  Tensor cell = group.has_value() && group->defined()
-                    ? target.add(*group, weight.sym_size(1))
-                    : target;
+  const Tensor valid = target.ne(ignore_index).reshape(-1);
+  Tensor cell = (group.has_value() && group->defined()
+                     ? target.add(*group, weight.sym_size(1))
+                     : target).reshape(-1);
   return at::zeros_symint({weight.sym_numel()}, weight.options())
       .index_add_(0, cell.masked_fill(valid.logical_not(), 0), valid.to(weight.scalar_type()));
 }
@@ -159,6 +159,24 @@ Tensor reduce_losses(const Tensor& loss, int64_t reduction, Tensor& counts, cons
   if (target.is_floating_point()) return total.div(loss.sym_size(0));
   if (!counts.defined()) counts = cell_counts(target, group, weight, ignore_index);
   return total.div(weight_sum(counts, weight));
+}
+
+// Spatial logits [B, K, D] (csrc/checks.h: Sizes::spatial), their target and
+// group as the [B D, K] rows and [B D] indices the other ops take: by ATen
+// ops, so autograd records the copy of the logits (and takes the gradient back
+// through it). Only the CPU's reduced fast path reads spatial logits in place.
+struct Rows {
+  Tensor logits, target;
+  std::optional<Tensor> group;
+};
+
+Rows as_rows(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group) {
+  const auto rows = [&](const Tensor& t) {
+    return t.movedim(1, -1).reshape_symint({c10::SymInt(-1), logits.sym_size(1)});
+  };
+  return {rows(logits), target.is_floating_point() ? rows(target) : target.reshape(-1),
+          group.has_value() && group->defined() ? std::optional<Tensor>(group->reshape(-1))
+                                                : std::nullopt};
 }
 
 // ∂ℓ_i/∂P[i,k] = ω_i (1 - ε) W[g,k] nlp_ik for a probability target P that
@@ -306,6 +324,13 @@ struct ParametricCE : torch::autograd::Function<ParametricCE> {
         dz = own(s[7]);
         std::tie(dW, dS, dL) = ops().from_residual.call(upstream, s[0], s[1], optional(s[2]), s[3],
                                                         s[4], s[5], s[6], dz, ignore_index, table_grads);
+      } else if (s[0].dim() == 3) {
+        // spatial logits (the fast path's forward): the backward op on their rows
+        const Rows r = as_rows(s[0], s[1], optional(s[2]));
+        std::tie(dz, dW, dS, dL) = ops().backward.call(upstream, r.logits, r.target, r.group, s[3],
+                                                       s[4], s[5], s[6], ignore_index, table_grads,
+                                                       label_smoothing);
+        dz = dz.reshape_symint({s[0].sym_size(0), s[0].sym_size(2), s[0].sym_size(1)}).movedim(2, 1);
       } else {
         std::tie(dz, dW, dS, dL) = ops().backward.call(upstream, s[0], s[1], optional(s[2]), s[3],
                                                        s[4], s[5], s[6], ignore_index, table_grads,
@@ -419,6 +444,11 @@ variable_list apply_parametric_ce(const Tensor& logits, const Tensor& target,
                     (reduction != kNone || logits.numel() <= kResidualMaxElements) &&
                     (logits.scalar_type() == at::kFloat ||
                      logits.scalar_type() == at::kDouble);
+  if (logits.dim() == 3 && reduction != kNone && !fast) {  // (per-row ops take [N, K] only)
+    const Rows r = as_rows(logits, target, group);
+    return apply_parametric_ce(r.logits, r.target, r.group, weight, scale, shift, ignore_index,
+                               label_smoothing, reduction);
+  }
   return ParametricCE::apply(logits, target, group, weight, scale, shift, ignore_index,
                              label_smoothing, fast, reduction);
 }
@@ -446,6 +476,11 @@ Tensor parametric_ce_reduced_composite(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& group,
     const Tensor& weight, const Tensor& scale, const Tensor& shift,
     int64_t ignore_index, bool mean, double label_smoothing) {
+  if (logits.dim() == 3) {
+    const Rows r = as_rows(logits, target, group);
+    return parametric_ce_reduced_composite(r.logits, r.target, r.group, weight, scale, shift,
+                                           ignore_index, mean, label_smoothing);
+  }
   Tensor counts;
   return reduce_losses(
       std::get<0>(ops().forward.call(logits, target, group, weight, scale, shift, ignore_index,

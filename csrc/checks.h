@@ -19,6 +19,12 @@ struct Sizes {
   int64_t classes;  // K
   int64_t groups;   // G
   bool probs;       // `target` is a probability target [N, K], not class indices [N]
+  // Spatial logits [B, K, D] (class dimension 1, e.g. NCHW images with D = H W):
+  // row r = b D + j has the logits [b, :, j], with class stride D; the target
+  // and group are [B, D] (a probability target [B, K, D]) and rows = B D.
+  // 1 for [N, K] logits.
+  int64_t inner = 1;
+  bool spatial = false;
 };
 
 // Dtype names as Python spells them, so C++ and Python errors read alike.
@@ -62,6 +68,12 @@ inline void check_index(const at::Tensor& t, const char* name,
                         const Sizes& s) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "autobalance: `", name,
                    "` must have dtype torch.int64, got ", dtype_name(t.scalar_type()));
+  if (s.spatial) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) * t.size(1) == s.rows && t.size(1) == s.inner,
+                      "autobalance: `", name, "` must have shape [B, D] = [", s.rows / s.inner,
+                      ", ", s.inner, "] to match spatial logits [B, K, D], got ", t.sizes());
+    return;
+  }
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == s.rows, "autobalance: `",
                     name, "` must have shape [N] = [", s.rows,
                     "] to match logits, got ", t.sizes());
@@ -79,26 +91,32 @@ inline void check_per_row(const at::Tensor& t, const char* name,
   check_same_device(t, name, logits);
 }
 
-// Checks logits, target, group and the three tables; returns N, K, G.
+// Checks logits, target, group and the three tables; returns N, K, G. With
+// `spatial`, [B, K, D] logits are taken too (Sizes::spatial).
 inline Sizes check_inputs(const at::Tensor& logits, const at::Tensor& target,
                           const std::optional<at::Tensor>& group,
                           const at::Tensor& weight, const at::Tensor& scale,
-                          const at::Tensor& shift) {
+                          const at::Tensor& shift, bool spatial = false) {
   const auto dt = logits.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble ||
                        dt == at::kBFloat16 || dt == at::kHalf,
                    "autobalance: `logits` must be float32, float64, bfloat16 "
                    "or float16, got ",
                    dtype_name(dt));
-  TORCH_CHECK_VALUE(logits.dim() == 2,
-                    "autobalance: `logits` must have shape [N, K], got ",
-                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 2 || (spatial && logits.dim() == 3),
+                    "autobalance: `logits` must have shape [N, K]",
+                    spatial ? " or [B, K, D]" : "", ", got ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) >= 1,
                     "autobalance: `logits` needs K >= 1 classes, got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "autobalance: `weight` must have shape "
                     "[G, K], got ", weight.sizes());
   Sizes s{logits.size(0), logits.size(1), weight.size(0)};
+  if (logits.dim() == 3) {
+    s.spatial = true;
+    s.inner = logits.size(2);
+    s.rows = logits.size(0) * s.inner;
+  }
   TORCH_CHECK_VALUE(s.groups >= 1, "autobalance: tables need G >= 1 rows, got "
                     "`weight` of shape ", weight.sizes());
   const auto acc = accumulate_type(dt);

@@ -36,7 +36,10 @@ TORCH_LIBRARY(autobalance, m) {
   // -> the 0-dim sum of the per-row losses, or with `mean` their weighted mean
   // sum_i loss_i / sum_i W[g_i, y_i] over the rows not ignored (docs/math.md
   // section 1); with a probability target the mean divides by N (section 8).
-  // One autograd node, in the accumulation dtype.
+  // One autograd node, in the accumulation dtype. `logits` may also be spatial,
+  // [B, K, D] with [B, D] indices (a probability target [B, K, D]): row b D + j
+  // is logits[b, :, j]. The CPU fast path reads them in place (NCHW images need
+  // no transposed copy); every other path makes rows first.
   m.def(
       "parametric_ce_reduced(Tensor logits, Tensor target, Tensor? group, "
       "Tensor weight, Tensor scale, Tensor shift, int ignore_index, bool mean, "
@@ -72,7 +75,8 @@ TORCH_LIBRARY(autobalance, m) {
       "-> (Tensor, Tensor, Tensor)");
   // CPU, float32/float64: parametric_ce with the gradients of its sum (or
   // with `mean` its weighted mean), for a backward that is not differentiated
-  // again. -> (loss [N], lse [N],
+  // again. Takes spatial logits as parametric_ce_reduced does; grad_logits then
+  // has their shape. -> (loss [N], lse [N],
   // counts [G*K] (rows per (group, class) cell, not ignored), grad_logits
   // [N,K], grad_weight, grad_scale, grad_shift [G,K]); the table gradients are
   // zeros unless table_grads.

@@ -224,6 +224,20 @@ def test_deterministic(form, kind):
         assert torch.equal(a, b)
 
 
+def test_nchw_sum_and_mean_make_no_copy_of_the_logits():
+    """A sum or mean of NCHW-contiguous logits reaches the reduced op as a
+    [N, K, D] view, and on the CPU fast path no op copies or transposes a tensor
+    of the logits' size; with "none" the rows are one copy."""
+    z = torch.randn(2, 5, 6, 7, requires_grad=True)
+    y = torch.randint(0, 5, (2, 6, 7))
+    for reduction, copies in (("mean", 0), ("sum", 0), ("none", 1)):
+        with torch.profiler.profile(record_shapes=True) as prof:
+            pce(z, y, reduction=reduction).sum().backward()
+        copied = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+                  and any(list(shape) in ([2, 5, 6, 7], [84, 5], [2, 6, 7, 5]) for shape in e.input_shapes)]
+        assert len({e.name for e in copied} & {"aten::copy_"}) == (copies > 0), (reduction, copied)
+
+
 def test_channels_last_rows_are_a_view():
     """The fused kernels get channels-last logits in place; NCHW logits are copied once."""
     from autobalance.functional import _as_rows
@@ -309,3 +323,61 @@ def test_reduced_fast_path_with_target_distributions(kind, reduction, dtype):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a.detach(), b.detach(), **tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_spatial_reduced_ops_equal_their_rows_bit_for_bit(kind, dtype):
+    """The reduced ops on [B, K, D] logits (the CPU fast path reads them with
+    class stride D) give the bits of the same ops on the [B D, K] rows; opcheck
+    on the spatial form."""
+    from conftest import OPS
+    probs, eps = KINDS[kind]
+    gen = torch.Generator().manual_seed(31)
+    B, K, D, G = 3, 6, 70, 2
+    z = torch.randn(B, K, D, generator=gen, dtype=dtype)
+    g = torch.randint(0, G, (B, D), generator=gen)
+    if probs:
+        y = torch.rand(B, K, D, generator=gen, dtype=dtype)
+        y_rows = y.movedim(1, -1).reshape(-1, K)
+    else:
+        y = torch.randint(0, K, (B, D), generator=gen)
+        y[0, :9] = IGNORE
+        y_rows = y.reshape(-1)
+    tables = [t.detach() for t in _random_tables(G, K, dtype, 32)]
+    rows = z.movedim(1, -1).reshape(-1, K)
+    for mean in (False, True):
+        spatial = OPS._parametric_ce_reduced_with_gradient(z, y, g, *tables, IGNORE, mean, True, eps)
+        flat = OPS._parametric_ce_reduced_with_gradient(rows, y_rows, g.reshape(-1), *tables, IGNORE, mean, True, eps)
+        assert spatial[3].shape == z.shape
+        for i, (a, b) in enumerate(zip(spatial, flat)):
+            assert torch.equal(a, b.reshape(B, D, K).movedim(2, 1) if i == 3 else b), i
+        torch.library.opcheck(OPS._parametric_ce_reduced_with_gradient, (z, y, g, *tables, IGNORE, mean, True, eps))
+        torch.library.opcheck(OPS.parametric_ce_reduced, (z.requires_grad_(), y, g, *tables, IGNORE, mean, eps))
+        z = z.detach()
+    with pytest.raises(ValueError, match=r"`group` must have shape \[B, D\] = \[3, 70\] to match spatial logits"):
+        OPS._parametric_ce_reduced_with_gradient(z, y, g.reshape(-1), *tables, IGNORE, True, True, eps)
+    with pytest.raises(ValueError, match=r"`logits` must have shape \[N, K\], got \[3, 6, 70\]"):
+        OPS.parametric_ce(z, y, g, *tables, IGNORE, eps)
+
+
+def test_spatial_fallbacks_make_rows():
+    """NCHW sums and means that the CPU fast path does not take (reduced
+    precision; a non-finite incoming gradient, which recomputes) give what the
+    rows give."""
+    gen = torch.Generator().manual_seed(41)
+    z = torch.randn(2, 5, 3, 4, generator=gen)
+    y = torch.randint(0, 5, (2, 3, 4), generator=gen)
+
+    def loss_and_grad(z, y, scale=1.0):
+        z = z.detach().requires_grad_()
+        loss = pce(z, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss * scale, z)
+        return loss, grad
+    rows = z.movedim(1, -1).reshape(-1, 5)
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = loss_and_grad(z.to(dtype), y), loss_and_grad(rows.to(dtype), y.reshape(-1))
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1].reshape(2, 3, 4, 5).movedim(-1, 1))
+    nan_grad = loss_and_grad(z, y, float("inf"))[1]
+    assert nan_grad.shape == z.shape and not torch.isfinite(nan_grad).all()

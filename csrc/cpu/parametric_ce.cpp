@@ -123,7 +123,10 @@ ForwardOut forward_cpu(
     const std::optional<Tensor>& group, const Tensor& weight,
     const Tensor& scale, const Tensor& shift, int64_t ignore_index,
     Keep keep, bool mean = false, bool table_grads = false, double label_smoothing = 0.0) {
-  const Sizes s = check_inputs(logits, target, group, weight, scale, shift);
+  // kGradient also takes spatial logits [B, K, D] (Sizes::spatial): its
+  // gradient row is scattered back to their layout, so NCHW images need no
+  // transposed copy.
+  const Sizes s = check_inputs(logits, target, group, weight, scale, shift, keep == Keep::kGradient);
   check_label_smoothing(label_smoothing);
   if (keep != Keep::kNothing) check_residual_dtype(logits);
   if (keep == Keep::kResidual) {
@@ -136,7 +139,7 @@ ForwardOut forward_cpu(
   ForwardOut out;
   out.loss = at::empty({s.rows}, acc_opts);
   out.lse = at::empty({s.rows}, acc_opts);
-  if (keep != Keep::kNothing) out.kept = at::empty({s.rows, s.classes}, acc_opts);
+  if (keep != Keep::kNothing) out.kept = at::empty(logits.sizes(), acc_opts);
   if (gradient) {
     std::tie(std::ignore, out.grad_weight, out.grad_scale, out.grad_shift) =
         backward_outputs(s, logits, weight, false);
@@ -186,12 +189,11 @@ ForwardOut forward_cpu(
         // in r, the gradient row r_k = a (Σ e_k / sum - d_k W_k) (less a α W_y at
         // the label) with its table terms, in one pass after Σ = Σ_k q_k W_k.
         auto finish_dense_gradient = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m,
-                                         acc_t sum, acc_t* partial, acc_t* buf) {
-          acc_t* r = r_out + i * K;
+                                         acc_t sum, acc_t* r, acc_t* partial, acc_t* buf) {
           const int64_t off = ri.g * K, y = ri.y;
           const acc_t *S = in.S + off, *L = in.L + off, *W = in.W + off;
           const acc_t l = m + std::log(sum);
-          const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, buf, K) : nullptr, q);
+          const DenseRow<acc_t> d(in.P ? in.row_in(in.P, i, buf) : nullptr, q);
           const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
           const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
           // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
@@ -223,11 +225,11 @@ ForwardOut forward_cpu(
           lse_p[i] = l;
           loss_p[i] = out;
         };
-        // After the row's exponential sum: loss, lse and what the mode keeps.
+        // After the row's exponential sum: loss, lse and what the mode keeps
+        // (in r: the row's exponentials on entry; null in the loss-only mode).
         auto finish = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
-                          acc_t* partial, acc_t* buf) {
-          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, partial, buf);
-          acc_t* r = r_out ? r_out + i * K : nullptr;
+                          acc_t* r, acc_t* partial, acc_t* buf) {
+          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, r, partial, buf);
           const int64_t y = ri.y;
           const acc_t* S = in.S + ri.g * K;
           const acc_t* L = in.L + ri.g * K;
@@ -297,40 +299,46 @@ ForwardOut forward_cpu(
             if (q.dense) {
               finish_dense(i, ri, z, m, sum, buf + K);
             } else {
-              finish(i, ri, z, m, sum, partial, nullptr);
+              finish(i, ri, z, m, sum, nullptr, partial, nullptr);
             }
           });
         } else {
           // Rows in pairs (their exponential sums interleaved); one at a time
           // where a pair has an ignored row, and for the last row of an odd span.
-          // scratch: two widened rows, and a widened probability target row
-          for_row_spans<acc_t>(in.N, in.G, K, 2, 3 * K, table_grads, tables,
+          // scratch: two widened rows, a widened probability target row and,
+          // for spatial logits, two rows of exponentials and gradients
+          for_row_spans<acc_t>(in.N, in.G, K, 2, 5 * K, table_grads, tables,
                                [&](int64_t i, int64_t n, acc_t* partial, acc_t* buf) {
             std::array<RowIndex, 2> ri;
             std::array<ExpRow<acc_t>, 2> rows;
             int64_t live = 0;
             for (int64_t j = 0; j < n; ++j) {
               ri[j] = in.row(i + j);
-              acc_t* r = r_out + (i + j) * K;
+              acc_t* r = in.row_out(r_out, i + j, buf + (3 + j) * K);
               if (ri[j].ignored) {
                 loss_p[i + j] = lse_p[i + j] = 0;
                 std::fill(r, r + K, acc_t(0));
+                in.row_out_done(r_out, i + j, r);
                 continue;
               }
-              rows[j] = {widen(in.z + (i + j) * K, buf + j * K, K), in.S + ri[j].g * K,
+              rows[j] = {in.row_in(in.z, i + j, buf + j * K), in.S + ri[j].g * K,
                          in.L + ri[j].g * K, r};
               ++live;
             }
             if (live == 2) {
               const auto sums = row_exp_sum_pair(rows[0], rows[1], K, fresh);
-              for (int64_t j = 0; j < 2; ++j)
-                finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, partial, buf + 2 * K);
+              for (int64_t j = 0; j < 2; ++j) {
+                finish(i + j, ri[j], rows[j].z, sums[j].first, sums[j].second, rows[j].e, partial,
+                       buf + 2 * K);
+                in.row_out_done(r_out, i + j, rows[j].e);
+              }
               return;
             }
             for (int64_t j = 0; j < n; ++j) {
               if (ri[j].ignored) continue;
               const auto [m, sum] = row_exp_sum(rows[j].z, rows[j].S, rows[j].L, K, rows[j].e, fresh);
-              finish(i + j, ri[j], rows[j].z, m, sum, partial, buf + 2 * K);
+              finish(i + j, ri[j], rows[j].z, m, sum, rows[j].e, partial, buf + 2 * K);
+              in.row_out_done(r_out, i + j, rows[j].e);
             }
           });
         }

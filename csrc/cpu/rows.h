@@ -156,6 +156,7 @@ struct Inputs {
   const int64_t* group;
   const acc_t *W, *S, *L;
   int64_t N, K, G, ignore_index;
+  int64_t D;  // spatial logits [B, K, D] (Sizes::inner; 1 for [N, K])
 
   Inputs(const Tensor& logits, const Tensor& target_,
          const std::optional<Tensor>& group_, const Tensor& weight,
@@ -177,7 +178,29 @@ struct Inputs {
         N(s.rows),
         K(s.classes),
         G(s.groups),
-        ignore_index(ignore) {}
+        ignore_index(ignore),
+        D(s.inner) {}
+
+  // Row i of `x` (the logits, or a probability target of their layout) as a
+  // contiguous row in the accumulation type: in place, widened, or for spatial
+  // logits gathered with class stride D into `buf`. Consecutive rows of a
+  // spatial block share their cache lines, so the gather reads each line once.
+  const acc_t* row_in(const scalar_t* x, int64_t i, acc_t* buf) const {
+    if (D == 1) return widen(x + i * K, buf, K);
+    const scalar_t* p = x + (i / D) * K * D + i % D;
+    for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<acc_t>(p[k * D]);
+    return buf;
+  }
+
+  // Row i of an output of the logits' layout: `out` itself ([N, K]), or for
+  // spatial logits `row` (a scratch row) scattered with class stride D by
+  // row_out_done.
+  acc_t* row_out(acc_t* out, int64_t i, acc_t* row) const { return D == 1 ? out + i * K : row; }
+  void row_out_done(acc_t* out, int64_t i, const acc_t* row) const {
+    if (D == 1) return;
+    acc_t* p = out + (i / D) * K * D + i % D;
+    for (int64_t k = 0; k < K; ++k) p[k * D] = row[k];
+  }
 
   RowIndex row(int64_t i) const {
     return read_row(i, target, group, K, G, ignore_index);

@@ -88,7 +88,10 @@ def parametric_cross_entropy(input, target, weight=None, size_average=None, igno
     op = _op(backend, input.is_cuda)
     logits, out_dtype = input, input.dtype
     shape = None if logits.dim() == 2 else _index_shape(logits, target, group)
-    if shape is not None:
+    if shape is not None and op is _FUSED and reduction != "none" and logits.dim() > 2 and logits.is_contiguous():
+        # NCHW-contiguous: the reduced op takes [B, K, D] in place (docs/math.md section 8)
+        logits, target, group = _as_spatial(logits, target, group)
+    elif shape is not None:
         logits, target, group = _as_rows(logits, target, group, shape)
     weight, scale, shift = _tables(weight, scale, shift, logits)
     if op is _FUSED and reduction != "none":  # one autograd node for loss and reduction
@@ -128,7 +131,7 @@ def _tables(weight, scale, shift, logits):
                                  f"(from `{source}`), got {list(t.shape)}")
             if source is None:
                 rows, source = t.shape[0], name
-    classes = logits.shape[1]  # [R, K] rows by now
+    classes = logits.shape[1]  # [R, K] rows or [B, K, D] by now
     tables = []
     for t, fill in ((weight, 1.0), (scale, 1.0), (shift, 0.0)):
         if t is None:
@@ -181,6 +184,16 @@ def _as_rows(logits, target, group, shape):
 
     target = as_rows(target) if target.is_floating_point() else target.reshape(rows)
     return as_rows(logits), target, None if group is None else group.reshape(rows)
+
+
+def _as_spatial(logits, target, group):
+    """Contiguous ``[N, K, d1..dk]`` logits as ``[N, K, D]`` (a view; the fused
+    reduced op reads row ``n D + j`` with class stride ``D``, and its CPU fast
+    path writes the gradient in that layout), the indices as ``[N, D]``."""
+    batch, classes = logits.shape[:2]
+    spatial = logits.reshape(batch, classes, -1)
+    target = target.reshape(spatial.shape) if target.is_floating_point() else target.reshape(batch, -1)
+    return spatial, target, None if group is None else group.reshape(batch, -1)
 
 
 def _weight_sum(weight, target, group, ignore_index):
