@@ -10,10 +10,16 @@ Times, side by side in one run on 2 threads, float32:
   - segmentation shapes [N, C, H, W] (NCHW-contiguous and channels-last
     logits, [N, H, W] targets): fused forward+backward against
     F.cross_entropy on the same input (the fused path copies NCHW logits to
-    rows once; channels-last needs no copy).
-Prints medians and ratios and writes them to JSON.
+    rows once; channels-last needs no copy);
+  - target distributions (issue 15): class indices with label smoothing 0.1,
+    a mixup-like probability target and a dense (softmax) one, at 4096 x 100
+    and 256 x 1000, and smoothing / dense targets at 16 x 19 x 128 x 128
+    (NCHW and channels-last): fused and reference forward+backward against
+    F.cross_entropy on the same input, and the forward alone.
+Prints medians and ratios and writes them to JSON (one entry per thread count).
 
-    python bench/bench_ops.py [--threads 2] [--out bench/results_ops.json] [--quick] [--segmentation-only]
+    python bench/bench_ops.py [--threads 2 [1 ...]] [--out bench/results_ops.json] [--quick]
+                              [--segmentation-only | --targets-only]
 """
 import argparse
 import json
@@ -28,6 +34,8 @@ from autobalance import parametric_cross_entropy, reference
 
 SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (2048, 8142)]
 SEGMENTATION = [(4, 19, 64, 64), (16, 19, 128, 128)]
+TARGET_SHAPES = [(4096, 100), (256, 1000)]            # target distributions: [N, K] ...
+TARGET_SEGMENTATION = [(16, 19, 128, 128)]          # ... and [N, C, H, W], both layouts
 
 
 def interleaved_medians(fns, rounds, reps=3):
@@ -144,6 +152,91 @@ def bench_segmentation(shape, quick):
     return {"shape": list(shape), "median_ms": t, "ratios": ratios}
 
 
+def target_inputs(shape, seed=0):
+    """Logits of ``shape`` (class dimension 1), a random class weight, and the
+    targets ``{name: (target, label_smoothing)}``: class indices with label
+    smoothing 0.1; a mixup-like probability target (a convex mix, per sample,
+    of two one-hots: two nonzero entries per row); a dense probability target
+    (a softmax, every entry nonzero)."""
+    g = torch.Generator().manual_seed(seed)
+    n, k, spatial = shape[0], shape[1], tuple(shape[2:])
+    z = torch.randn(shape, generator=g) * 3
+    weight = torch.rand(k, generator=g) + 0.5
+    y = torch.randint(0, k, (n, *spatial), generator=g)
+    y2 = torch.randint(0, k, (n, *spatial), generator=g)
+    lam = torch.rand((n,) + (1,) * (len(shape) - 1), generator=g)
+    onehot = [F.one_hot(t, k).movedim(-1, 1).to(z.dtype) for t in (y, y2)]
+    targets = {"smooth_0.1": (y, 0.1),
+               "mixup": ((lam * onehot[0] + (1 - lam) * onehot[1]).contiguous(), 0.0),
+               "dense": ((torch.randn(shape, generator=g) * 2).softmax(1), 0.0)}
+    return z, weight, targets
+
+
+def bench_targets(shape, quick, layout="contiguous"):
+    """Forward+backward (grad of the logits only, identity scale and shift, a
+    random class weight, mean) with target distributions: fused and reference
+    backends against F.cross_entropy on the same input; forward alone too, so
+    the backward is the difference. ``layout="channels_last"`` makes the
+    logits (and a probability target) channels-last."""
+    z, weight, targets = target_inputs(shape)
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+    big = z.numel() > 1_000_000
+    out = []
+    for name, (t, eps) in targets.items():
+        if big and name == "mixup":
+            continue  # segmentation: smoothing and a dense probability target
+        if layout == "channels_last" and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+
+        def fwd(loss_fn, backward, t=t, eps=eps):
+            def run():
+                zz = z.detach().requires_grad_()
+                loss = loss_fn(zz, t, eps)
+                if backward:
+                    loss.backward()
+            return run
+
+        def ours(backend):
+            return lambda zz, t, eps: parametric_cross_entropy(zz, t, weight=weight, label_smoothing=eps,
+                                                               backend=backend)
+
+        def ce(zz, t, eps):
+            return F.cross_entropy(zz, t, weight=weight, label_smoothing=eps)
+
+        t_ms = interleaved_medians({
+            "fused": fwd(ours("fused"), True),
+            "reference": fwd(ours("reference"), True),
+            "cross_entropy": fwd(ce, True),
+            "fused_forward": fwd(ours("fused"), False),
+            "cross_entropy_forward": fwd(ce, False),
+        }, rounds=5 if quick else 15, reps=1 if big else 3)
+        ratios = {"cross_entropy/fused": t_ms["cross_entropy"] / t_ms["fused"],
+                  "reference/fused": t_ms["reference"] / t_ms["fused"]}
+        targets_met = {"fused no slower than F.cross_entropy": ratios["cross_entropy/fused"] >= 1.0,
+                       "fused >= 2x faster than reference": ratios["reference/fused"] >= 2.0}
+        out.append({"shape": list(shape), "layout": layout, "target": name, "label_smoothing": eps,
+                    "median_ms": t_ms, "ratios": ratios, "targets": targets_met})
+    return out
+
+
+def print_targets(rows):
+    print("\ntarget distributions, forward+backward (fwd: forward alone), median ms; "
+          "ratios > 1: fused faster")
+    cols = ["fused", "reference", "cross_entropy", "fused_forward", "cross_entropy_forward"]
+    print(f"{'shape':>18} {'layout':>13} {'target':>10} " + " ".join(f"{c:>13}" for c in
+          ["fused", "reference", "F.ce", "fused fwd", "F.ce fwd"])
+          + f" {'F.ce/fused':>10} {'ref/fused':>9}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{shape:>18} {r['layout']:>13} {r['target']:>10} "
+              + " ".join(f"{r['median_ms'][c]:>13.3f}" for c in cols)
+              + f" {r['ratios']['cross_entropy/fused']:>10.2f} {r['ratios']['reference/fused']:>9.2f}")
+    missed = [(r, name) for r in rows for name, ok in r["targets"].items() if not ok]
+    print("targets: " + ("all met" if not missed else "MISSED: " + "; ".join(
+        f"{'x'.join(map(str, r['shape']))} {r['layout']} {r['target']}: {name}" for r, name in missed)))
+
+
 def print_rows(rows):
     cols = ["fused", "reference", "reference_compiled", "cross_entropy", "exp", "double_fused", "double_reference"]
     print("median ms")
@@ -164,25 +257,38 @@ def print_rows(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="thread counts, one run each (e.g. --threads 1 2)")
     parser.add_argument("--out", default="bench/results_ops.json")
     parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
     parser.add_argument("--segmentation-only", action="store_true", help="only the [N, C, H, W] shapes")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="only the target distributions (probability targets, label smoothing)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    seg = [bench_segmentation(shape, args.quick) for shape in SEGMENTATION]
-    rows = [] if args.segmentation_only else [bench_shape(n, k, args.quick) for n, k in SHAPES]
-    print(f"float32, {args.threads} threads")
-    if rows:
-        print_rows(rows)
-    print("\n[N, C, H, W] forward+backward, median ms (ratio > 1: fused faster)")
-    for r in seg:
-        cells = ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items())
-        ratios = ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items())
-        print(f"  {r['shape']}: {cells}\n    {ratios}")
+    runs = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        seg = [] if args.targets_only else [bench_segmentation(shape, args.quick) for shape in SEGMENTATION]
+        rows = [] if args.segmentation_only or args.targets_only else [bench_shape(n, k, args.quick)
+                                                                       for n, k in SHAPES]
+        dist = [] if args.segmentation_only else (
+            [r for shape in TARGET_SHAPES for r in bench_targets(shape, args.quick)]
+            + [r for shape in TARGET_SEGMENTATION for layout in ("contiguous", "channels_last")
+               for r in bench_targets(shape, args.quick, layout)])
+        print(f"\nfloat32, {threads} threads")
+        if rows:
+            print_rows(rows)
+        if seg:
+            print("\n[N, C, H, W] forward+backward, median ms (ratio > 1: fused faster)")
+        for r in seg:
+            cells = ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items())
+            ratios = ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items())
+            print(f"  {r['shape']}: {cells}\n    {ratios}")
+        if dist:
+            print_targets(dist)
+        runs.append({"threads": threads, "rows": rows, "segmentation": seg, "targets": dist})
     with open(args.out, "w") as f:
-        json.dump({"threads": args.threads, "dtype": "float32", "torch": torch.__version__, "rows": rows,
-                   "segmentation": seg}, f, indent=2)
+        json.dump({"dtype": "float32", "torch": torch.__version__, "runs": runs}, f, indent=2)
     print(f"\nwrote {args.out}")
 
 
