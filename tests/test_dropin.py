@@ -51,18 +51,14 @@ bfloat16 (torch 2.13, fused backend). PyTorch's own ModuleInfo loosens its
 float16 CPU forward tolerance to atol 3e-2 for the same reason.
 ``tests/test_ops.py`` checks the half dtypes against a float64 oracle.
 
-``torch.testing._internal`` imports ``expecttest`` (for its unittest base
-class only, which nothing here uses); where that package is not installed a
-stub module stands in for it. That import also freezes ``torch.backends``'
-global flags (``disable_global_flags``); the flag is restored right after it,
+``torch.testing._internal`` imports ``expecttest`` (a test dependency, in
+the Makefile's setup and the ``test`` extra). That import also freezes
+``torch.backends``' global flags (``disable_global_flags``); the flag is restored right after it,
 so the rest of a pytest session is unaffected. The import of the sample sets
 takes about 12 s on two cores; everything else here a few seconds.
 """
 import inspect
 import random
-import sys
-import types
-import unittest
 from collections import Counter
 
 import pytest
@@ -71,13 +67,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autobalance import ParametricCE, parametric_cross_entropy
-
-try:
-    import expecttest  # noqa: F401
-except ImportError:  # only torch.testing._internal.common_utils.TestCase's base class uses it
-    _stub = types.ModuleType("expecttest")
-    _stub.TestCase = unittest.TestCase
-    sys.modules["expecttest"] = _stub
 
 _FLAGS_FROZEN = torch.backends.flags_frozen()
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402

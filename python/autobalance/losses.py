@@ -147,16 +147,20 @@ def loss_tables(counts, init: str = "ce", *, tau: Optional[float] = None,
 
 
 def _table(value, name, groups, classes, default):
-    """An initial table from None, a scalar, [K] or [G, K] of finite values."""
+    """An initial table from None, a scalar, [K] or [G, K] of finite values;
+    float32, or float64 when given in float64 (a float64 class weight stays
+    exact, as in ``nn.CrossEntropyLoss``)."""
     if value is None:
         return torch.full((groups, classes), float(default))
-    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    given = torch.as_tensor(value)
+    dtype = torch.float64 if given.dtype == torch.float64 else torch.float32
+    t = given.to(dtype).detach().clone()
     if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == classes) or
             (t.dim() == 2 and tuple(t.shape) == (groups, classes))):
         raise ValueError(f"autobalance: initial `{name}` must be a scalar, [K] = [{classes}] or "
                          f"[G, K] = [{groups}, {classes}], got shape {list(t.shape)}")
     t = t.expand(groups, classes).clone()
-    bad = (~torch.isfinite(t)).nonzero()
+    bad = (~torch.isfinite(t.float())).nonzero()  # float32 logits compute in float32
     if len(bad):
         raise ValueError(f"autobalance: initial `{name}` must be finite (as float32), got "
                          f"{t[tuple(bad[0])].item()} at [g, k] = {bad[0].tolist()} ({len(bad)} non-finite values)")
