@@ -240,32 +240,16 @@ def _check_all(kind, dtype, form, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opinfo_functional(dtype, backend):
-    """``parametric_cross_entropy`` == ``F.cross_entropy`` on every OpInfo sample."""
-    _check_all("opinfo", dtype, "functional", backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opinfo_module(dtype, backend):
-    """``ParametricCE(K, **kwargs)`` == ``nn.CrossEntropyLoss(**kwargs)`` on every
-    OpInfo sample (its keyword arguments are all constructor arguments)."""
-    _check_all("opinfo", dtype, "module", backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_moduleinfo_module(dtype, backend):
-    """``ParametricCE(K, **constructor kwargs)`` == ``nn.CrossEntropyLoss`` on every ModuleInfo sample."""
-    _check_all("moduleinfo", dtype, "module", backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_moduleinfo_functional(dtype, backend):
-    """``parametric_cross_entropy(input, target, **constructor kwargs)`` ==
-    ``F.cross_entropy`` on every ModuleInfo sample."""
-    _check_all("moduleinfo", dtype, "functional", backend)
+@pytest.mark.parametrize("kind,form", [("opinfo", "functional"), ("opinfo", "module"),
+                                       ("moduleinfo", "module"), ("moduleinfo", "functional")])
+def test_every_sample_matches_pytorch(kind, form, dtype, backend):
+    """On every OpInfo (``F.cross_entropy``) and ModuleInfo
+    (``nn.CrossEntropyLoss``) sample, ``parametric_cross_entropy(input, target,
+    **kwargs)`` == ``F.cross_entropy`` and ``ParametricCE(K, **kwargs)`` ==
+    ``nn.CrossEntropyLoss(**kwargs)`` (an OpInfo sample's keyword arguments are
+    all constructor arguments; a ModuleInfo sample's constructor arguments all
+    keyword arguments of the functional)."""
+    _check_all(kind, dtype, form, backend)
 
 
 def _error_cases(dtype):
