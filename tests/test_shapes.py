@@ -381,3 +381,22 @@ def test_spatial_fallbacks_make_rows():
         torch.testing.assert_close(a[1], b[1].reshape(2, 3, 4, 5).movedim(-1, 1))
     nan_grad = loss_and_grad(z, y, float("inf"))[1]
     assert nan_grad.shape == z.shape and not torch.isfinite(nan_grad).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3, 4), (2, 5, 0, 4), (2, 1, 3, 4)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ("none", "sum", "mean"))
+def test_empty_and_single_class_nd_inputs(shape, kind, reduction):
+    """No rows (N = 0 or a zero extra dimension) and K = 1, as F.cross_entropy
+    gives them (a mean over no rows is NaN)."""
+    probs, eps = KINDS[kind]
+    gen = torch.Generator().manual_seed(51)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(shape, generator=gen, dtype=torch.float64) if probs else \
+        torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
+    ours = pce(z, y, reduction=reduction, label_smoothing=eps)
+    theirs = F.cross_entropy(z, y, reduction=reduction, label_smoothing=eps)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    if z.numel() and reduction != "none":
+        torch.testing.assert_close(*(torch.autograd.grad(t, z)[0] for t in (ours, theirs)), equal_nan=True)

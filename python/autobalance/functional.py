@@ -3,6 +3,8 @@ backend: ``"fused"`` (the compiled kernels of ``autobalance_ext``) or
 ``"reference"`` (plain PyTorch, ``autobalance.reference``). Where the compiled
 ops could not be loaded (``autobalance_ext`` warned at import), ``"fused"``
 runs the reference path."""
+import math
+
 import torch
 from torch.nn import _reduction as _Reduction
 
@@ -191,9 +193,10 @@ def _as_spatial(logits, target, group):
     reduced op reads row ``n D + j`` with class stride ``D``, and its CPU fast
     path writes the gradient in that layout), the indices as ``[N, D]``."""
     batch, classes = logits.shape[:2]
-    spatial = logits.reshape(batch, classes, -1)
-    target = target.reshape(spatial.shape) if target.is_floating_point() else target.reshape(batch, -1)
-    return spatial, target, None if group is None else group.reshape(batch, -1)
+    inner = math.prod(logits.shape[2:])  # (not -1: N = 0 would leave it undefined)
+    spatial = logits.reshape(batch, classes, inner)
+    target = target.reshape(spatial.shape) if target.is_floating_point() else target.reshape(batch, inner)
+    return spatial, target, None if group is None else group.reshape(batch, inner)
 
 
 def _weight_sum(weight, target, group, ignore_index):
