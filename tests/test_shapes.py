@@ -400,3 +400,45 @@ def test_empty_and_single_class_nd_inputs(shape, kind, reduction):
     torch.testing.assert_close(ours, theirs, equal_nan=True)
     if z.numel() and reduction != "none":
         torch.testing.assert_close(*(torch.autograd.grad(t, z)[0] for t in (ours, theirs)), equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+def test_nchw_by_positions_matches_rows(kind, dtype, reduction, restore_threads):
+    """With one group row the CPU fast path runs NCHW logits in vectors of
+    positions, one class at a time (no transposes): against the reference path
+    on rows, with random tables, ignored positions, a NaN logit (its own
+    position NaN, the others exact), ragged vector tails (D = 37) and several
+    row blocks; bit-identical across runs and thread counts."""
+    probs, eps = KINDS[kind]
+    gen = torch.Generator().manual_seed(61)
+    B, K, H, Wd = 3, 7, 37, 40
+    z = 3 * torch.randn(B, K, H, Wd, generator=gen, dtype=dtype)
+    if probs:
+        y = torch.rand(B, K, H, Wd, generator=gen, dtype=dtype) * 1.5 - 0.2
+    else:
+        y = torch.randint(0, K, (B, H, Wd), generator=gen)
+        y[torch.rand(B, H, Wd, generator=gen) < 0.2] = IGNORE
+    tables = _random_tables(1, K, dtype, 62)
+
+    def run(logits, target, backend="fused"):
+        zz = logits.detach().clone().requires_grad_()
+        loss = pce(zz, target, *tables, reduction=reduction, label_smoothing=eps, backend=backend)
+        return (loss, *torch.autograd.grad(loss, [zz, *tables]))
+    fused, reference = run(z, y), run(z, y, "reference")
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, **tol)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(fused, run(z, y)))
+    bad = z.clone()
+    bad[1, 2, 5, 6] = float("nan")
+    if not probs:
+        y[1, 5, 6] = 0  # not ignored
+    zz = bad.requires_grad_()
+    (grad,) = torch.autograd.grad(pce(zz, y, *tables, reduction="sum", label_smoothing=eps), zz)
+    assert torch.isnan(grad[1, :, 5, 6]).all() and torch.isfinite(grad[0]).all() and torch.isfinite(grad[2]).all()
+    grad[1, :, 5, 6] = 0
+    assert torch.isfinite(grad).all()

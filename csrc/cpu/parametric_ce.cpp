@@ -96,6 +96,101 @@ std::array<std::pair<acc_t, acc_t>, 2> row_exp_sum_pair(const ExpRow<acc_t> a, c
   return {std::make_pair(ma, reduce_sum(sum_a)), std::make_pair(mb, reduce_sum(sum_b))};
 }
 
+// The forward with the gradients of a sum or mean (Keep::kGradient) for
+// spatial logits [B, K, D] with one group row (G == 1): positions in vectors
+// of W consecutive ones (of one b), one class at a time, so every load and
+// store is contiguous in the NCHW layout and nothing is transposed. Rows
+// [i0, i0 + n0); the math of finish / finish_dense_gradient with the row's
+// terms per lane: `a` = d reduced / d loss_i; the table gradients are summed
+// per lane in `buf` ([3, K, W]: W, S, L) and added to `partial` at the end.
+// Deterministic: the lanes and their order depend only on the shape.
+template <typename scalar_t, typename acc_t>
+void spatial_gradient_span(const Inputs<scalar_t, acc_t>& in, const TargetCoefficients<acc_t>& q, acc_t a,
+                           int64_t i0, int64_t n0, acc_t* loss_p, acc_t* lse_p, acc_t* out,
+                           acc_t* partial, acc_t* buf) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    TORCH_CHECK(false, "autobalance: spatial logits need float32 or float64 here");  // never called
+  } else {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t K = in.K, D = in.D;
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  acc_t* acc = buf;            // [3, K, W] per-lane table gradients
+  acc_t* E = buf + 3 * K * W;  // [K, W] exponentials of one vector of positions
+  if (partial) std::fill(acc, acc + 3 * K * W, acc_t(0));
+  const V zero(acc_t(0)), va(a), valpha(q.alpha), vbeta(q.beta), vgamma(q.gamma);
+  for (int64_t i = i0; i < i0 + n0;) {
+    const int64_t b = i / D, j = i % D, n = std::min({W, i0 + n0 - i, D - j});
+    const int64_t base = b * K * D + j;  // class k of lane l at base + k D + l
+    // the lanes' labels (as acc_t: K < 2^24 is checked by the caller; -1 for
+    // none) and which lanes are rows (not ignored, not past n)
+    acc_t label[W], row[W];
+    for (int64_t l = 0; l < W; ++l) {
+      const RowIndex ri = l < n ? in.row(i + l) : RowIndex{-1, 0, true};
+      label[l] = ri.ignored ? acc_t(-1) : acc_t(ri.y);
+      row[l] = ri.ignored ? acc_t(0) : acc_t(1);
+    }
+    const V vy = V::loadu(label), live = V::loadu(row) == V(acc_t(1));
+    const auto z_at = [&](int64_t k) { return load(in.z + base + k * D, 0, n); };
+    const auto d_at = [&](int64_t k) {  // d_k = β P_k + γ
+      return in.P ? math::dense_target(vbeta, load(in.P + base + k * D, 0, n), vgamma) : vgamma;
+    };
+    V m(lowest);
+    for (int64_t k = 0; k < K; ++k)
+      m = max_step(m, keep(math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])), n, lowest));
+    V sum(acc_t(0)), a_y(acc_t(0)), W_y(acc_t(0)), dense_w(acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const V e = fast_exp(math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])) - m);
+      e.store(E + k * W);
+      sum = sum + keep(e, n, acc_t(0));
+      const V at_y = vy == V(acc_t(k));
+      a_y = V::blendv(a_y, math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])), at_y);
+      W_y = V::blendv(W_y, V(in.W[k]), at_y);
+      if (q.dense) dense_w = dense_w + d_at(k) * V(in.W[k]);
+    }
+    const V lse = m + sum.log();
+    // A non-finite lse (a NaN or infinite logit) makes the lane's row NaN.
+    const V finite = (lse - lse) == zero;
+    const V nan(std::numeric_limits<acc_t>::quiet_NaN());
+    const V label_w = valpha * W_y;  // α W_y, 0 without a label
+    const V c = V::blendv(nan, va * (label_w + dense_w) / sum, finite);
+    const V c_label = V::blendv(nan, va * label_w, finite);
+    const V ce_y = math::cross_entropy(lse, a_y);
+    V loss = math::loss(label_w, ce_y);
+    for (int64_t k = 0; k < K; ++k) {
+      const V zk = z_at(k), Sk(in.S[k]), Wk(in.W[k]);
+      const V at_y = vy == V(acc_t(k));
+      V r = V::blendv(c * V::loadu(E + k * W), c * V::loadu(E + k * W) - c_label, at_y);
+      V dW = V::blendv(zero, math::grad_weight(va * valpha, ce_y), at_y);
+      if (q.dense) {
+        const V dk = d_at(k), ad = va * dk;
+        const V nlp = lse - math::adjusted_logit(Sk, zk, V(in.L[k]));
+        r = r - ad * Wk;
+        loss = loss + math::loss(dk * Wk, nlp);
+        dW = dW + math::grad_weight(ad, nlp);
+      }
+      r = V::blendv(zero, r, live);
+      math::grad_logit(Sk, r).store(out + base + k * D, n);
+      if (partial) {
+        acc_t* dWk = acc + k * W;
+        acc_t* dSk = acc + (K + k) * W;
+        acc_t* dLk = acc + (2 * K + k) * W;
+        (V::loadu(dWk) + V::blendv(zero, dW, live)).store(dWk);
+        math::add_grad_scale(V::loadu(dSk), r, V::blendv(zero, zk, live)).store(dSk);
+        math::add_grad_shift(V::loadu(dLk), r).store(dLk);
+      }
+    }
+    V::blendv(zero, loss, live).store(loss_p + i, n);
+    V::blendv(zero, lse, live).store(lse_p + i, n);
+    i += n;
+  }
+  if (partial) {
+    for (int64_t t = 0; t < 3; ++t)
+      for (int64_t k = 0; k < K; ++k) partial[t * K + k] += reduce_sum(V::loadu(acc + (t * K + k) * W));
+  }
+  }
+}
+
 // What the forward keeps besides (loss, lse).
 enum class Keep {
   kNothing,
@@ -310,8 +405,18 @@ ForwardOut forward_cpu(
           // gradient rows transposed back at the end (Inputs::tile_in, tile_out).
           constexpr int64_t kTile = 16;
           const bool spatial = in.D > 1;
+          // spatial logits with one group row: vectors over positions
+          const bool by_positions = spatial && in.G == 1 && K < (int64_t(1) << 24);
+          if (by_positions) {
+            constexpr int64_t kSpan = 256, kW = Vec<acc_t>::size();
+            for_row_spans<acc_t>(in.N, in.G, K, kSpan, 4 * K * kW, table_grads, tables,
+                                 [&](int64_t i0, int64_t n0, acc_t* partial, acc_t* buf) {
+              spatial_gradient_span(in, q, a, i0, n0, loss_p, lse_p, r_out, partial, buf);
+            });
+          }
           // scratch: two widened rows and a probability target row, or the
           // span's logits, probability target and gradient rows
+          if (!by_positions)
           for_row_spans<acc_t>(in.N, in.G, K, spatial ? kTile : 2, (spatial ? 3 * kTile : 3) * K,
                                table_grads, tables,
                                [&](int64_t i0, int64_t n0, acc_t* partial, acc_t* buf) {
