@@ -1110,3 +1110,51 @@ def test_bad_hyper_step_input_raises_clear_errors():
         bopt.hyper_step(model, [(x, y)], [(x, y)])
     criterion.reduction = "mean"
     assert bopt.hyper_step(model, [(x, y)], [(x, y)]).applied
+
+
+@pytest.mark.parametrize("learn", [("scale", "shift"), ()], ids=("with_loss", "augmentation_alone"))
+def test_hypergradient_of_a_spherical_augmentation_converges_to_exact(learn):
+    """PDA (issue 16): the per-class radii of a SphericalAugment are hyperparameters
+    (with the loss's or alone); with the augmentation's one draw fixed, CG's
+    hypergradient equals the exact implicit one and the finite differences of the
+    re-solved problem."""
+    from autobalance.augment import SphericalAugment
+    criterion, train, val = logistic_problem(seed=4)
+    if not learn:
+        criterion = ParametricCE(K, learn=())
+    augment = SphericalAugment(K, radius=torch.linspace(0.2, 1.0, K))
+    c = check_hypergrad(criterion, BalancedCE(K), train, val, l2=0.05, solver="cg", cg_iterations=80, cg_tol=0.0,
+                        augment=augment, finite_differences=True)
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+    assert c.fd_cosine >= 0.999, c.fd_cosine
+    radii = c.exact[-K:]
+    assert float(radii.abs().max()) > 0  # the radii do move the validation loss
+
+
+def test_hyper_step_moves_the_augmentation_radii_and_checks_its_arguments():
+    from autobalance.augment import SphericalAugment
+    criterion, train, val = logistic_problem(seed=5)
+    model = nn.Linear(D, K, bias=False).double()
+    augment = SphericalAugment(K, radius=0.5).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.05)
+    bopt = BilevelOptimizer(opt, criterion.double(), BalancedCE(K), augment=augment, hyper_every=1,
+                            hyper_optimizer=torch.optim.Adam([*criterion.parameters(), *augment.parameters()],
+                                                             lr=0.05))
+    assert bopt._hyper_names[-1] == "augment.radius_param"
+    before = augment.radius_param.detach().clone()
+    for _ in range(3):
+        loss = criterion(model(augment(train[0], train[1])), train[1])
+        bopt.zero_grad()
+        loss.backward()
+        bopt.step()
+        assert bopt.hyper_step(model, [train], [val]).applied
+    assert not torch.equal(before, augment.radius_param.detach())
+    assert bopt.state_dict()["hyperparameters"].keys() >= {"augment.radius_param"}
+    with pytest.raises(TypeError, match="`augment` must be None or an nn.Module augmentation"):
+        BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, BalancedCE(K), augment=lambda x: x)
+    with pytest.raises(ValueError, match=r"`augment` has num_classes = 3 but `criterion` has 4"):
+        BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, BalancedCE(K),
+                         augment=SphericalAugment(3))
+    with pytest.raises(ValueError, match="has no learnable parameters and neither has `augment`"):
+        BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ParametricCE(K, learn=()), BalancedCE(K),
+                         augment=SphericalAugment(K, learn=False))

@@ -62,7 +62,7 @@ def _unpack(batch, name):
 def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tensor], val: Sequence[torch.Tensor], *,
                     l2: float = 1e-2, finite_differences: bool = False, fd_step: float = 1e-4,
                     batch_size: Union[int, Tuple[int, int], None] = None, batches: Tuple[int, int] = (1, 1), draws: int = 1,
-                    seed: int = 0, **options) -> HypergradCheck:
+                    seed: int = 0, augment: Optional[nn.Module] = None, **options) -> HypergradCheck:
     """Checks ``BilevelOptimizer``'s hypergradient against the exact one (docs/math.md section 5).
 
     The inner problem is L2-regularised multinomial logistic regression on
@@ -81,8 +81,14 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     seeded with ``seed``), while the exact hypergradient still uses all the rows;
     ``draws`` such estimates are made (``HypergradCheck.draws``, ``draw_cosines``).
 
-    ``criterion`` (a ``ParametricCE``) is copied and cast to float64; the original
-    is not changed. The exact hypergradient gets the same shift-gauge projection
+    With ``augment`` (e.g. ``SphericalAugment``), the training features are
+    augmented with one fixed draw (the one ``BilevelOptimizer``'s first hyper-step
+    makes for its first batch), and the augmentation's learnable strengths are
+    hyperparameters too, after the criterion's (the whole batch only: no
+    ``batch_size``).
+
+    ``criterion`` (a ``ParametricCE``) and ``augment`` are copied and cast to
+    float64; the originals are not changed. The exact hypergradient gets the same shift-gauge projection
     as the estimate; the finite differences get none (they are gauge-free).
     """
     if batch_size is not None:
@@ -98,16 +104,24 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     if batch_size is None and (batches != (1, 1) or draws != 1):
         raise ValueError("autobalance: `batches` and `draws` need a `batch_size` (without one the estimate uses "
                          "all of `train` and `val` as one batch)")
+    if augment is not None and batch_size is not None:
+        raise ValueError("autobalance: `augment` needs the whole batch (no `batch_size`): the exact hypergradient "
+                         "uses the one draw of the estimate's single batch")
     criterion = copy.deepcopy(criterion).double()
+    augment = None if augment is None else copy.deepcopy(augment).double().train()
     x, y, g = _unpack(train, "train")
     xv, yv, gv = _unpack(val, "val")
     x, xv = x.double(), xv.double()
     classes, features = criterion.num_classes, x.shape[1]
-    names = [n for n, q in criterion.named_parameters() if q.requires_grad]
-    hyper = [q for q in criterion.parameters() if q.requires_grad]
+    modules = (("", criterion), ("augment.", augment))
+    names = [prefix + n for prefix, m in modules if m is not None for n, q in m.named_parameters() if q.requires_grad]
+    hyper = [q for _, m in modules if m is not None for q in m.parameters() if q.requires_grad]
+
+    def train_features():  # BilevelOptimizer's draw for batch 0 of its first hyper-step: seed 0
+        return x if augment is None else augment(x, y, generator=torch.Generator().manual_seed(0))
 
     def regularised_train_loss(w):  # the l2 term does not depend on alpha
-        return call_loss(criterion, x @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)
+        return call_loss(criterion, train_features() @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)
 
     def val_loss(w):
         return call_loss(objective, xv @ w.view(classes, features).T, yv, gv)
@@ -137,7 +151,7 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     with torch.no_grad():
         model.weight.copy_(w_star.view(classes, features))
     bopt = BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=l2), criterion, objective,
-                            **options)
+                            augment=augment, **options)
     whole = [(x, y, g)[:3 if g is not None else 2]], [(xv, yv, gv)[:3 if gv is not None else 2]]
     generator = torch.Generator().manual_seed(seed)
 

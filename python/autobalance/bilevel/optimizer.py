@@ -23,6 +23,9 @@ from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
 from autobalance.losses import ParametricCE
 
 HYPER_EVERY = 20  # training steps between hyper-steps, as in the published code (docs/math.md section 5)
+# A hyper-step's augmentation of training batch i is drawn with a generator seeded
+# AUGMENT_SEED_STRIDE * (hyper-steps before it) + i: the same draw in every product.
+AUGMENT_SEED_STRIDE = 1_000_003
 
 Batch = Tuple[torch.Tensor, ...]
 BatchSource = Union[Iterable[Batch], Callable[[], Batch]]
@@ -253,6 +256,16 @@ class BilevelOptimizer(torch.optim.Optimizer):
     one batch's (the least memory). ``HyperStepResult.kept_graphs`` and ``graph_bytes``
     report what a hyper-step kept and what keeping all would have taken.
 
+    **Personalized augmentation** (issue 16, first slice): with ``augment=`` a module
+    ``augment(inputs, target, generator=None)`` with learnable strengths (e.g.
+    ``autobalance.augment.SphericalAugment(K, criterion.clusters, radius=...)``),
+    those strengths are hyperparameters too, after the criterion's (named
+    ``augment.<name>``; the default hyper-optimizer holds them). The training loop
+    applies it, ``criterion(model(augment(x, y)), y)``; a hyper-step augments each
+    of its training batches with one draw (a generator seeded from the hyper-step
+    count and the batch index) used in all its products, and the mixed product
+    goes through the batch's graph.
+
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
     is clipped to total norm ``max_hypergrad_norm`` if given. A hyper-step whose
@@ -324,7 +337,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
                  inner_params: Optional[Iterable[torch.Tensor]] = None, max_hypergrad_norm: Optional[float] = None,
                  model: Optional[nn.Module] = None, train_loader: Optional[BatchSource] = None,
                  val_loader: Optional[BatchSource] = None, batches_per_hyper_step: Tuple[int, int] = (1, 1),
-                 graph_memory: Union[str, float] = "auto", ridge: Union[str, float] = "auto"):
+                 graph_memory: Union[str, float] = "auto", ridge: Union[str, float] = "auto",
+                 augment: Optional[nn.Module] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"autobalance: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(criterion, nn.Module):
@@ -334,15 +348,25 @@ class BilevelOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ would make param_groups of its own; its __setstate__ sets up the rest of
         # its machinery (the step and state-dict hook registries, the hook-running step) and no more
         torch.optim.Optimizer.__setstate__(self, {})
+        if augment is not None and not isinstance(augment, nn.Module):
+            raise TypeError(f"autobalance: `augment` must be None or an nn.Module augmentation (e.g. "
+                            f"autobalance.augment.SphericalAugment), got {type(augment).__name__}")
+        classes = (getattr(criterion, "num_classes", None), getattr(augment, "num_classes", None))
+        if None not in classes and classes[0] != classes[1]:
+            raise ValueError(f"autobalance: `augment` has num_classes = {classes[1]} but `criterion` has "
+                             f"{classes[0]}; their cluster maps must cover the same classes")
+        self.augment = augment
         self._hyper_names, self._hyper = [], []
-        for name, p in criterion.named_parameters():
-            if p.requires_grad:
-                self._hyper_names.append(name)
-                self._hyper.append(p)
+        for prefix, module in (("", criterion), ("augment.", augment)):
+            for name, p in (module.named_parameters() if module is not None else ()):
+                if p.requires_grad:
+                    self._hyper_names.append(prefix + name)
+                    self._hyper.append(p)
         if not self._hyper:
-            raise ValueError(f"autobalance: `criterion` ({type(criterion).__name__}) has no learnable parameters; "
-                             "expected a loss with learnable hyperparameters, e.g. ParametricCE(learn=('scale', "
-                             "'shift'))")
+            raise ValueError(f"autobalance: `criterion` ({type(criterion).__name__}) has no learnable parameters"
+                             f"{'' if augment is None else ' and neither has `augment`'}; expected a loss with "
+                             "learnable hyperparameters, e.g. ParametricCE(learn=('scale', 'shift')), or an "
+                             "augmentation with learnable strengths")
         if not callable(objective):
             raise TypeError(f"autobalance: `objective` must be a callable loss, got {type(objective).__name__}")
         hyper_ids = {id(p) for p in self._hyper}
@@ -382,8 +406,9 @@ class BilevelOptimizer(torch.optim.Optimizer):
                             f"{type(hyper_optimizer).__name__}")
         held = {id(p) for g in hyper_optimizer.param_groups for p in g["params"]}
         if held != hyper_ids:
-            raise ValueError(f"autobalance: `hyper_optimizer` must hold exactly the criterion's learnable parameters "
-                             f"{self._hyper_names}, got {len(held)} parameters of which {len(held & hyper_ids)} match")
+            raise ValueError(f"autobalance: `hyper_optimizer` must hold exactly the hyperparameters (the learnable "
+                             f"parameters of `criterion` and `augment`) {self._hyper_names}, got {len(held)} "
+                             f"parameters of which {len(held & hyper_ids)} match")
         self.hyper_optimizer = hyper_optimizer
 
         self.solver = make_solver(solver, neumann_terms=neumann_terms, step_size=step_size,
@@ -425,7 +450,10 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.frozen = False
         self._last_hyper_step_at = -1
         self.solver_state = SolverState()
-        self._forward_ad = True  # False once the model turned out to lack forward-mode derivatives
+        # False once the model turned out to lack forward-mode derivatives, and with a learned
+        # augmentation (its hyperparameters reach the loss through the network, not the logits)
+        self._forward_ad = augment is None
+        self._augment_draws = 0  # hyper-steps that drew augmentations (each its own draw)
 
     # ---- the wrapped optimizer's interface
 
@@ -660,7 +688,9 @@ class BilevelOptimizer(torch.optim.Optimizer):
                 v, val_loss = v + grad, val_loss + loss / len(val)
             v = mean_over_ranks(v / len(val), group)
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
-                                      self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device))
+                                      self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device),
+                                      augment=self.augment, draw_seed=AUGMENT_SEED_STRIDE * self._augment_draws)
+            self._augment_draws += self.augment is not None
             p, state = self.solver.solve(ridge(products.hvp, self._ridge()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad

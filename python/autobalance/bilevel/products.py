@@ -165,8 +165,9 @@ class TrainGradients:
     """
 
     def __init__(self, model, criterion, theta, hyper, batches, group, forward_ad=True,
-                 graph_memory=float("inf")):
+                 graph_memory=float("inf"), augment=None, draw_seed=0):
         self.model, self.criterion, self.theta, self.hyper = model, criterion, theta, hyper
+        self.augment, self.draw_seed = augment, draw_seed
         self.batches, self.group, self.forward_ad = batches, group, forward_ad
         self.graph_memory = graph_memory
         self.losses, self.graph_bytes, self.kept = [], [], 0
@@ -177,8 +178,11 @@ class TrainGradients:
         if len(self.losses) < len(self.batches):  # the first pass over the batches
             self.losses.append(float(loss.detach()))
 
-    def _build(self, batch):
-        inputs, target, group = batch
+    def _build(self, i):
+        inputs, target, group = self.batches[i]
+        if self.augment is not None:  # batch i's one draw (its generator seeded draw_seed + i)
+            generator = torch.Generator(device=inputs.device).manual_seed(self.draw_seed + i)
+            inputs = self.augment(inputs, target, generator=generator)
         loss = call_loss(self.criterion, self.model(inputs), target, group)
         self._record(loss)
         return torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True)
@@ -189,10 +193,10 @@ class TrainGradients:
         if self._kept[i] is not None:
             return self._kept[i]
         if i < len(self.graph_bytes):  # built before and not kept
-            return self._build(self.batches[i])
+            return self._build(i)
         module = unwrap(self.model)
         with SavedBytes([*module.parameters(), *module.buffers(), self.batches[i][0]]) as size:
-            grads = self._build(self.batches[i])
+            grads = self._build(i)
         kept_bytes = sum(b for b, g in zip(self.graph_bytes, self._kept) if g is not None)
         self.graph_bytes.append(size.bytes)
         if len(self.batches) == 1 or kept_bytes + size.bytes <= self.graph_memory:
