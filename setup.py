@@ -87,6 +87,7 @@ setup(
     # The library needs only these; the experiments need the extra.
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"experiments": ["matplotlib", "tqdm", "scikit-learn", "scipy", "mlxtend"],
-                    "test": ["pytest", "hypothesis", "expecttest"]},
+                    "augment": ["kornia"],
+                    "test": ["pytest", "hypothesis", "expecttest", "kornia"]},
     entry_points={"console_scripts": ["autobalance=autobalance.experiments.cli:main"]},
 )

@@ -81,3 +81,65 @@ def test_bad_arguments_are_clear_errors():
         aug(torch.ones(4, 2), torch.zeros(3, dtype=torch.long))
     with pytest.raises(IndexError, match=r"`target` must hold classes in \[0, 3\)"):
         aug(torch.ones(4, 2), torch.tensor([0, 1, 2, 3]))
+
+
+# ------------------------------------------------------------ the image policy
+
+def _images(n=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 9, generator=gen), torch.arange(n) % 4
+
+
+def test_image_policy_identity_in_eval_and_at_zero_magnitude():
+    from autobalance.augment import ImagePolicy
+    x, y = _images()
+    policy = ImagePolicy(4, magnitude=1e-7, probability=0.999)
+    out = policy(x, y, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    policy.eval()
+    assert policy(x, y) is x
+
+
+@pytest.mark.parametrize("op", ["translate_x", "translate_y", "rotate", "shear", "brightness", "contrast", "noise"])
+def test_image_policy_ops_change_images_and_give_gradients(op):
+    """Each op moves the images and gives its magnitude and probability a gradient,
+    only in the clusters that the batch's labels reach."""
+    from autobalance.augment import ImagePolicy
+    x, y = _images()
+    y = torch.where(y == 3, torch.zeros_like(y), y)  # class 3 absent
+    policy = ImagePolicy(4, torch.tensor([0, 1, 1, 2]), ops=(op,), magnitude=0.6, probability=0.7)
+    out = policy(x, y, generator=torch.Generator().manual_seed(2))
+    assert out.shape == x.shape and float((out - x).detach().abs().max()) > 1e-3
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    dm, dp = torch.autograd.grad((out * weights).sum(), [policy.magnitude_param, policy.probability_param])
+    assert bool((dm[:2] != 0).all()) and bool((dp[:2] != 0).all())
+    assert float(dm[2].abs().sum()) == 0 and float(dp[2].abs().sum()) == 0  # cluster 2: class 3 only
+
+
+def test_image_policy_gradients_match_finite_differences():
+    from autobalance.augment import ImagePolicy
+    x, y = _images(6, seed=4)
+    policy = ImagePolicy(4, ops=("rotate", "contrast", "translate_x"), magnitude=0.4, probability=0.6).double()
+    x = x.double()
+
+    def f(mag, prob):
+        params = {"magnitude_param": mag, "probability_param": prob}
+        out = torch.func.functional_call(policy, params, (x, y), {"generator": torch.Generator().manual_seed(5)})
+        return (out ** 2).sum()
+    mag, prob = policy.magnitude_param.detach().clone(), policy.probability_param.detach().clone()
+    assert torch.autograd.gradcheck(f, (mag.requires_grad_(), prob.requires_grad_()))
+
+
+def test_image_policy_bad_arguments():
+    from autobalance.augment import ImagePolicy
+    with pytest.raises(ValueError, match="`ops` must be distinct names from"):
+        ImagePolicy(4, ops=("rotate", "solarize"))
+    with pytest.raises(ValueError, match=r"`magnitude` must be a number or a \[C, ops\] = \[4, 7\] tensor in the open "
+                                         r"interval \(0, 1\)"):
+        ImagePolicy(4, magnitude=1.5)
+    with pytest.raises(ValueError, match=r"`probability` must be .* in the open interval \(0, 1\)"):
+        ImagePolicy(4, probability=0.0)
+    with pytest.raises(ValueError, match="`temperature` must be a positive finite float"):
+        ImagePolicy(4, temperature=0)
+    with pytest.raises(ValueError, match=r"ImagePolicy takes images: `x` must be a floating-point \[N, channels, H, W\]"):
+        ImagePolicy(4)(torch.randn(5, 10), torch.zeros(5, dtype=torch.long))

@@ -1,7 +1,13 @@
 """Personalized data augmentation (PDA; the paper's section 2 and Lemma 2):
 augmentations whose strengths are per-cluster hyperparameters, applied by label
-during training only, so that a ``BilevelOptimizer`` can tune them like the
-loss's ``l`` and ``Delta`` (issue 16; the bilevel integration is not done yet).
+during training only, so that a ``BilevelOptimizer(..., augment=...)`` tunes them
+like the loss's ``l`` and ``Delta``.
+
+``ImagePolicy`` is the image policy: per cluster a magnitude and an application
+probability per op (affine warps, brightness, contrast, noise), differentiable
+in both. Its resampling and colour ops are kornia's (an optional dependency,
+``autobalance[augment]``): a maintained library of differentiable image ops,
+whose ``warp_affine`` is differentiable in the affine matrix.
 
 ``SphericalAugment`` is Lemma 2's augmentation: a uniformly random point of the
 l2 ball of radius ``eps[c(y)]`` around each input, reparameterised as
@@ -102,3 +108,148 @@ class SphericalAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_clusters={self.num_clusters}"
+
+
+# The image policy's operations and the strength of each at magnitude 1: the
+# geometric ones as fractions of the image size, radians and shear factors (one
+# affine warp each, kornia.geometry.transform.warp_affine), the colour ones
+# additive brightness, a multiplicative contrast 1 + s, and Gaussian noise of
+# standard deviation s (kornia.enhance, unclipped: inputs may be normalised).
+IMAGE_OPS = {"translate_x": 0.3, "translate_y": 0.3, "rotate": 0.5, "shear": 0.3, "brightness": 0.5,
+             "contrast": 0.5, "noise": 0.3}
+
+
+def _kornia():
+    try:
+        import kornia
+    except ImportError as e:  # an optional dependency of the image policy only
+        raise ImportError("autobalance: ImagePolicy needs kornia; pip install kornia (or autobalance[augment])") from e
+    return kornia
+
+
+def _logit(value, name, shape):
+    """An initial value in (0, 1) (a number or ``shape``), as its logit."""
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if t.dim() == 0:
+        t = t.expand(shape).clone()
+    if tuple(t.shape) != shape or not bool(((t > 0) & (t < 1)).all()):  # NaN fails too
+        raise ValueError(f"autobalance: `{name}` must be a number or a [C, ops] = {list(shape)} tensor in the open "
+                         f"interval (0, 1), got {t.tolist()}")
+    return torch.logit(t)
+
+
+class ImagePolicy(nn.Module):
+    """A per-cluster differentiable image augmentation policy in the AutoAugment /
+    MADA spirit (the paper's PDA): for each cluster and each op, a magnitude
+    ``m = sigmoid(magnitude_param)`` in (0, 1) and an application probability
+    ``p = sigmoid(probability_param)`` in (0, 1), both hyperparameters.
+
+    In training mode each op ``o`` (in ``ops`` order) gives, per sample with
+    cluster ``c = clusters[y]``, ``x <- b o(x, s) + (1 - b) x`` with strength
+    ``s = m[c, o] * u * IMAGE_OPS[o]`` (``u`` uniform in [-1, 1]) and ``b`` a
+    relaxed Bernoulli(``p[c, o]``) gate of ``temperature`` (reparameterised, so
+    both ``m`` and ``p`` get gradients; as ``temperature -> 0``, ``b`` is 0 or
+    1). Eval mode returns ``x``. Inputs are ``[N, channels, H, W]`` images.
+
+    Args:
+        num_classes, clusters: as ``SphericalAugment``.
+        ops: a subset of ``IMAGE_OPS``.
+        magnitude, probability: initial values, numbers or ``[C, len(ops)]``, in (0, 1).
+        temperature: the relaxed Bernoulli's temperature, > 0.
+        learn: learnable parameters (hyperparameters) or fixed buffers.
+    """
+
+    def __init__(self, num_classes: int, clusters: Optional[torch.Tensor] = None, *,
+                 ops=tuple(IMAGE_OPS), magnitude=0.2, probability=0.5, temperature: float = 0.5,
+                 learn: bool = True):
+        super().__init__()
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.register_buffer("clusters", _cluster_map(clusters, self.num_classes))
+        self.num_clusters = int(self.clusters.max()) + 1
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        unknown = [o for o in ops if o not in IMAGE_OPS]
+        if not ops or unknown or len(set(ops)) != len(ops):
+            raise ValueError(f"autobalance: `ops` must be distinct names from {tuple(IMAGE_OPS)}, got {ops}")
+        self.ops = ops
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+                and temperature < float("inf")):
+            raise ValueError(f"autobalance: `temperature` must be a positive finite float, got {temperature!r}")
+        self.temperature = float(temperature)
+        shape = (self.num_clusters, len(ops))
+        for name, value in (("magnitude", magnitude), ("probability", probability)):
+            init = _logit(value, name, shape)
+            if learn:
+                self.register_parameter(f"{name}_param", nn.Parameter(init))
+            else:
+                self.register_buffer(f"{name}_param", init)
+
+    def magnitudes(self) -> torch.Tensor:
+        """``[C, ops]`` magnitudes in (0, 1)."""
+        return torch.sigmoid(self.magnitude_param)
+
+    def probabilities(self) -> torch.Tensor:
+        """``[C, ops]`` application probabilities in (0, 1)."""
+        return torch.sigmoid(self.probability_param)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+            got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"autobalance: ImagePolicy takes images: `x` must be a floating-point [N, channels, H, W] "
+                             f"tensor, got {got}; for other inputs use SphericalAugment")
+        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (len(x),):
+            got = (f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor)
+                   else type(target).__name__)
+            raise ValueError(f"autobalance: `target` must be int64 of shape [N] = [{len(x)}], got {got}")
+        if not self.training or not len(x):
+            return x
+        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
+            raise IndexError(f"autobalance: `target` must hold classes in [0, {self.num_classes}), got values in "
+                             f"[{int(target.min())}, {int(target.max())}]")
+        kornia = _kornia()
+        n, _, height, width = x.shape
+        cluster = self.clusters[target]
+        magnitude = self.magnitudes().to(x.dtype)[cluster]      # [N, ops]
+        probability = self.probabilities().to(x.dtype)[cluster]  # [N, ops]
+
+        def uniform(*shape):
+            return torch.rand(*shape, generator=generator, dtype=x.dtype, device=x.device)
+        for j, op in enumerate(self.ops):
+            s = magnitude[:, j] * (2 * uniform(n) - 1) * IMAGE_OPS[op]
+            if op == "brightness":
+                moved = kornia.enhance.adjust_brightness(x, s, clip_output=False)
+            elif op == "contrast":
+                moved = kornia.enhance.adjust_contrast(x, 1 + s, clip_output=False)
+            elif op == "noise":
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                moved = x + s[:, None, None, None] * noise
+            else:
+                moved = kornia.geometry.transform.warp_affine(x, self._affine(op, s, height, width), (height, width),
+                                                              padding_mode="zeros", align_corners=True)
+            # relaxed Bernoulli(p) gate: sigmoid((logit p + logistic noise) / temperature)
+            u = uniform(n).clamp(1e-6, 1 - 1e-6)
+            gate = torch.sigmoid((torch.logit(probability[:, j]) + torch.log(u) - torch.log1p(-u)) / self.temperature)
+            gate = gate[:, None, None, None]
+            x = gate * moved + (1 - gate) * x
+        return x
+
+    @staticmethod
+    def _affine(op, s, height, width):
+        """``[N, 2, 3]`` pixel-space affine maps about the image centre."""
+        n = s.shape[0]
+        one, zero = torch.ones_like(s), torch.zeros_like(s)
+        cx, cy = (width - 1) / 2, (height - 1) / 2
+        if op == "translate_x":
+            rows = [[one, zero, s * width], [zero, one, zero]]
+        elif op == "translate_y":
+            rows = [[one, zero, zero], [zero, one, s * height]]
+        elif op == "rotate":
+            c, si = torch.cos(s), torch.sin(s)
+            rows = [[c, -si, cx - c * cx + si * cy], [si, c, cy - si * cx - c * cy]]
+        else:  # shear along x
+            rows = [[one, s, -s * cy], [zero, one, zero]]
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=1).reshape(n, 2, 3)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, ops={self.ops}, "
+                f"temperature={self.temperature}")
