@@ -1158,3 +1158,49 @@ def test_hyper_step_moves_the_augmentation_radii_and_checks_its_arguments():
     with pytest.raises(ValueError, match="has no learnable parameters and neither has `augment`"):
         BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ParametricCE(K, learn=()), BalancedCE(K),
                          augment=SphericalAugment(K, learn=False))
+
+
+def test_state_dict_keeps_the_augmentation_draws_and_layout():
+    """A resumed search draws the augmentations an uninterrupted one would, and a
+    checkpoint of another augmentation (or none) is refused."""
+    from autobalance.augment import SphericalAugment
+    criterion, train, val = logistic_problem(seed=6)
+    criterion = criterion.double()
+
+    def build(augment):
+        model = nn.Linear(D, K, bias=False).double()
+        torch.manual_seed(0)
+        nn.init.normal_(model.weight)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.05)
+        return model, BilevelOptimizer(opt, copy.deepcopy(criterion), BalancedCE(K), augment=augment, hyper_every=1)
+
+    def run(bopt, model, augment, steps):
+        for _ in range(steps):
+            loss = bopt.criterion(model(augment(train[0], train[1])), train[1])
+            bopt.zero_grad()
+            loss.backward()
+            bopt.step()
+            bopt.hyper_step(model, [train], [val])
+
+    aug_a = SphericalAugment(K, radius=0.4).double()
+    model_a, bopt_a = build(aug_a)
+    run(bopt_a, model_a, aug_a, 2)
+    saved, weights = copy.deepcopy(bopt_a.state_dict()), copy.deepcopy(model_a.state_dict())
+    assert saved["schedule"]["augment_draws"] == 2
+    h_a = bopt_a.hypergradient(model_a, [train], [val])  # the third hyper-step's (no state changes)
+    assert bopt_a._augment_draws == 2 and all(torch.equal(a, b) for a, b in
+                                              zip(h_a, bopt_a.hypergradient(model_a, [train], [val])))
+    aug_b = SphericalAugment(K, radius=0.4).double()
+    model_b, bopt_b = build(aug_b)
+    model_b.load_state_dict(weights)
+    bopt_b.load_state_dict(saved)
+    h_b = bopt_b.hypergradient(model_b, [train], [val])
+    assert all(torch.equal(a, b) for a, b in zip(h_a, h_b))
+    bopt_b._augment_draws = 0  # another draw gives another hypergradient
+    assert not all(torch.equal(a, b) for a, b in zip(h_a, bopt_b.hypergradient(model_b, [train], [val])))
+    _, other = build(SphericalAugment(K, torch.tensor([0, 0, 1, 1]), radius=0.4).double())
+    with pytest.raises(ValueError, match="augment clusters"):
+        other.load_state_dict(saved)
+    _, none = build(None)
+    with pytest.raises(ValueError, match="augment: one saved, none here"):
+        none.load_state_dict(saved)

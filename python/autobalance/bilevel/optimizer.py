@@ -453,7 +453,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         # False once the model turned out to lack forward-mode derivatives, and with a learned
         # augmentation (its hyperparameters reach the loss through the network, not the logits)
         self._forward_ad = augment is None
-        self._augment_draws = 0  # hyper-steps that drew augmentations (each its own draw)
+        self._augment_draws = 0  # hyper-steps taken with an augmentation (each draws its own)
 
     # ---- the wrapped optimizer's interface
 
@@ -508,8 +508,10 @@ class BilevelOptimizer(torch.optim.Optimizer):
                       "schedule": {"steps": self.steps, "hyper_steps": self.hyper_steps,
                                    "skipped_hyper_steps": self.skipped_hyper_steps,
                                    "step_size_corrections": self.step_size_corrections,
-                                   "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen},
+                                   "last_hyper_step_at": self._last_hyper_step_at, "frozen": self.frozen,
+                                   "augment_draws": self._augment_draws},
                       "criterion": criterion_layout(self.criterion),
+                      "augment": None if self.augment is None else criterion_layout(self.augment),
                       "solver": {"eigenvector": None if solver.eigenvector is None else solver.eigenvector.clone(),
                                  "eigenvalue": solver.eigenvalue, "solves": solver.solves}}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -528,6 +530,12 @@ class BilevelOptimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         saved = state_dict["hyperparameters"]
         differences = _layout_differences(state_dict.get("criterion", {}), criterion_layout(self.criterion))
+        if (state_dict.get("augment") is None) != (self.augment is None):
+            differences.append(f"augment: {'none' if state_dict.get('augment') is None else 'one'} saved, "
+                               f"{'none' if self.augment is None else 'one'} here")
+        elif self.augment is not None:
+            differences += [f"augment {d}" for d in _layout_differences(state_dict["augment"],
+                                                                        criterion_layout(self.augment))]
         if differences:
             raise ValueError("autobalance: the state dict was saved for another criterion (" + "; ".join(differences)
                              + "); load it into a BilevelOptimizer built with the same criterion")
@@ -554,6 +562,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         self.skipped_hyper_steps = schedule["skipped_hyper_steps"]
         self.step_size_corrections = schedule.get("step_size_corrections", 0)
         self._last_hyper_step_at = schedule["last_hyper_step_at"]
+        self._augment_draws = schedule.get("augment_draws", 0)
         solver = state_dict["solver"]
         vector = solver["eigenvector"]
         self.solver_state = SolverState(None if vector is None else vector.to(self._theta[0].device).clone(),
@@ -690,7 +699,6 @@ class BilevelOptimizer(torch.optim.Optimizer):
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
                                       self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device),
                                       augment=self.augment, draw_seed=AUGMENT_SEED_STRIDE * self._augment_draws)
-            self._augment_draws += self.augment is not None
             p, state = self.solver.solve(ridge(products.hvp, self._ridge()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad
@@ -723,6 +731,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
         hypergrad, train_loss, val_loss, state, graphs, reason = self._hypergradient(model, train_batches,
                                                                                     val_batches)
         self._last_hyper_step_at = self.steps
+        self._augment_draws += self.augment is not None  # the next hyper-step draws anew
         norm = float(torch.linalg.vector_norm(flat(hypergrad)))
         if reason is None and not math.isfinite(norm):  # finite entries whose norm overflows
             reason = f"the hypergradient's norm is not finite ({norm})"
