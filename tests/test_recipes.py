@@ -270,3 +270,27 @@ def test_a_retrained_model_that_lost_what_the_search_found_is_flagged(monkeypatc
         recipes._retrained_check("AutoBalance", 2, dict(val, deo_error=0.15), selection, 1, grouped=True)
     with pytest.warns(UserWarning, match="predicts a single class"):
         recipes._retrained_check("AutoBalance", 3, dict(val, deo_error=0.0, predicted_classes=1), [], 0, grouped=True)
+
+
+def test_pda_methods_learn_a_policy_and_retrain_with_it(tmp_path):
+    """Table 2's rows: the search learns the image policy's magnitudes and
+    probabilities (per cluster; one shared policy for MADA) with the loss, the
+    retrain applies the learned policy, and a run with a checkpoint folder gives
+    the same result."""
+    methods = recipes.class_methods(pda=True, cluster_min_val=None)
+    assert {"MADA: one shared policy", "PDA", "PDA + Delta & l"} <= set(methods)
+    assert "PDA" not in recipes.class_methods()
+    splits = _splits(1)
+    config, search = recipes.TrainConfig(epochs=2, batch_size=16), recipes.SearchConfig(hyper_steps=4)
+    results = {}
+    for name in ("MADA: one shared policy", "PDA + Delta & l"):
+        results[name] = recipes.run_method(methods[name], splits, _Net, config, search)
+        policy = results[name].pda
+        start = torch.sigmoid(torch.logit(torch.tensor(0.2)))
+        assert len(policy["magnitudes"]) == (1 if name.startswith("MADA") else 3)
+        assert any(abs(m - float(start)) > 1e-4 for row in policy["magnitudes"] for m in row)
+        assert results[name].trace[-1]["pda"] == policy
+    again = recipes.run_method(methods["PDA + Delta & l"], splits, _Net, config, search,
+                               checkpoint=str(tmp_path / "run"))
+    first = results["PDA + Delta & l"]
+    assert again.pda == first.pda and again.to_json()["metrics"] == first.to_json()["metrics"]

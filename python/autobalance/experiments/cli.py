@@ -175,8 +175,10 @@ def resolve_run(args):
     if args.experiment == "groups" and args.cluster_min_val is not None:
         raise UsageError("--cluster-min-val is for --experiment classes")
     min_val = recipes.MIN_VAL_CELL if args.cluster_min_val is None else (args.cluster_min_val or None)
+    if args.pda and args.experiment != "classes":
+        raise UsageError("--pda is for --experiment classes")
     methods = (recipes.class_methods(clusters=recipes.PAPER_CIFAR_CLUSTER_SIZE.get(args.dataset),
-                                     cluster_min_val=min_val)
+                                     cluster_min_val=min_val, pda=args.pda)
                if args.experiment == "classes" else recipes.group_methods(lam=args.lam))
     if args.methods != "all":
         chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -396,6 +398,9 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="folder with the CIFAR python-pickle files")
     p.add_argument("--imbalance", type=float, default=None, help="imbalance factor rho (default 100)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    p.add_argument("--pda", action="store_true",
+                   help="classes: add Table 2's learned-augmentation rows (MADA: one shared policy, PDA, "
+                        "PDA + Delta & l; about 2x the search time of a loss-only search)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="cpu")

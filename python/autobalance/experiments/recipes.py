@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autobalance._validation import check_choice
+from autobalance.augment import ImagePolicy
 from autobalance.bilevel import HYPER_EVERY, BilevelOptimizer
 from autobalance.experiments import data
 from autobalance.experiments.models import with_cosine_classifier
@@ -155,6 +156,7 @@ class RunResult:
     choice: Dict[str, float] = field(default_factory=dict)  # the knobs picked on validation
     selection: List[Dict[str, object]] = field(default_factory=list)  # every candidate's validation score
     retrained_val: Optional[Dict[str, float]] = None  # the retrained model on a held-out validation split
+    pda: Optional[Dict[str, list]] = None  # the learned augmentation policy (per cluster), for PDA methods
 
     def to_json(self):
         out = asdict(self)
@@ -178,6 +180,9 @@ class Method:
     grid: Dict[str, Sequence[float]] = field(default_factory=dict)
     cluster_size: Optional[int] = None  # frequency clusters of the searched parameters: classes per cluster
     cluster_min_val: Optional[int] = None  # ... merged until each holds this many validation examples
+    # personalized augmentation: pda(K, clusters=...) -> an augmentation module whose
+    # strengths the search learns with the loss (BilevelOptimizer's `augment`)
+    pda: Optional[Callable[..., nn.Module]] = None
 
     def clusters(self, val_counts: torch.Tensor) -> Optional[torch.Tensor]:
         """The cluster map passed to ``make`` as ``clusters=`` (None: one per class):
@@ -215,7 +220,7 @@ DRO_STEPS = (0.001, 0.01, 0.1)  # Group DRO's step size
 
 def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float = 1.0,
                   la_taus: Sequence[float] = LA_TAUS, clusters: Optional[int] = None,
-                  cluster_min_val: Optional[int] = MIN_VAL_CELL) -> Dict[str, Method]:
+                  cluster_min_val: Optional[int] = MIN_VAL_CELL, pda: bool = False) -> Dict[str, Method]:
     """Table 1: the baselines and the AutoBalance designs, validation objective
     the class-balanced CE. LA's ``tau`` is picked per seed from ``la_taus`` on
     validation; CDT and VS keep the values given. AutoBalance starts at the
@@ -223,7 +228,13 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
     parameters are shared by frequency clusters (``Method.clusters``): ``clusters``
     classes each (1 if None), merged from the rarest up until each cluster holds
     ``cluster_min_val`` validation examples (None: no merging), so no learned
-    parameter follows one or two validation images."""
+    parameter follows one or two validation images.
+
+    ``pda``: also Table 2's rows (docs/math.md section 9; image inputs): a single
+    learned image policy shared by all classes (MADA-style), a policy per
+    cluster (PDA) with the balanced CE fixed, and PDA with ``Delta & l``; each
+    searched on the same validation objective ("AutoBalance: Delta & l" is the
+    row without augmentation)."""
     balanced = lambda k, g, **_: BalancedCE(k)  # noqa: E731
     shared = dict(cluster_size=clusters, cluster_min_val=cluster_min_val)
     methods = [
@@ -239,6 +250,14 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
         Method("AutoBalance: Delta & l", _searched("balanced", ("scale", "shift")), balanced, **shared),
         Method("AutoBalance: Delta & l (LA init)", _searched("la", ("scale", "shift")), balanced, **shared),
     ]
+    if pda:
+        per_cluster = lambda k, clusters=None: ImagePolicy(k, clusters)  # noqa: E731
+        one_policy = lambda k, **_: ImagePolicy(k, torch.zeros(k, dtype=torch.long))  # noqa: E731
+        methods += [
+            Method("MADA: one shared policy", _searched("balanced", ()), balanced, pda=one_policy),
+            Method("PDA", _searched("balanced", ()), balanced, pda=per_cluster, **shared),
+            Method("PDA + Delta & l", _searched("balanced", ("scale", "shift")), balanced, pda=per_cluster, **shared),
+        ]
     return {m.name: m for m in methods}
 
 
@@ -285,6 +304,21 @@ def _table_snapshot(criterion):
     with torch.no_grad():
         weight, scale, shift = criterion.tables()
     return {"weight": weight.tolist(), "scale": scale.tolist(), "shift": shift.tolist()}
+
+
+def _pda_snapshot(pda):
+    """An augmentation policy's per-cluster strengths (ImagePolicy: magnitudes and
+    probabilities; SphericalAugment: radii) and its cluster map."""
+    if pda is None:
+        return None
+    with torch.no_grad():
+        out = {"clusters": pda.clusters.tolist()}
+        for name in ("magnitudes", "probabilities", "radii"):
+            if hasattr(pda, name):
+                out[name] = getattr(pda, name)().tolist()
+        if hasattr(pda, "ops"):
+            out["ops"] = list(pda.ops)
+    return out
 
 
 _warned = set()
@@ -352,7 +386,7 @@ def _saved_seconds(path: Optional[str]) -> float:
 def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, config: TrainConfig, *,
           seed: int = 0, augment=None, search: Optional[SearchConfig] = None, objective: Optional[nn.Module] = None,
           val: Optional[data.ImageDataset] = None, progress: bool = False, label: str = "train",
-          checkpoint: Optional[str] = None):
+          checkpoint: Optional[str] = None, pda: Optional[nn.Module] = None):
     """Trains ``model`` in place on ``dataset`` with ``criterion``.
 
     With ``search`` (and ``objective``, ``val``), runs the search phase of
@@ -364,10 +398,17 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     (weights, optimizers, schedule, loss, the loaders' positions, the random state,
     the trace; atomically), and a call that finds the file continues from it: the
     result is bit-identical to a run that never stopped.
+
+    ``pda``: a personalized augmentation applied to every training batch
+    (``pda(inputs, target)``). With ``search`` its learnable strengths are
+    hyperparameters too (``BilevelOptimizer(augment=pda)``); without, it is applied
+    as it is (a learned policy in the retrain).
     """
     device = torch.device(config.device)
     model.to(device)
     criterion.to(device)
+    if pda is not None:
+        pda.to(device).train()
     weights = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     loader = data.BatchLoader(dataset, config.batch_size, shuffle=True, seed=seed, augment=augment)
@@ -376,7 +417,7 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay, gamma=0.1)
     step, trace, loaders = optimizer, [], [loader]
     if search is not None:
-        hyper = [p for p in criterion.parameters() if p.requires_grad]
+        hyper = [p for m in (criterion, pda) if m is not None for p in m.parameters() if p.requires_grad]
         check_choice(search.hyper_optimizer, "SearchConfig.hyper_optimizer", ("sgd", "adam"))
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         warmup, hyper_every, count = search.schedule(total)
@@ -393,13 +434,15 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
             inner_params=model.fc.parameters() if search.last_layer_only else None,
             max_hypergrad_norm=search.max_hypergrad_norm, model=model,
             train_loader=loaders[1], val_loader=loaders[2],
-            batches_per_hyper_step=(n_train, n_val))
-        trace.append({"epoch": 0.0, "tables": _table_snapshot(criterion)})
+            batches_per_hyper_step=(n_train, n_val), augment=pda)
+        trace.append({"epoch": 0.0, "tables": _table_snapshot(criterion), "pda": _pda_snapshot(pda)})
     first_epoch, seconds, start = 0, 0.0, time.perf_counter()
     if checkpoint is not None and os.path.exists(checkpoint):
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved["model"])
         criterion.load_state_dict(saved["criterion"])
+        if pda is not None:
+            pda.load_state_dict(saved["pda"])
         step.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         for each, state in zip(loaders, saved["loaders"]):
@@ -413,6 +456,9 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
         model.train()
         for i, batch in enumerate(loader):
             inputs, target, group = (t.to(device) if t is not None else None for t in batch)
+            if pda is not None:
+                with torch.set_grad_enabled(search is not None):  # a fixed policy needs no graph
+                    inputs = pda(inputs, target)
             loss = criterion(model(inputs), target, group)
             step.zero_grad()
             loss.backward()
@@ -423,11 +469,12 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
                 trace.append({"epoch": epoch + (i + 1) / len(loader), "val_objective": float(result.val_loss),
                               "train_loss": float(result.train_loss), "applied": bool(result.applied),
                               "hypergrad_norm": float(result.hypergrad_norm), "step_size": result.step_size,
-                              "tables": _table_snapshot(criterion)})
+                              "tables": _table_snapshot(criterion), "pda": _pda_snapshot(pda)})
         if checkpoint is not None:
             save_atomic(checkpoint, {
                 "epoch": epoch + 1, "seconds": seconds + time.perf_counter() - start, "trace": trace,
                 "model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": step.state_dict(),
+                "pda": None if pda is None else pda.state_dict(),
                 "schedule": schedule.state_dict(), "loaders": [each.state_dict() for each in loaders],
                 "rng": torch.get_rng_state()})
         if bar is not None:
@@ -515,11 +562,15 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
     for i, choice in enumerate(choices):
         torch.manual_seed(seed)
         criterion = method.make(counts, **shared, **choice)
+        pda = None if method.pda is None else method.pda(k, **shared)
         record = stage(f"candidate-{i}.pt")
         if record is not None and os.path.exists(record):
             saved = torch.load(record, weights_only=True)
             criterion.load_state_dict(saved["criterion"])
             criterion.requires_grad_(not method.searched)  # as BilevelOptimizer.freeze() left it
+            if pda is not None:
+                pda.load_state_dict(saved["pda"])
+                pda.requires_grad_(False)
             trace, scored, spent = saved["trace"], saved["selection"], saved["seconds"]
         else:
             trace, scored, start = [], None, time.perf_counter()
@@ -531,7 +582,7 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
                 trace = train(model, splits.train, criterion, config, seed=seed, augment=splits.augment,
                               search=search if method.searched else None, objective=objective, val=splits.val,
                               progress=progress, label=f"{method.name} {'search' if method.searched else choice}",
-                              checkpoint=stage(f"train-{i}.pt"))
+                              checkpoint=stage(f"train-{i}.pt"), pda=pda)
                 if len(choices) > 1:
                     val = evaluate(model, splits.val, device=config.device,
                                    cell_weights=_train_cell_weights(splits.train))
@@ -540,19 +591,19 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
             spent += time.perf_counter() - start
             if record is not None:
                 save_atomic(record, {"criterion": criterion.state_dict(), "trace": trace, "selection": scored,
-                                     "seconds": spent})
+                                     "seconds": spent, "pda": None if pda is None else pda.state_dict()})
         search_seconds += spent
         if scored is not None:
             selection.append(scored)
-        candidates.append((choice, criterion, trace))
+        candidates.append((choice, criterion, trace, pda))
     best = min(range(len(candidates)), key=lambda i: selection[i]["score"]) if selection else 0
-    choice, criterion, trace = candidates[best]
+    choice, criterion, trace, pda = candidates[best]
     start, retrain = time.perf_counter(), stage("retrain.pt")
     seconds = search_seconds + _saved_seconds(retrain)
     torch.manual_seed(seed + 1000)
     model = model_factory()
     train(model, splits.full_train, criterion, config, seed=seed + 1000, augment=splits.augment, progress=progress,
-          label=method.name, checkpoint=retrain)
+          label=method.name, checkpoint=retrain, pda=pda)
     seconds += time.perf_counter() - start
     metrics = evaluate(model, splits.test, device=config.device, cell_weights=_train_cell_weights(splits.full_train))
     retrained_val = None
@@ -560,7 +611,7 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
         retrained_val = _retrained_check(method.name, seed, evaluate(model, splits.val, device=config.device,
                                          cell_weights=_train_cell_weights(splits.train)), selection, best, grouped)
     result = RunResult(method.name, seed, metrics, seconds, search_seconds, trace, _table_snapshot(criterion), choice,
-                       selection, retrained_val)
+                       selection, retrained_val, _pda_snapshot(pda))
     if done is not None:
         save_atomic(done, json.dumps(result.to_json()))
         for name in os.listdir(checkpoint):
