@@ -421,7 +421,8 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
         check_choice(search.hyper_optimizer, "SearchConfig.hyper_optimizer", ("sgd", "adam"))
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         warmup, hyper_every, count = search.schedule(total)
-        check_search(count, total, warmup, hyper_every, val, criterion)
+        learned = criterion if pda is None or any(p.requires_grad for p in criterion.parameters()) else pda
+        check_search(count, total, warmup, hyper_every, val, learned)  # the clusters of what the search learns
         loaders += [data.BatchLoader(dataset, min(config.batch_size, len(dataset)), seed=seed + 1, augment=augment,
                                      drop_last=True),
                     data.BatchLoader(val, val_batch, seed=seed + 2, drop_last=True)]
