@@ -261,23 +261,26 @@ def run(radii: Sequence[float] = RADII, *, copies: int = 1000, steps: int = 4000
     ``parametric`` (variants (b) and (c)), dicts keyed by ``eps_min``. Each row holds
     ``fit`` (a ``Fit``), ``reference`` (the exact max-margin solution of its limit
     problem), ``margins`` (of the fit, on the original points), ``angle_ref`` (fit
-    against reference, degrees) and, for (b), ``finite`` (the exact max-margin of the
-    finite augmented set) and ``angle_finite``; for (c) ``delta``, ``angle_bc`` (fit
-    (c) against fit (b)) and ``angle_bc_ref`` (their exact references), and
-    ``boundary_bc`` / ``boundary_bc_ref``, the same pairs as ``boundary_difference``, and
+    against reference, degrees), ``boundary_ref`` (``boundary_difference`` of the
+    two) and, for (b), ``finite`` (the exact max-margin of the finite augmented set)
+    and ``angle_finite``; for (c) ``delta``, ``angle_bc`` (fit (c) against fit (b))
+    and ``angle_bc_ref`` (their exact references), ``boundary_bc`` /
+    ``boundary_bc_ref`` (the same pairs as ``boundary_difference``) and
     ``boundary_bc_free``, that of the two exact references with the bias not penalised
     (the textbook SVMs; Lemma 2's equivalence, exact there)."""
     x, target = make_data(n_majority, n_minority, seed=seed)
 
     def row(fit, reference, **extra):
         return dict(fit=fit, reference=reference, margins=margins(fit.theta, x, target),
-                    reference_margins=margins(reference, x, target), angle_ref=angle(fit.theta, reference), **extra)
+                    reference_margins=margins(reference, x, target), angle_ref=angle(fit.theta, reference),
+                    boundary_ref=boundary_difference(fit.theta, reference), **extra)
 
     plain_ref = max_margin(x, target)
     out = dict(x=x, target=target, radii=tuple(radii), copies=copies, steps=steps)
     out["plain"] = row(train(x, target, steps=steps, lr=lr), plain_ref)
     # every point is augmented here: a tenth of the copies keeps the run short
-    xe, te = augmented_copies(x, target, (EQUAL_RADIUS, EQUAL_RADIUS), max(1, copies // 10), seed=seed + 1)
+    out["equal_copies"] = max(1, copies // 10)
+    xe, te = augmented_copies(x, target, (EQUAL_RADIUS, EQUAL_RADIUS), out["equal_copies"], seed=seed + 1)
     out["equal"] = row(train(xe, te, steps=steps, lr=lr),
                        max_margin(x, target, radius=(EQUAL_RADIUS, EQUAL_RADIUS)), radius=EQUAL_RADIUS)
     out["shift_only"] = row(train(x, target, shift=(0.0, 2.0), steps=steps, lr=lr), plain_ref, shift=(0.0, 2.0))
@@ -297,7 +300,8 @@ def run(radii: Sequence[float] = RADII, *, copies: int = 1000, steps: int = 4000
         free_b = max_margin(x, target, radius=(0.0, eps), penalize_bias=False)
         free_c = max_margin(x, target, margin=(1.0 / delta[0], 1.0 / delta[1]), penalize_bias=False)
         out["parametric"][eps] = row(cfit, cs_reference, delta=delta,
-                                     boundary_bc_free=boundary_difference(free_c, free_b), angle_bc=angle(cfit.theta, fit.theta),
+                                     boundary_bc_free=boundary_difference(free_c, free_b),
+                                     angle_bc=angle(cfit.theta, fit.theta),
                                      angle_bc_ref=angle(cs_reference, reference),
                                      boundary_bc=boundary_difference(cfit.theta, fit.theta),
                                      boundary_bc_ref=boundary_difference(cs_reference, reference))
@@ -310,15 +314,17 @@ def report(res: Dict[str, object]) -> str:
              f"{int((res['target'] == MINORITY).sum())} minority points, {res['copies']} augmented copies, "
              f"{res['steps']} GD steps",
              "variant                          minority m  majority m  (exact: min / maj)   angle to exact  "
-             "last-checkpoint change"]
+             "(tilt / shift)          last-checkpoint change"]
 
     def line(name, r, extra=""):
         m, rm = r["margins"], r["reference_margins"]
+        tilt, shift = r["boundary_ref"]
         lines.append(f"{name:<32} {m[0]:10.4f}  {m[1]:10.4f}  ({rm[0]:.4f} / {rm[1]:.4f})   {r['angle_ref']:8.4f} deg  "
-                     f"{r['fit'].angle_change:8.4f} deg{extra}")
+                     f"({tilt:.3f} deg / {shift:+.4f})  {r['fit'].angle_change:8.4f} deg{extra}")
 
     line("(a) plain logistic", res["plain"])
-    line(f"equal radii {EQUAL_RADIUS}", res["equal"], f"  angle to (a) {angle(res['equal']['fit'].theta, res['plain']['fit'].theta):.4f} deg")
+    to_plain = angle(res["equal"]["fit"].theta, res["plain"]["fit"].theta)
+    line(f"equal radii {EQUAL_RADIUS}", res["equal"], f"  angle to (a) {to_plain:.4f} deg")
     line("shift l_min=2 only (vs (a))", res["shift_only"])
     for eps, r in res["augmented"].items():
         line(f"(b) PDA eps_min={eps}", r, f"  angle to finite-set exact {r['angle_finite']:.4f} deg")
@@ -373,7 +379,8 @@ def plot(res: Dict[str, object], out: str) -> None:
               label=f"(a) plain logistic loss (= max-margin SVM); margins minority/majority {m[0]:.2f}/{m[1]:.2f}")
     m = res["equal"]["margins"]
     _boundary(ax, res["equal"]["fit"].theta, lim, color="0.55", lw=1.6, ls=(0, (1, 1.5)),
-              label=f"equal augmentation, radius {EQUAL_RADIUS} for both classes: same as (a); {m[0]:.2f}/{m[1]:.2f}")
+              label=f"equal augmentation, radius {EQUAL_RADIUS} for both classes; margins {m[0]:.2f}/{m[1]:.2f} "
+                    f"(its limit is exactly (a); the tilt is from {res['equal_copies']} draws per point)")
     colors = plt.cm.plasma([0.12, 0.42, 0.68, 0.88])
     for i, eps in enumerate(radii):
         m = res["augmented"][eps]["margins"]
