@@ -129,3 +129,19 @@ def test_paired_differences_leave_out_single_class_predictors():
     (pair,) = report.paired_differences(results, "groups")
     assert pair["seeds"] == [1, 2]  # seed 0: CE_deo predicts one class (DEO trivially 0)
     torch.testing.assert_close(torch.tensor(pair["differences"]), torch.tensor([-0.05, -0.1]))
+
+
+def test_pda_policy_plot_per_class(tmp_path):
+    """The learned policies are drawn per class (a cluster's values on each of its
+    classes), and methods without one are left out."""
+    from autobalance.experiments import report
+    policy = {"clusters": [0, 0, 1], "ops": ["rotate", "noise"], "magnitudes": [[0.1, 0.3], [0.5, 0.7]],
+              "probabilities": [[0.4, 0.6], [0.2, 0.2]]}
+    results = [{"method": "PDA", "seed": s, "pda": policy, "trace": []} for s in (0, 1)]
+    results.append({"method": "CE", "seed": 0, "pda": None, "trace": []})
+    path = tmp_path / "pda_policy.png"
+    report.plot_pda_policy(results, str(path))
+    assert path.stat().st_size > 0
+    assert report.write_plots(str(tmp_path), "groups", results, []) == [str(path)]
+    report.plot_pda_policy(results[2:], str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()

@@ -164,6 +164,35 @@ def plot_parameter_evolution(results: List[dict], path: str, clusters: Sequence[
     plt.close(fig)
 
 
+def plot_pda_policy(results: List[dict], path: str) -> None:
+    """Table 2's learned augmentation: each PDA method's magnitude and application
+    probability per class (its cluster's, averaged over the ops), mean over seeds,
+    against the class (by training frequency, most frequent first)."""
+    policies = {}
+    for r in results:
+        pda = r.get("pda")
+        if pda and "magnitudes" in pda:
+            clusters = torch.tensor(pda["clusters"])
+            per_class = [torch.tensor(pda[key]).mean(1)[clusters] for key in ("magnitudes", "probabilities")]
+            policies.setdefault(r["method"], []).append(torch.stack(per_class))
+    if not policies:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for method, draws in policies.items():
+        mean = torch.stack(draws).mean(0)  # [2, K]
+        for ax, values in zip(axes, mean):
+            ax.plot(range(len(values)), values.tolist(), marker="o", label=f"{method} ({len(draws)} seeds)")
+    for ax, title in zip(axes, ("magnitude (mean over ops)", "application probability (mean over ops)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("class, by training frequency (most frequent first)")
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 TRAJECTORY = (("val_objective", "validation objective", False), ("train_loss", "training loss", False),
               ("hypergrad_norm", "hypergradient norm", True), ("step_size", "Neumann step size", True))
 
@@ -259,6 +288,10 @@ def write_plots(out: str, experiment: str, results, rows, points=None) -> List[s
     plot_search_trajectory(results, trajectory)
     if os.path.exists(trajectory):
         paths.append(trajectory)
+    policy = os.path.join(out, "pda_policy.png")
+    plot_pda_policy(results, policy)
+    if os.path.exists(policy):
+        paths.append(policy)
     if points:
         paths.append(os.path.join(out, "pareto.png"))
         plot_pareto(points, paths[-1])
