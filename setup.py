@@ -86,7 +86,7 @@ setup(
     python_requires=">=3.9",
     # The library needs only these; the experiments need the extra.
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"experiments": ["matplotlib", "tqdm", "scikit-learn", "scipy", "mlxtend"],
+    extras_require={"experiments": ["matplotlib", "tqdm", "scikit-learn", "scipy", "mlxtend", "kornia"],
                     "augment": ["kornia"],
                     "test": ["pytest", "hypothesis", "expecttest", "kornia"]},
     entry_points={"console_scripts": ["autobalance=autobalance.experiments.cli:main"]},

@@ -100,7 +100,7 @@ std::array<std::pair<acc_t, acc_t>, 2> row_exp_sum_pair(const ExpRow<acc_t> a, c
 // spatial logits [B, K, D] with one group row (G == 1): positions in vectors
 // of W consecutive ones (of one b), one class at a time, so every load and
 // store is contiguous in the NCHW layout and nothing is transposed. Rows
-// [i0, i0 + n0); the math of finish / finish_dense_gradient with the row's
+// [i0, i0 + n0); the math of finish / finish_dense with the row's
 // terms per lane: `a` = d reduced / d loss_i; the table gradients are summed
 // per lane in `buf` ([3, K, W]: W, S, L) and added to `partial` at the end.
 // Deterministic: the lanes and their order depend only on the shape.
@@ -140,11 +140,12 @@ void spatial_gradient_span(const Inputs<scalar_t, acc_t>& in, const TargetCoeffi
       m = max_step(m, keep(math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])), n, lowest));
     V sum(acc_t(0)), a_y(acc_t(0)), W_y(acc_t(0)), dense_w(acc_t(0));
     for (int64_t k = 0; k < K; ++k) {
-      const V e = fast_exp(math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])) - m);
+      const V ak = math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k]));
+      const V e = fast_exp(ak - m);
       e.store(E + k * W);
       sum = sum + keep(e, n, acc_t(0));
       const V at_y = vy == V(acc_t(k));
-      a_y = V::blendv(a_y, math::adjusted_logit(V(in.S[k]), z_at(k), V(in.L[k])), at_y);
+      a_y = V::blendv(a_y, ak, at_y);
       W_y = V::blendv(W_y, V(in.W[k]), at_y);
       if (q.dense) dense_w = dense_w + d_at(k) * V(in.W[k]);
     }
@@ -160,11 +161,12 @@ void spatial_gradient_span(const Inputs<scalar_t, acc_t>& in, const TargetCoeffi
     for (int64_t k = 0; k < K; ++k) {
       const V zk = z_at(k), Sk(in.S[k]), Wk(in.W[k]);
       const V at_y = vy == V(acc_t(k));
-      V r = V::blendv(c * V::loadu(E + k * W), c * V::loadu(E + k * W) - c_label, at_y);
+      const V scaled_e = c * V::loadu(E + k * W);
+      V r = V::blendv(scaled_e, scaled_e - c_label, at_y);
       V dW = V::blendv(zero, math::grad_weight(va * valpha, ce_y), at_y);
       if (q.dense) {
         const V dk = d_at(k), ad = va * dk;
-        const V nlp = lse - math::adjusted_logit(Sk, zk, V(in.L[k]));
+        const V nlp = math::cross_entropy(lse, math::adjusted_logit(Sk, zk, V(in.L[k])));
         r = r - ad * Wk;
         loss = loss + math::loss(dk * Wk, nlp);
         dW = dW + math::grad_weight(ad, nlp);
@@ -279,29 +281,37 @@ ForwardOut forward_cpu(
                     out.grad_shift.mutable_data_ptr<acc_t>()};
         }
         const auto q = target_coefficients<acc_t>(s, label_smoothing);
-        // kGradient with a target that has a dense part (docs/math.md section 8):
-        // the loss α W_y nlp_y + Σ_k d_k W_k nlp_k and, from the exponentials e
-        // in r, the gradient row r_k = a (Σ e_k / sum - d_k W_k) (less a α W_y at
-        // the label) with its table terms, in one pass after Σ = Σ_k q_k W_k.
-        auto finish_dense_gradient = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m,
-                                         acc_t sum, acc_t* r, acc_t* partial, const acc_t* P_row) {
+        // A target with a dense part (docs/math.md section 8): the loss
+        // α W_y nlp_y + Σ_k d_k W_k nlp_k and, with kGradient, from the
+        // exponentials e in r, the gradient row r_k = a (Σ e_k / sum - d_k W_k)
+        // (less a α W_y at the label) with its table terms, in one pass after
+        // Σ = Σ_k q_k W_k. Without r (the loss-only mode), the loss alone.
+        auto finish_dense = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
+                                acc_t* r, acc_t* partial, const acc_t* P_row) {
           const int64_t off = ri.g * K, y = ri.y;
           const acc_t *S = in.S + off, *L = in.L + off, *W = in.W + off;
           const acc_t l = m + std::log(sum);
           const DenseRow<acc_t> d(P_row, q);
           const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
-          const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
-          // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
-          const Vec<acc_t> vc(nan_unless_finite(l, a * sigma / sum)), va(a), vl(l);
+          const Vec<acc_t> va(a), vl(l);
+          Vec<acc_t> vc;
+          if (r) {
+            const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
+            // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
+            vc = Vec<acc_t>(nan_unless_finite(l, a * sigma / sum));
+          }
           acc_t* dW = partial ? partial + off : nullptr;
           acc_t* dS = partial ? partial + table + off : nullptr;
           acc_t* dL = partial ? partial + 2 * table + off : nullptr;
           Vec<acc_t> total(acc_t(0));
           for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
             const Vec<acc_t> Sk = load(S, k, n), zk = load(z, k, n), Wk = load(W, k, n);
-            const Vec<acc_t> nlp = vl - math::adjusted_logit(Sk, zk, load(L, k, n));
-            const Vec<acc_t> dk = d.d(k, n), ad = va * dk;
+            const Vec<acc_t> nlp = math::cross_entropy(vl, math::adjusted_logit(Sk, zk, load(L, k, n)));
+            const Vec<acc_t> dk = d.d(k, n);
+            // (cpu::keep: `keep` is this function's mode)
             total = total + cpu::keep(math::loss(dk * Wk, nlp), n, acc_t(0));
+            if (!r) return;
+            const Vec<acc_t> ad = va * dk;
             const Vec<acc_t> rk = math::dense_residual(vc, load(r, k, n), ad, Wk);
             if (partial) {
               add_table_grads<acc_t>(dL, dS, k, n, rk, zk, nullptr);
@@ -313,9 +323,11 @@ ForwardOut forward_cpu(
           if (y >= 0) {
             const acc_t ce = math::cross_entropy(l, math::adjusted_logit(S[y], z[y], L[y]));
             out += math::loss(Wy, ce);
-            math::residual_label(nan_unless_finite(l, math::residual_scale(a, Wy)), S[y], z[y], r[y],
-                                 partial ? dS + y : nullptr, partial ? dL + y : nullptr);
-            if (partial) dW[y] += math::grad_weight(a * q.alpha, ce);
+            if (r) {
+              math::residual_label(nan_unless_finite(l, math::residual_scale(a, Wy)), S[y], z[y], r[y],
+                                   partial ? dS + y : nullptr, partial ? dL + y : nullptr);
+              if (partial) dW[y] += math::grad_weight(a * q.alpha, ce);
+            }
           }
           lse_p[i] = l;
           loss_p[i] = out;
@@ -324,7 +336,7 @@ ForwardOut forward_cpu(
         // (in r: the row's exponentials on entry; null in the loss-only mode).
         auto finish = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
                           acc_t* r, acc_t* partial, const acc_t* P_row) {
-          if (q.dense) return finish_dense_gradient(i, ri, z, m, sum, r, partial, P_row);
+          if (q.dense) return finish_dense(i, ri, z, m, sum, r, partial, P_row);
           const int64_t y = ri.y;
           const acc_t* S = in.S + ri.g * K;
           const acc_t* L = in.L + ri.g * K;
@@ -355,30 +367,6 @@ ForwardOut forward_cpu(
                                partial ? dS + y : nullptr, partial ? dL + y : nullptr);
           if (partial) partial[ri.g * K + y] += math::grad_weight(a, ce);
         };
-        // The loss of a target with a dense part (docs/math.md section 8):
-        // α W_y nlp_y + Σ_k d_k W_k nlp_k, after the row's lse.
-        auto finish_dense = [&](int64_t i, const RowIndex& ri, const acc_t* z, acc_t m, acc_t sum,
-                                acc_t* buf) {
-          const acc_t* S = in.S + ri.g * K;
-          const acc_t* L = in.L + ri.g * K;
-          const acc_t* W = in.W + ri.g * K;
-          const acc_t l = m + std::log(sum);
-          const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, buf, K) : nullptr, q);
-          const Vec<acc_t> vl(l);
-          Vec<acc_t> total(acc_t(0));
-          for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
-            const Vec<acc_t> nlp = vl - adjusted_logits(S, z, L, k, n);
-            // (cpu::keep: `keep` is this function's mode)
-            total = total + cpu::keep(math::loss(d.d(k, n) * load(W, k, n), nlp), n, acc_t(0));
-          });
-          acc_t out = reduce_sum(total);
-          if (ri.y >= 0) {
-            const acc_t ce = math::cross_entropy(l, math::adjusted_logit(S[ri.y], z[ri.y], L[ri.y]));
-            out += math::loss(q.alpha * W[ri.y], ce);
-          }
-          lse_p[i] = l;
-          loss_p[i] = out;
-        };
         if (!r_out) {
           // loss and lse only: a row at a time (pairing does not pay here)
           for_rows<acc_t>(in.N, in.G, K, 2 * K, false, tables,
@@ -391,11 +379,7 @@ ForwardOut forward_cpu(
             const acc_t* z = widen(in.z + i * K, buf, K);
             const auto [m, sum] =
                 row_exp_sum(z, in.S + ri.g * K, in.L + ri.g * K, K, (acc_t*)nullptr, fresh);
-            if (q.dense) {
-              finish_dense(i, ri, z, m, sum, buf + K);
-            } else {
-              finish(i, ri, z, m, sum, nullptr, partial, nullptr);
-            }
+            finish(i, ri, z, m, sum, nullptr, partial, in.P ? widen(in.P + i * K, buf + K, K) : nullptr);
           });
         } else {
           // Rows in pairs (their exponential sums interleaved); one at a time

@@ -66,8 +66,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
               acc_t* dS = partial ? partial + table + r.g * K : nullptr;
               acc_t* dL = partial ? partial + 2 * table + r.g * K : nullptr;
               const int64_t y = r.y;
-              // The label's part (ω α W_y) and, with a dense target, Σ = Σ_k q_k W_k.
-              const acc_t c_label = math::residual_scale(u, y >= 0 ? q.alpha * W[y] : acc_t(0));
+              // The label's part (α W_y; ω α W_y) and, with a dense target, Σ = Σ_k q_k W_k.
+              const acc_t Wy = y >= 0 ? q.alpha * W[y] : acc_t(0);
+              const acc_t c_label = math::residual_scale(u, Wy);
               // A non-finite lse (a NaN or infinite logit) makes the whole row NaN.
               if (!q.dense) {
                 const V vl(lse_p[i]), vc(nan_unless_finite(lse_p[i], c_label));
@@ -80,8 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
                 });
               } else {
                 const DenseRow<acc_t> d(in.P ? widen(in.P + i * K, scratch + 2 * K, K) : nullptr, q);
-                const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first +
-                                    (y >= 0 ? q.alpha * W[y] : acc_t(0));
+                const acc_t sigma = dense_weight_sums<acc_t>(d, W, nullptr, K).first + Wy;
                 const V vl(lse_p[i]), vu(u);
                 const V vc(nan_unless_finite(lse_p[i], math::residual_scale(u, sigma)));
                 for_chunks<acc_t>(K, [&](int64_t k, int64_t n) {
@@ -92,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> parametric_ce_backward_cpu(
                   math::grad_logit(Sk, rk).store(dz + k, n);
                   if (partial) {
                     add_table_grads<acc_t>(dL, dS, k, n, rk, zk, nullptr);
-                    (load(dW, k, n) + math::grad_weight(ud, vl - ak)).store(dW + k, n);
+                    (load(dW, k, n) + math::grad_weight(ud, math::cross_entropy(vl, ak))).store(dW + k, n);
                   }
                 });
               }
@@ -245,7 +245,8 @@ void double_backward_rows(const Inputs<scalar_t, acc_t>& in, const TargetCoeffic
         const V Wk = load(W, k, n), UWk = chunk_if(UWg != nullptr, UWg, k, n);
         tk = math::dense_double_residual(vc, vcu, pk, vk, vvbar, ud, UWk);
         rk = math::dense_residual(vc, pk, ud, Wk);
-        const V nlp = vl - math::adjusted_logit(load(S, k, n), load(z, k, n), load(L, k, n));
+        const V nlp =
+            math::cross_entropy(vl, math::adjusted_logit(load(S, k, n), load(z, k, n), load(L, k, n)));
         ggl_acc = ggl_acc + keep(math::grad_grad_loss(dk * Wk, dk * UWk, vvbar, vk, nlp), n, acc_t(0));
         if (partial) (load(dW, k, n) + math::double_grad_weight(ud, vvbar, vk)).store(dW + k, n);
       } else {

@@ -416,7 +416,8 @@ __device__ __forceinline__ void add_dense_loss_chunk(at::opmath_type<scalar_t>& 
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     if (c[v] >= a.K) continue;
-    const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], static_cast<acc_t>(z.v[v]), Lc.v[v]);
+    const acc_t nlp =
+        math::cross_entropy(lse, math::adjusted_logit(Sc.v[v], static_cast<acc_t>(z.v[v]), Lc.v[v]));
     sum += math::loss(d.v[v] * Wc.v[v], nlp);
   }
 }
@@ -444,7 +445,7 @@ __device__ __forceinline__ void add_dense_grad_grad_loss_chunk(
     const acc_t zk = static_cast<acc_t>(z.v[v]);
     const acc_t uk = given.uz ? static_cast<acc_t>(uz.v[v]) : acc_t(0);
     const acc_t vk = math::cotangent(given, Sc.v[v], uk, zk, U.US.v[v], U.UL.v[v]);
-    const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+    const acc_t nlp = math::cross_entropy(lse, math::adjusted_logit(Sc.v[v], zk, Lc.v[v]));
     sum += math::grad_grad_loss(d.v[v] * Wc.v[v], d.v[v] * UWc.v[v], vbar, vk, nlp);
   }
 }
@@ -768,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
             } else {
               const acc_t ud = upstream * dc.v[v];
               rk = math::dense_residual(c, p, ud, Wc.v[v]);
-              const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+              const acc_t nlp = math::cross_entropy(lse, math::adjusted_logit(Sc.v[v], zk, Lc.v[v]));
               if (table_grads) my_tree[e * TX] += math::grad_weight(ud, nlp);
             }
             acc_t dzk = math::grad_logit(Sc.v[v], rk);
@@ -838,7 +839,7 @@ __global__ void __launch_bounds__(kThreads, (tile_min_blocks<kDouble, scalar_t, 
               rk = math::dense_residual(c, p, ud, Wc.v[v]);
               tk = math::dense_double_residual(c, cu, p, vk, vbar, ud, UWc.v[v]);
               if (fused && cc[v] < K) {
-                const acc_t nlp = lse - math::adjusted_logit(Sc.v[v], zk, Lc.v[v]);
+                const acc_t nlp = math::cross_entropy(lse, math::adjusted_logit(Sc.v[v], zk, Lc.v[v]));
                 dense_ggl += math::grad_grad_loss(dc.v[v] * Wc.v[v], dc.v[v] * UWc.v[v], vbar, vk, nlp);
               }
               if (table_grads) my_tree[e * TX] += math::double_grad_weight(ud, vbar, vk);

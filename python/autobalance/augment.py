@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from autobalance._validation import check_int
+from autobalance._validation import check_int, check_labels, check_positive
 
 
 def _cluster_map(clusters, num_classes):
@@ -35,6 +35,24 @@ def _cluster_map(clusters, num_classes):
     if (clusters < 0).any():
         raise ValueError(f"autobalance: `clusters` must be non-negative, got min {int(clusters.min())}")
     return clusters.detach().clone()
+
+
+def _check_batch(x, target, num_classes, training, images=False):
+    """An augmentation's ``(x, target)``: ``x`` floating ``[N, ...]`` (``[N, channels,
+    H, W]`` with ``images``), ``target`` int64 ``[N]``, in ``[0, num_classes)`` when it
+    will be used (``training``)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or (images and x.dim() != 4):
+        got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        if images:
+            raise ValueError(f"autobalance: ImagePolicy takes images: `x` must be a floating-point [N, channels, H, "
+                             f"W] tensor, got {got}; for other inputs use SphericalAugment")
+        raise ValueError(f"autobalance: `x` must be a floating-point [N, ...] tensor, got {got}")
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (len(x),):
+        got = (f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor)
+               else type(target).__name__)
+        raise ValueError(f"autobalance: `target` must be int64 of shape [N] = [{len(x)}], got {got}")
+    if training:
+        check_labels(target, "target", num_classes)
 
 
 def unit_ball(shape, dim: int, *, generator: Optional[torch.Generator] = None, dtype=torch.float32,
@@ -72,7 +90,7 @@ class SphericalAugment(nn.Module):
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes")
         self.register_buffer("clusters", _cluster_map(clusters, self.num_classes))
-        self.num_clusters = int(self.clusters.max()) + 1 if self.num_classes else 0
+        self.num_clusters = int(self.clusters.max()) + 1
         init = torch.as_tensor(radius, dtype=torch.float32).detach().clone()
         if init.dim() == 0:
             init = init.expand(self.num_clusters).clone()
@@ -90,18 +108,9 @@ class SphericalAugment(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"autobalance: `x` must be a floating-point [N, ...] tensor, got {got}")
-        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (len(x),):
-            got = (f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor)
-                   else type(target).__name__)
-            raise ValueError(f"autobalance: `target` must be int64 of shape [N] = [{len(x)}], got {got}")
+        _check_batch(x, target, self.num_classes, self.training)
         if not self.training:
             return x
-        if len(target) and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
-            raise IndexError(f"autobalance: `target` must hold classes in [0, {self.num_classes}), got values in "
-                             f"[{int(target.min())}, {int(target.max())}]")
         u = unit_ball(x.shape, x[0].numel(), generator=generator, dtype=x.dtype, device=x.device)
         eps = self.radii().to(x.dtype)[target]
         return x + (eps[:, None] * u).reshape(x.shape)
@@ -171,10 +180,7 @@ class ImagePolicy(nn.Module):
         if not ops or unknown or len(set(ops)) != len(ops):
             raise ValueError(f"autobalance: `ops` must be distinct names from {tuple(IMAGE_OPS)}, got {ops}")
         self.ops = ops
-        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
-                and temperature < float("inf")):
-            raise ValueError(f"autobalance: `temperature` must be a positive finite float, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "temperature")
         shape = (self.num_clusters, len(ops))
         for name, value in (("magnitude", magnitude), ("probability", probability)):
             init = _logit(value, name, shape)
@@ -193,19 +199,9 @@ class ImagePolicy(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-            got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"autobalance: ImagePolicy takes images: `x` must be a floating-point [N, channels, H, W] "
-                             f"tensor, got {got}; for other inputs use SphericalAugment")
-        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (len(x),):
-            got = (f"{target.dtype} of shape {list(target.shape)}" if isinstance(target, torch.Tensor)
-                   else type(target).__name__)
-            raise ValueError(f"autobalance: `target` must be int64 of shape [N] = [{len(x)}], got {got}")
+        _check_batch(x, target, self.num_classes, self.training, images=True)
         if not self.training or not len(x):
             return x
-        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
-            raise IndexError(f"autobalance: `target` must hold classes in [0, {self.num_classes}), got values in "
-                             f"[{int(target.min())}, {int(target.max())}]")
         kornia = _kornia()
         n, _, height, width = x.shape
         cluster = self.clusters[target]
@@ -236,7 +232,6 @@ class ImagePolicy(nn.Module):
     @staticmethod
     def _affine(op, s, height, width):
         """``[N, 2, 3]`` pixel-space affine maps about the image centre."""
-        n = s.shape[0]
         one, zero = torch.ones_like(s), torch.zeros_like(s)
         cx, cy = (width - 1) / 2, (height - 1) / 2
         if op == "translate_x":
@@ -248,7 +243,7 @@ class ImagePolicy(nn.Module):
             rows = [[c, -si, cx - c * cx + si * cy], [si, c, cy - si * cx - c * cy]]
         else:  # shear along x
             rows = [[one, s, -s * cy], [zero, one, zero]]
-        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=1).reshape(n, 2, 3)
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=1)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, ops={self.ops}, "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from autobalance._validation import check_int
-from autobalance.bilevel.optimizer import BilevelOptimizer, fix_shift_gauge
+from autobalance.bilevel.optimizer import AUGMENT_SEED_STRIDE, BilevelOptimizer, fix_shift_gauge, hyperparameters
 from autobalance.bilevel.products import call_loss, flat, flat_grad, split
 
 
@@ -113,12 +113,11 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     xv, yv, gv = _unpack(val, "val")
     x, xv = x.double(), xv.double()
     classes, features = criterion.num_classes, x.shape[1]
-    modules = (("", criterion), ("augment.", augment))
-    names = [prefix + n for prefix, m in modules if m is not None for n, q in m.named_parameters() if q.requires_grad]
-    hyper = [q for _, m in modules if m is not None for q in m.parameters() if q.requires_grad]
+    names, hyper = hyperparameters(criterion, augment)
+    draw_seed = AUGMENT_SEED_STRIDE * 0 + 0  # BilevelOptimizer's draw for batch 0 of its first hyper-step
 
-    def train_features():  # BilevelOptimizer's draw for batch 0 of its first hyper-step: seed 0
-        return x if augment is None else augment(x, y, generator=torch.Generator().manual_seed(0))
+    def train_features():
+        return x if augment is None else augment(x, y, generator=torch.Generator().manual_seed(draw_seed))
 
     def regularised_train_loss(w):  # the l2 term does not depend on alpha
         return call_loss(criterion, train_features() @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)

@@ -77,6 +77,19 @@ def _unsound(val_loss, train_loss, v, p, state, hypergrad, group) -> Optional[st
     return next((reason for (_, reason), flag in zip(checks, flags.tolist()) if flag), None)
 
 
+def hyperparameters(criterion: nn.Module, augment: Optional[nn.Module] = None
+                    ) -> Tuple[List[str], List[torch.Tensor]]:
+    """The hyperparameters alpha of a search and their names: the learnable
+    parameters of ``criterion``, then those of ``augment`` (named ``augment.<name>``)."""
+    names, params = [], []
+    for prefix, module in (("", criterion), ("augment.", augment)):
+        for name, p in (module.named_parameters() if module is not None else ()):
+            if p.requires_grad:
+                names.append(prefix + name)
+                params.append(p)
+    return names, params
+
+
 def fix_shift_gauge(criterion, names, grads):
     """Projects the hypergradient of ``ParametricCE.shift_param`` to zero mean across
     clusters in every row: a per-row constant shift changes no loss value (docs/math.md
@@ -356,12 +369,7 @@ class BilevelOptimizer(torch.optim.Optimizer):
             raise ValueError(f"autobalance: `augment` has num_classes = {classes[1]} but `criterion` has "
                              f"{classes[0]}; their cluster maps must cover the same classes")
         self.augment = augment
-        self._hyper_names, self._hyper = [], []
-        for prefix, module in (("", criterion), ("augment.", augment)):
-            for name, p in (module.named_parameters() if module is not None else ()):
-                if p.requires_grad:
-                    self._hyper_names.append(prefix + name)
-                    self._hyper.append(p)
+        self._hyper_names, self._hyper = hyperparameters(criterion, augment)
         if not self._hyper:
             raise ValueError(f"autobalance: `criterion` ({type(criterion).__name__}) has no learnable parameters"
                              f"{'' if augment is None else ' and neither has `augment`'}; expected a loss with "

@@ -24,6 +24,7 @@ from torch import nn
 from autobalance._validation import check_choice
 from autobalance.augment import ImagePolicy
 from autobalance.bilevel import HYPER_EVERY, BilevelOptimizer
+from autobalance.bilevel.optimizer import hyperparameters
 from autobalance.experiments import data
 from autobalance.experiments.models import with_cosine_classifier
 from autobalance.losses import GroupDRO, LATemperature, LDAMLoss, ParametricCE, frequency_clusters
@@ -417,7 +418,7 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay, gamma=0.1)
     step, trace, loaders = optimizer, [], [loader]
     if search is not None:
-        hyper = [p for m in (criterion, pda) if m is not None for p in m.parameters() if p.requires_grad]
+        hyper = hyperparameters(criterion, pda)[1]
         check_choice(search.hyper_optimizer, "SearchConfig.hyper_optimizer", ("sgd", "adam"))
         n_train, n_val, val_batch = search.hyper_batches(len(dataset), len(val), config.batch_size)
         warmup, hyper_every, count = search.schedule(total)
@@ -457,8 +458,8 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
         model.train()
         for i, batch in enumerate(loader):
             inputs, target, group = (t.to(device) if t is not None else None for t in batch)
-            if pda is not None:
-                with torch.set_grad_enabled(search is not None):  # a fixed policy needs no graph
+            if pda is not None:  # no graph: the hyper-step augments its own batches to differentiate
+                with torch.no_grad():
                     inputs = pda(inputs, target)
             loss = criterion(model(inputs), target, group)
             step.zero_grad()
@@ -568,10 +569,11 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
         if record is not None and os.path.exists(record):
             saved = torch.load(record, weights_only=True)
             criterion.load_state_dict(saved["criterion"])
-            criterion.requires_grad_(not method.searched)  # as BilevelOptimizer.freeze() left it
             if pda is not None:
                 pda.load_state_dict(saved["pda"])
-                pda.requires_grad_(False)
+            if method.searched:  # as BilevelOptimizer.freeze() left them
+                for p in hyperparameters(criterion, pda)[1]:
+                    p.requires_grad_(False)
             trace, scored, spent = saved["trace"], saved["selection"], saved["seconds"]
         else:
             trace, scored, start = [], None, time.perf_counter()
