@@ -1112,23 +1112,26 @@ def test_bad_hyper_step_input_raises_clear_errors():
     assert bopt.hyper_step(model, [(x, y)], [(x, y)]).applied
 
 
-@pytest.mark.parametrize("learn", [("scale", "shift"), ()], ids=("with_loss", "augmentation_alone"))
-def test_hypergradient_of_a_spherical_augmentation_converges_to_exact(learn):
-    """PDA (issue 16): the per-class radii of a SphericalAugment are hyperparameters
-    (with the loss's or alone); with the augmentation's one draw fixed, CG's
-    hypergradient equals the exact implicit one and the finite differences of the
-    re-solved problem."""
+@pytest.mark.parametrize("learn,groups", [(("scale", "shift"), 1), ((), 1), (("scale", "shift"), 2)],
+                         ids=("with_loss", "augmentation_alone", "per_group"))
+def test_hypergradient_of_a_spherical_augmentation_converges_to_exact(learn, groups):
+    """PDA (issue 16): the per-class (and per-group) radii of a SphericalAugment are
+    hyperparameters (with the loss's or alone); with the augmentation's one draw
+    fixed, CG's hypergradient equals the exact implicit one and the finite
+    differences of the re-solved problem."""
     from autobalance.augment import SphericalAugment
-    criterion, train, val = logistic_problem(seed=4)
+    criterion, train, val = logistic_problem(seed=4, groups=groups)
     if not learn:
         criterion = ParametricCE(K, learn=())
-    augment = SphericalAugment(K, radius=torch.linspace(0.2, 1.0, K))
-    c = check_hypergrad(criterion, BalancedCE(K), train, val, l2=0.05, solver="cg", cg_iterations=80, cg_tol=0.0,
+    radius = torch.linspace(0.2, 1.0, K * groups).view(groups, K)
+    augment = SphericalAugment(K, num_groups=groups, radius=radius)
+    objective = BalancedCE(K) if groups == 1 else GroupBalancedCE(K, groups)
+    c = check_hypergrad(criterion, objective, train, val, l2=0.05, solver="cg", cg_iterations=80, cg_tol=0.0,
                         augment=augment, finite_differences=True)
     assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
     assert c.fd_cosine >= 0.999, c.fd_cosine
-    radii = c.exact[-K:]
-    assert float(radii.abs().max()) > 0  # the radii do move the validation loss
+    radii = c.exact[-K * groups:].view(groups, K)
+    assert bool((radii.abs().amax(1) > 0).all())  # every group's radii move the validation loss
 
 
 def test_hyper_step_moves_the_augmentation_radii_and_checks_its_arguments():
@@ -1155,6 +1158,10 @@ def test_hyper_step_moves_the_augmentation_radii_and_checks_its_arguments():
     with pytest.raises(ValueError, match=r"`augment` has num_classes = 3 but `criterion` has 4"):
         BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, BalancedCE(K),
                          augment=SphericalAugment(3))
+    with pytest.raises(ValueError, match=r"`augment` has num_groups = 2 but `criterion` has 1; their cluster maps "
+                                         r"must cover the same classes and groups"):
+        BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), criterion, BalancedCE(K),
+                         augment=SphericalAugment(K, num_groups=2))
     with pytest.raises(ValueError, match="has no learnable parameters and neither has `augment`"):
         BilevelOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ParametricCE(K, learn=()), BalancedCE(K),
                          augment=SphericalAugment(K, learn=False))

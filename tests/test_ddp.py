@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autobalance import ParametricCE
+from autobalance.augment import SphericalAugment
 from autobalance.bilevel import BilevelOptimizer
 from autobalance.objectives import BalancedCE
 
@@ -29,10 +30,13 @@ def _batches(rank, n=4):
             for _ in range(n)]
 
 
-def _bopt(net, **sources):
+def _bopt(net, augment=False, **sources):
+    """The bilevel optimizer, its criterion and (with ``augment``) its learned spherical augmentation."""
     criterion = ParametricCE(K).double()
+    augment = SphericalAugment(K, radius=0.3).double() if augment else None
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    return BilevelOptimizer(opt, criterion, BalancedCE(K), warmup_steps=1, hyper_every=2, **sources), criterion
+    bopt = BilevelOptimizer(opt, criterion, BalancedCE(K), warmup_steps=1, hyper_every=2, augment=augment, **sources)
+    return bopt, criterion, augment
 
 
 def _worker(rank, port, out_dir):
@@ -42,19 +46,21 @@ def _worker(rank, port, out_dir):
         model = DistributedDataParallel(_model())
         data, val = _batches(rank), _batches(rank + WORLD)
         # the hyper-steps draw data[1:3] and val[1:3] from the bound loaders (a list starts again when it runs out)
-        bopt, criterion = _bopt(model, model=model, train_loader=data[1:3], val_loader=val[1:3],
-                                batches_per_hyper_step=(2, 2))
-        first = bopt.hypergradient(model, data[:1], val[:1])
+        # the search learns a spherical augmentation with the loss (PDA): each rank draws its own
+        bopt, criterion, augment = _bopt(model, augment=True, model=model, train_loader=data[1:3],
+                                         val_loader=val[1:3], batches_per_hyper_step=(2, 2))
+        first = _bopt(model)[0].hypergradient(model, data[:1], val[:1])
+        first_augmented = bopt.hypergradient(model, data[:2], val[:1])
         alphas = []
         for t in range(6):
             x, y = data[t % len(data)]
-            loss = criterion(model(x), y)
+            loss = criterion(model(augment(x, y)), y)
             bopt.zero_grad()
             loss.backward()
             bopt.step()
             if bopt.hyper_step_due:
                 assert bopt.hyper_step().applied
-                alphas.append([p.detach().clone() for p in criterion.parameters()])
+                alphas.append([p.detach().clone() for p in (*criterion.parameters(), *augment.parameters())])
         theta = [p.detach().clone() for p in model.parameters()]
         # rank 1's validation batch has every label ignored: a NaN loss there but a zero gradient, so the
         # averaged v is finite; only rank 1 sees a reason to skip, and both ranks must skip together
@@ -65,7 +71,7 @@ def _worker(rank, port, out_dir):
         ce.step()
         x, y = val[0]
         result = ce.hyper_step(model, data[:1], [(x, torch.full_like(y, -100) if rank == 1 else y)])
-        torch.save({"first": first, "alphas": alphas, "theta": theta, "hyper_steps": bopt.hyper_steps,
+        torch.save({"first": first, "first_augmented": first_augmented, "alphas": alphas, "theta": theta, "hyper_steps": bopt.hyper_steps,
                     "skip": (result.applied, result.skip_reason, ce.skipped_hyper_steps)}, f"{out_dir}/rank{rank}.pt")
         # Both ranks leave together: rank 0 hosts the TCP store, and tearing it down while
         # rank 1 still talks to it occasionally aborted rank 0 at exit (about 1 run in 30).
@@ -99,13 +105,14 @@ def test_every_rank_ends_each_hyper_step_with_identical_hyperparameters(ranks):
         assert all(torch.equal(a, b) for a, b in zip(step0, step1))
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["theta"], ranks[1]["theta"]))
     assert ranks[0]["alphas"][-1][1].abs().max() > 0
+    assert ranks[0]["alphas"][-1][2].shape == (1, K) and bool((ranks[0]["alphas"][-1][2] != 0.3).all())
 
 
 def test_hypergradient_is_that_of_all_ranks_batches_together(ranks):
     """The solve uses the union of the ranks' batches: the same as one process
     given every rank's batches."""
     model = _model()
-    bopt, _ = _bopt(model)
+    bopt = _bopt(model)[0]
     expected = bopt.hypergradient(model, [_batches(r)[0] for r in range(WORLD)],
                                   [_batches(r + WORLD)[0] for r in range(WORLD)])
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["first"], ranks[1]["first"]))
@@ -114,6 +121,23 @@ def test_hypergradient_is_that_of_all_ranks_batches_together(ranks):
     # and it differs from a single rank's own hypergradient
     local = bopt.hypergradient(model, _batches(0)[:1], _batches(WORLD)[:1])
     assert not torch.allclose(local[1], expected[1], rtol=1e-3)
+
+
+def test_augmented_hypergradient_is_that_of_all_ranks_batches_in_rank_order(ranks):
+    """With an augmentation, rank r's training batch i is drawn as batch r * n + i of
+    one process given every rank's n batches in rank order: the same hypergradient."""
+    model = _model()
+    bopt = _bopt(model, augment=True)[0]
+    train = [batch for r in range(WORLD) for batch in _batches(r)[:2]]
+    val = [_batches(r + WORLD)[0] for r in range(WORLD)]
+    expected = bopt.hypergradient(model, train, val)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["first_augmented"], ranks[1]["first_augmented"]))
+    for got, want in zip(ranks[0]["first_augmented"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert float(expected[-1].abs().min()) > 0  # the radii's hypergradient
+    # the draws follow the batches' positions: another order draws (and differentiates) otherwise
+    other = bopt.hypergradient(model, train[2:] + train[:2], val)
+    assert not torch.allclose(other[-1], expected[-1], rtol=1e-3)
 
 
 def test_a_reason_to_skip_on_one_rank_skips_on_every_rank(ranks):

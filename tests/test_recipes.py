@@ -272,6 +272,28 @@ def test_a_retrained_model_that_lost_what_the_search_found_is_flagged(monkeypatc
         recipes._retrained_check("AutoBalance", 3, dict(val, deo_error=0.0, predicted_classes=1), [], 0, grouped=True)
 
 
+@pytest.mark.filterwarnings("ignore:autobalance. this search makes only")
+def test_search_learns_a_policy_per_group_with_grouped_data():
+    """With groups, train() hands each batch's groups to the policy (per (group,
+    cluster) strengths) in the training step and in the hyper-steps."""
+    from autobalance.augment import ImagePolicy
+    from autobalance.objectives import GroupBalancedCE
+    g = torch.Generator().manual_seed(3)
+
+    def dataset(n):
+        targets, groups = torch.arange(n) % 3, (torch.arange(n) // 3) % 2
+        return ImageDataset(torch.randn(n, 1, 2, 2, generator=g) + targets.view(n, 1, 1, 1), targets, groups,
+                            num_classes=3)
+    policy = ImagePolicy(3, num_groups=2, ops=("brightness", "noise"), magnitude=0.3)
+    start = policy.magnitudes().detach().clone()
+    config = recipes.TrainConfig(epochs=2, batch_size=16)
+    recipes.train(_Net(), dataset(90), ParametricCE(3, num_groups=2), config,
+                  search=recipes.SearchConfig(hyper_steps=4), objective=GroupBalancedCE(3, 2), val=dataset(42),
+                  pda=policy)
+    moved = (policy.magnitudes().detach() - start).abs().amax((1, 2))
+    assert moved.shape == (2,) and bool((moved > 1e-4).all())  # both groups' rows learned
+
+
 def test_pda_methods_learn_a_policy_and_retrain_with_it(tmp_path):
     """Table 2's rows: the search learns the image policy's magnitudes and
     probabilities (per cluster; one shared policy for MADA) with the loss, the
@@ -287,8 +309,9 @@ def test_pda_methods_learn_a_policy_and_retrain_with_it(tmp_path):
         results[name] = recipes.run_method(methods[name], splits, _Net, config, search)
         policy = results[name].pda
         start = torch.sigmoid(torch.logit(torch.tensor(0.2)))
-        assert len(policy["magnitudes"]) == (1 if name.startswith("MADA") else 3)
-        assert any(abs(m - float(start)) > 1e-4 for row in policy["magnitudes"] for m in row)
+        magnitudes = torch.tensor(policy["magnitudes"])  # [rows, C, ops]
+        assert magnitudes.shape[:2] == (1, 1 if name.startswith("MADA") else 3)
+        assert float((magnitudes - start).abs().max()) > 1e-4
         assert results[name].trace[-1]["pda"] == policy
     again = recipes.run_method(methods["PDA + Delta & l"], splits, _Net, config, search,
                                checkpoint=str(tmp_path / "run"))

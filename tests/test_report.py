@@ -135,8 +135,8 @@ def test_pda_policy_plot_per_class(tmp_path):
     """The learned policies are drawn per class (a cluster's values on each of its
     classes), and methods without one are left out."""
     from autobalance.experiments import report
-    policy = {"clusters": [0, 0, 1], "ops": ["rotate", "noise"], "magnitudes": [[0.1, 0.3], [0.5, 0.7]],
-              "probabilities": [[0.4, 0.6], [0.2, 0.2]]}
+    policy = {"clusters": [0, 0, 1], "ops": ["rotate", "noise"], "magnitudes": [[[0.1, 0.3], [0.5, 0.7]]],
+              "probabilities": [[[0.4, 0.6], [0.2, 0.2]]]}  # [rows, C, ops]
     results = [{"method": "PDA", "seed": s, "pda": policy, "trace": []} for s in (0, 1)]
     results.append({"method": "CE", "seed": 0, "pda": None, "trace": []})
     path = tmp_path / "pda_policy.png"

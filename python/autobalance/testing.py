@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from autobalance._validation import check_int
-from autobalance.bilevel.optimizer import AUGMENT_SEED_STRIDE, BilevelOptimizer, fix_shift_gauge, hyperparameters
+from autobalance.bilevel.optimizer import BilevelOptimizer, augment_seed, fix_shift_gauge, hyperparameters
 from autobalance.bilevel.products import call_loss, flat, flat_grad, split
 
 
@@ -114,10 +114,9 @@ def check_hypergrad(criterion: nn.Module, objective, train: Sequence[torch.Tenso
     x, xv = x.double(), xv.double()
     classes, features = criterion.num_classes, x.shape[1]
     names, hyper = hyperparameters(criterion, augment)
-    draw_seed = AUGMENT_SEED_STRIDE * 0 + 0  # BilevelOptimizer's draw for batch 0 of its first hyper-step
-
-    def train_features():
-        return x if augment is None else augment(x, y, generator=torch.Generator().manual_seed(draw_seed))
+    def train_features():  # BilevelOptimizer's first draw (of batch 0)
+        draw = torch.Generator().manual_seed(augment_seed(0, 0))
+        return x if augment is None else call_loss(augment, x, y, g, generator=draw)
 
     def regularised_train_loss(w):  # the l2 term does not depend on alpha
         return call_loss(criterion, train_features() @ w.view(classes, features).T, y, g) + 0.5 * l2 * w.dot(w)

@@ -18,6 +18,11 @@ def process_group(model):
     return None
 
 
+def rank_in(group):
+    """This process's rank in ``group`` (0 without one)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
 def unwrap(model):
     """The module DDP wraps (the model itself without DDP)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

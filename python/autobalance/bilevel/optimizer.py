@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from autobalance._validation import check_int, check_non_negative, check_positive
-from autobalance.bilevel.distributed import max_over_ranks, mean_over_ranks, ordered_mean_over_ranks, process_group
+from autobalance.bilevel.distributed import (max_over_ranks, mean_over_ranks, ordered_mean_over_ranks, process_group,
+                                            rank_in)
 from autobalance.bilevel.layers import hyper_passes
 from autobalance.bilevel.products import TrainGradients, flat, graph_budget, split, validation_gradient
 from autobalance.bilevel.solvers import Solver, SolverState, make_solver, ridge
@@ -24,8 +25,16 @@ from autobalance.losses import ParametricCE
 
 HYPER_EVERY = 20  # training steps between hyper-steps, as in the published code (docs/math.md section 5)
 # A hyper-step's augmentation of training batch i is drawn with a generator seeded
-# AUGMENT_SEED_STRIDE * (hyper-steps before it) + i: the same draw in every product.
+# augment_seed(hyper-steps before it, rank * batches per rank + i): the same draw in
+# every product, another on every rank and batch, and under DDP the draws one process
+# would make of all ranks' batches in rank order.
 AUGMENT_SEED_STRIDE = 1_000_003
+
+
+def augment_seed(draws: int, batch: int) -> int:
+    """The seed of the augmentation draw of (global) training batch ``batch`` in the
+    hyper-step taken after ``draws`` augmented ones."""
+    return AUGMENT_SEED_STRIDE * draws + batch
 
 Batch = Tuple[torch.Tensor, ...]
 BatchSource = Union[Iterable[Batch], Callable[[], Batch]]
@@ -269,15 +278,16 @@ class BilevelOptimizer(torch.optim.Optimizer):
     one batch's (the least memory). ``HyperStepResult.kept_graphs`` and ``graph_bytes``
     report what a hyper-step kept and what keeping all would have taken.
 
-    **Personalized augmentation** (issue 16, first slice): with ``augment=`` a module
-    ``augment(inputs, target, generator=None)`` with learnable strengths (e.g.
-    ``autobalance.augment.SphericalAugment(K, criterion.clusters, radius=...)``),
-    those strengths are hyperparameters too, after the criterion's (named
-    ``augment.<name>``; the default hyper-optimizer holds them). The training loop
-    applies it, ``criterion(model(augment(x, y)), y)``; a hyper-step augments each
-    of its training batches with one draw (a generator seeded from the hyper-step
-    count and the batch index) used in all its products, and the mixed product
-    goes through the batch's graph.
+    **Personalized augmentation** (docs/math.md section 9): with ``augment=`` a module
+    ``augment(inputs, target[, group], generator=None)`` with learnable strengths
+    (``autobalance.augment.SphericalAugment`` or ``ImagePolicy``, e.g. with the loss's
+    ``clusters`` and ``num_groups``), those strengths are hyperparameters too, after the
+    criterion's (named ``augment.<name>``; the default hyper-optimizer holds them). The
+    training loop applies it, ``criterion(model(augment(x, y[, g])), y[, g])``; a
+    hyper-step augments each of its training batches with one draw (a generator seeded
+    by ``augment_seed`` from the hyper-step count, the rank and the batch index) used in
+    all its products, and the mixed product goes through the batch's graph (no
+    forward-mode shortcut: about 1.7x the hyper-step's time, ``bench/README.md``).
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it
@@ -364,10 +374,11 @@ class BilevelOptimizer(torch.optim.Optimizer):
         if augment is not None and not isinstance(augment, nn.Module):
             raise TypeError(f"autobalance: `augment` must be None or an nn.Module augmentation (e.g. "
                             f"autobalance.augment.SphericalAugment), got {type(augment).__name__}")
-        classes = (getattr(criterion, "num_classes", None), getattr(augment, "num_classes", None))
-        if None not in classes and classes[0] != classes[1]:
-            raise ValueError(f"autobalance: `augment` has num_classes = {classes[1]} but `criterion` has "
-                             f"{classes[0]}; their cluster maps must cover the same classes")
+        for size in ("num_classes", "num_groups"):
+            sizes = (getattr(criterion, size, None), getattr(augment, size, None))
+            if None not in sizes and sizes[0] != sizes[1]:
+                raise ValueError(f"autobalance: `augment` has {size} = {sizes[1]} but `criterion` has {sizes[0]}; "
+                                 f"their cluster maps must cover the same classes and groups")
         self.augment = augment
         self._hyper_names, self._hyper = hyperparameters(criterion, augment)
         if not self._hyper:
@@ -706,7 +717,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
             v = mean_over_ranks(v / len(val), group)
             products = TrainGradients(model, self.criterion, self._theta, self._hyper, train, group,
                                       self._forward_ad, graph_budget(self.graph_memory, self._theta[0].device),
-                                      augment=self.augment, draw_seed=AUGMENT_SEED_STRIDE * self._augment_draws)
+                                      augment=self.augment,
+                                      draw_seed=augment_seed(self._augment_draws, rank_in(group) * len(train)))
             p, state = self.solver.solve(ridge(products.hvp, self._ridge()), v, self.solver_state)
             hypergrad = -products.mixed(p)
             self._forward_ad = products.forward_ad

@@ -34,9 +34,10 @@ def flat_grad(outputs, inputs, grad_outputs=None, **kwargs):
     return flat([torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)])
 
 
-def call_loss(fn, logits, target, group):
-    """``fn(logits, target[, group])``: a loss used without groups need not take one."""
-    return fn(logits, target) if group is None else fn(logits, target, group)
+def call_loss(fn, inputs, target, group, **kwargs):
+    """``fn(inputs, target[, group], **kwargs)``: a loss (or an augmentation) used without
+    groups need not take one."""
+    return fn(inputs, target, **kwargs) if group is None else fn(inputs, target, group, **kwargs)
 
 
 def check_scalar(loss, name):
@@ -182,7 +183,7 @@ class TrainGradients:
         inputs, target, group = self.batches[i]
         if self.augment is not None:  # batch i's one draw (its generator seeded draw_seed + i)
             generator = torch.Generator(device=inputs.device).manual_seed(self.draw_seed + i)
-            inputs = self.augment(inputs, target, generator=generator)
+            inputs = call_loss(self.augment, inputs, target, group, generator=generator)
         loss = call_loss(self.criterion, self.model(inputs), target, group)
         self._record(loss)
         return torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True)

@@ -181,8 +181,8 @@ class Method:
     grid: Dict[str, Sequence[float]] = field(default_factory=dict)
     cluster_size: Optional[int] = None  # frequency clusters of the searched parameters: classes per cluster
     cluster_min_val: Optional[int] = None  # ... merged until each holds this many validation examples
-    # personalized augmentation: pda(K, clusters=...) -> an augmentation module whose
-    # strengths the search learns with the loss (BilevelOptimizer's `augment`)
+    # personalized augmentation: pda(K, num_groups=G, clusters=...) -> an augmentation
+    # module whose strengths the search learns with the loss (BilevelOptimizer's `augment`)
     pda: Optional[Callable[..., nn.Module]] = None
 
     def clusters(self, val_counts: torch.Tensor) -> Optional[torch.Tensor]:
@@ -252,8 +252,9 @@ def class_methods(cdt_gamma: float = 0.2, vs_gamma: float = 0.2, vs_tau: float =
         Method("AutoBalance: Delta & l (LA init)", _searched("la", ("scale", "shift")), balanced, **shared),
     ]
     if pda:
-        per_cluster = lambda k, clusters=None: ImagePolicy(k, clusters)  # noqa: E731
-        one_policy = lambda k, **_: ImagePolicy(k, torch.zeros(k, dtype=torch.long))  # noqa: E731
+        per_cluster = lambda k, num_groups=1, clusters=None: ImagePolicy(k, clusters, num_groups=num_groups)  # noqa
+        one_policy = lambda k, num_groups=1, **_: ImagePolicy(k, torch.zeros(k, dtype=torch.long),  # noqa: E731
+                                                              num_groups=num_groups, group_params=False)
         methods += [
             Method("MADA: one shared policy", _searched("balanced", ()), balanced, pda=one_policy),
             Method("PDA", _searched("balanced", ()), balanced, pda=per_cluster, **shared),
@@ -401,7 +402,7 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
     result is bit-identical to a run that never stopped.
 
     ``pda``: a personalized augmentation applied to every training batch
-    (``pda(inputs, target)``). With ``search`` its learnable strengths are
+    (``pda(inputs, target, group)``). With ``search`` its learnable strengths are
     hyperparameters too (``BilevelOptimizer(augment=pda)``); without, it is applied
     as it is (a learned policy in the retrain).
     """
@@ -460,7 +461,7 @@ def train(model: nn.Module, dataset: data.ImageDataset, criterion: nn.Module, co
             inputs, target, group = (t.to(device) if t is not None else None for t in batch)
             if pda is not None:  # no graph: the hyper-step augments its own batches to differentiate
                 with torch.no_grad():
-                    inputs = pda(inputs, target)
+                    inputs = pda(inputs, target, group)
             loss = criterion(model(inputs), target, group)
             step.zero_grad()
             loss.backward()
@@ -564,7 +565,7 @@ def run_method(method: Method, splits: data.DataSplits, model_factory: Callable[
     for i, choice in enumerate(choices):
         torch.manual_seed(seed)
         criterion = method.make(counts, **shared, **choice)
-        pda = None if method.pda is None else method.pda(k, **shared)
+        pda = None if method.pda is None else method.pda(k, num_groups=g, **shared)
         record = stage(f"candidate-{i}.pt")
         if record is not None and os.path.exists(record):
             saved = torch.load(record, weights_only=True)

@@ -173,7 +173,8 @@ def plot_pda_policy(results: List[dict], path: str) -> None:
         pda = r.get("pda")
         if pda and "magnitudes" in pda:
             clusters = torch.tensor(pda["clusters"])
-            per_class = [torch.tensor(pda[key]).mean(1)[clusters] for key in ("magnitudes", "probabilities")]
+            # [rows, C, ops] -> per class, averaged over ops (and group rows)
+            per_class = [torch.tensor(pda[key]).mean((0, 2))[clusters] for key in ("magnitudes", "probabilities")]
             policies.setdefault(r["method"], []).append(torch.stack(per_class))
     if not policies:
         return
