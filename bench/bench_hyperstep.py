@@ -15,7 +15,12 @@ none):
   with ``n > 1``);
 - ``baseline train``: the published path with the model in train mode, the mode
   the published code leaves it in (BatchNorm with batch statistics);
-- ``baseline eval``: the same path in eval mode, the package's math.
+- ``baseline eval``: the same path in eval mode, the package's math;
+- with ``--augment`` (PDA, docs/math.md section 9), ``package + spherical`` and
+  ``package + image policy``: the package's hyper-step with a learned
+  ``SphericalAugment`` / ``ImagePolicy`` (every op) as ``augment=``, whose
+  strengths are hyperparameters too; their cost is printed against ``package``
+  (no baseline computes them, so they have no agreement column).
 
 Every repeat runs each variant once, in rotating order, so drifting load hits all
 alike; times are medians of wall time. Before each call the model's state is
@@ -40,6 +45,7 @@ than the baseline.
     python bench/bench_hyperstep.py                  # about an hour on 1 CPU thread at batch 128
     python bench/bench_hyperstep.py --quick          # small batches, one repeat
     python bench/bench_hyperstep.py --device cuda --threads 0
+    python bench/bench_hyperstep.py --models small_cnn --n 1 --augment --no-memory   # PDA's cost
 """
 import argparse
 import ctypes
@@ -58,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_baseline  # noqa: E402
 
 from autobalance import ParametricCE  # noqa: E402
+from autobalance.augment import ImagePolicy, SphericalAugment  # noqa: E402
 from autobalance.bilevel import BilevelOptimizer  # noqa: E402
 from autobalance.bilevel.optimizer import fix_shift_gauge  # noqa: E402
 from autobalance.bilevel.products import flat, split  # noqa: E402
@@ -66,6 +73,7 @@ from autobalance.experiments.models import SmallCNN, resnet32  # noqa: E402
 from autobalance.objectives import BalancedCE  # noqa: E402
 
 MODELS = {"small_cnn": lambda k: SmallCNN(k, in_channels=3), "resnet32": lambda k: resnet32(k)}
+AUGMENTED = ("package + spherical", "package + image policy")  # --augment: the hyper-step with PDA
 
 
 def _status(field):
@@ -158,9 +166,9 @@ def setup(name, n, args, device):
     theta, alpha = list(model.parameters()), list(criterion.parameters())
     saved = {key: value.clone() for key, value in model.state_dict().items()}
 
-    def package(graph_memory):
+    def package(graph_memory, augment=None):
         bopt = BilevelOptimizer(opt, criterion, objective, solver=Neumann(terms=args.terms, step_size=eta),
-                                graph_memory=graph_memory)
+                                graph_memory=graph_memory, augment=augment)
         bopt.steps = 1
         return lambda: torch.cat([g.reshape(-1) for g in bopt.hypergradient(model, train, val)])
 
@@ -180,6 +188,9 @@ def setup(name, n, args, device):
     if n > 1:
         variants["package lean"] = package(0)
     variants.update({"baseline train": baseline("train"), "baseline eval": baseline("eval")})
+    if args.augment:
+        variants[AUGMENTED[0]] = package(float("inf"), SphericalAugment(k, radius=0.5).to(device))
+        variants[AUGMENTED[1]] = package(float("inf"), ImagePolicy(k).to(device))
     return variants, eta
 
 
@@ -196,8 +207,10 @@ def run(name, n, args, device):
     reference = grads["baseline eval"]
     rows = []
     for label in labels:
-        difference = float((grads[label] - reference).norm() / reference.norm())
-        train_difference = float((grads[label] - grads["baseline train"]).norm() / grads["baseline train"].norm())
+        difference = train_difference = None  # the augmented variants have more hyperparameters: no baseline
+        if label not in AUGMENTED:
+            difference = float((grads[label] - reference).norm() / reference.norm())
+            train_difference = float((grads[label] - grads["baseline train"]).norm() / grads["baseline train"].norm())
         rows.append({"model": name, "n": n, "variant": label, "eta": eta, "wall_s": statistics.median(times[label]),
                      "peak_bytes": None,
                      "rel_diff_vs_baseline_eval": difference, "rel_diff_vs_baseline_train": train_difference,
@@ -218,6 +231,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="batch 16, one repeat")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass (times only)")
+    parser.add_argument("--augment", action="store_true", help="also the hyper-step with PDA (learned augmentations)")
     parser.add_argument("--json", default="bench/results_hyperstep.json")
     args = parser.parse_args()
     if args.quick:
@@ -247,7 +261,7 @@ def main():
     print(f"\nhyper-step vs the published code path (paper_baseline.py): Neumann J={args.terms}, eta: {etas}, "
           f"batch {args.batch}, K={args.classes}, {torch.get_num_threads()} threads on {device}, median of "
           f"{args.repeats}; load average before {load['before']}, after {load['after']}")
-    print(f"{'model':<10} {'n':>3} {'variant':<15} {'wall s':>8} {'peak MiB':>9} {'train/this':>11} "
+    print(f"{'model':<10} {'n':>3} {'variant':<22} {'wall s':>8} {'peak MiB':>9} {'train/this':>11} "
           f"{'eval/this':>10} {'mem/train':>10} {'rel diff (eval)':>16}")
     verdicts = []
     for name in args.models:
@@ -260,10 +274,17 @@ def main():
                 mem = (row["peak_bytes"] / train["peak_bytes"]) if row["peak_bytes"] and train["peak_bytes"] else None
                 row["memory_vs_baseline_train"] = mem
                 peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2 ** 20:.0f}"
-                print(f"{name:<10} {n:>3} {label:<15} {row['wall_s']:8.2f} {peak:>9} "
+                difference = row["rel_diff_vs_baseline_eval"]
+                print(f"{name:<10} {n:>3} {label:<22} {row['wall_s']:8.2f} {peak:>9} "
                       f"{row['speedup_vs_baseline_train']:11.2f} {row['speedup_vs_baseline_eval']:10.2f} "
-                      f"{'-' if mem is None else f'{mem:.2f}':>10} {row['rel_diff_vs_baseline_eval']:16.1e}")
+                      f"{'-' if mem is None else f'{mem:.2f}':>10} "
+                      f"{'-' if difference is None else f'{difference:.1e}':>16}")
             package = group["package"]
+            for label in AUGMENTED:
+                if label in group:
+                    ratio = group[label]["wall_s"] / package["wall_s"]
+                    group[label]["cost_vs_package"] = ratio
+                    print(f"{name} n={n}: {label} costs {ratio:.2f}x the hyper-step without augmentation")
             verdicts.append((f"{name} n={n}: package {package['speedup_vs_baseline_train']:.2f}x faster than "
                              "baseline train (target >= 1.5)", package["speedup_vs_baseline_train"] >= 1.5))
             if n >= 10 and "package lean" in group:

@@ -68,22 +68,26 @@ def _unsound(val_loss, train_loss, v, p, state, hypergrad, group) -> Optional[st
     momentum. Under DDP a reason on any rank is one on every rank (the losses are each
     rank's own), so all ranks skip together, with the same reason (the values are in
     ``HyperStepResult``)."""
-    zero = lambda t: not bool(t.any())  # noqa: E731
-    finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
-    checks = [(not math.isfinite(val_loss), "the validation loss is not finite"),
-              (not math.isfinite(train_loss), "the training loss is not finite"),
-              (not finite(v), "the validation gradient is not finite"),
-              (zero(v), "the validation gradient is zero (no validation row reached the loss)"),
-              (not finite(p) or (state.residual is not None and not math.isfinite(state.residual)),
-               "the solver's solution (or its residual) is not finite"),
-              (zero(p), "the solver's solution is zero (it stopped before its first step, e.g. at a direction "
-                        "of non-positive curvature)"),
-              (not finite(hypergrad), "the hypergradient (the mixed term) is not finite"),
-              (zero(hypergrad), "the hypergradient (the mixed term) is zero (the training batches do not depend on "
-                                "the hyperparameters, e.g. every label ignored)")]
-    flags = torch.tensor([float(bad) for bad, _ in checks], device=v.device)
-    flags = max_over_ranks(flags, group)
-    return next((reason for (_, reason), flag in zip(checks, flags.tolist()) if flag), None)
+    reasons = ["the validation loss is not finite", "the training loss is not finite",
+               "the solver's residual is not finite",
+               "the validation gradient is not finite",
+               "the validation gradient is zero (no validation row reached the loss)",
+               "the solver's solution is not finite",
+               "the solver's solution is zero (it stopped before its first step, e.g. at a direction of "
+               "non-positive curvature)",
+               "the hypergradient (the mixed term) is not finite",
+               "the hypergradient (the mixed term) is zero (the training batches do not depend on the "
+               "hyperparameters, e.g. every label ignored)"]
+    host = [not math.isfinite(val_loss), not math.isfinite(train_loss),
+            state.residual is not None and not math.isfinite(state.residual)]
+    # (not finite, zero) of each vector, on its device: one transfer for all of them
+    flags = torch.cat([torch.stack([~torch.isfinite(t).all(), ~t.any()]) for t in (v, p, hypergrad)]).float()
+    if group is None:
+        flags = host + flags.tolist()
+    else:  # one all-reduce of every check
+        flags = max_over_ranks(torch.cat([torch.tensor(host, dtype=flags.dtype, device=flags.device), flags]),
+                               group).tolist()
+    return next((reason for reason, flag in zip(reasons, flags) if flag), None)
 
 
 def hyperparameters(criterion: nn.Module, augment: Optional[nn.Module] = None
