@@ -59,7 +59,8 @@ QUICK = {"classes": dict(dataset="digits", seeds=1, epochs=4, hyper_steps=10),
 DEFAULTS = {"classes": dict(dataset="mnist", seeds=3, epochs=24, pareto_lams=""),
             "groups": dict(dataset="mnist", seeds=3, epochs=12, pareto_lams="0.1,0.5,0.9")}
 RUN_FILE = "run.json"  # the resolved arguments of the run in an --out folder (read by --resume)
-NOT_SAVED = ("command", "func", "parser", "resume", "no_progress")  # attributes of args that are not the run's
+# attributes of args that are not the run's (first_splits: seed 0's data, loaded once by resolve_run)
+NOT_SAVED = ("command", "func", "parser", "resume", "no_progress", "first_splits")
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell gives
 
 
@@ -191,7 +192,7 @@ def resolve_run(args):
     _check_out(args.out)
     try:  # the data of the first seed, so a bad file fails now and not after a seed of training
         args.seed = 0
-        _load(args)
+        args.first_splits = _load(args)
     except (OSError, ValueError) as error:
         raise UsageError(f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "")
                          + f": {error}") from None
@@ -266,7 +267,8 @@ def run(args):
     model_name = args.model or ("resnet32" if cifar else "small_cnn")
     for seed in range(args.seeds):
         args.seed = seed
-        splits = _load(args)
+        splits = vars(args).pop("first_splits", None) if seed == 0 else None  # not held through later seeds
+        splits = _load(args) if splits is None else splits
         if args.device != "cpu":
             splits = splits._replace(**{k: getattr(splits, k).to(args.device)
                                         for k in ("train", "val", "full_train", "test")})

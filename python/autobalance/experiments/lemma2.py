@@ -288,11 +288,10 @@ def run(radii: Sequence[float] = RADII, *, copies: int = 1000, steps: int = 4000
     for eps in radii:
         if eps > 0:
             xa, ta = augmented_copies(x, target, (0.0, eps), copies, seed=seed + 1)
-            finite = max_margin(xa, ta)
-        else:
-            xa, ta, finite = x, target, plain_ref
+            finite, fit = max_margin(xa, ta), train(xa, ta, steps=steps, lr=lr)
+        else:  # no augmentation: the plain fit
+            finite, fit = plain_ref, out["plain"]["fit"]
         reference = max_margin(x, target, radius=(0.0, eps))
-        fit = train(xa, ta, steps=steps, lr=lr)
         out["augmented"][eps] = row(fit, reference, finite=finite, angle_finite=angle(fit.theta, finite))
         delta = matched_delta(reference, x, target)
         cs_reference = max_margin(x, target, margin=(1.0 / delta[0], 1.0 / delta[1]))
