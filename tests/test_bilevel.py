@@ -1134,6 +1134,38 @@ def test_hypergradient_of_a_spherical_augmentation_converges_to_exact(learn, gro
     assert bool((radii.abs().amax(1) > 0).all())  # every group's radii move the validation loss
 
 
+class _FlatImages(nn.Module):
+    """An image policy on flat features: ``[N, h * w]`` rows as ``[N, 1, h, w]`` images."""
+
+    def __init__(self, policy, side):
+        super().__init__()
+        self.policy, self.side, self.num_classes = policy, side, policy.num_classes
+
+    def forward(self, x, target, group=None, generator=None):
+        images = x.view(len(x), 1, self.side, self.side)
+        return self.policy(images, target, group, generator=generator).flatten(1)
+
+
+def test_hypergradient_of_an_image_policy_converges_to_exact():
+    """The image policy's magnitudes and probabilities (warp, colour, relaxed-Bernoulli
+    gates) as hyperparameters: with the draw fixed, CG's hypergradient equals the
+    exact implicit one and the finite differences of the re-solved problem."""
+    from autobalance.augment import ImagePolicy
+    g = torch.Generator().manual_seed(7)
+    side = 3
+    centers = torch.randn(K, side * side, generator=g, dtype=torch.float64)
+    y = torch.arange(90) % K
+    x = centers[y] + 0.8 * torch.randn(90, side * side, generator=g, dtype=torch.float64)
+    policy = ImagePolicy(K, torch.tensor([0, 0, 1, 1]), ops=("rotate", "contrast"), magnitude=0.5,
+                         probability=torch.tensor([[0.3, 0.6], [0.7, 0.4]]))
+    c = check_hypergrad(ParametricCE(K, learn=()), BalancedCE(K), (x[:60], y[:60]), (x[60:], y[60:]), l2=0.05,
+                        solver="cg", cg_iterations=200, cg_tol=0.0, augment=_FlatImages(policy, side),
+                        finite_differences=True)
+    assert c.exact.shape == (8,) and float(c.exact.abs().min()) > 0  # 2 clusters x 2 ops, magnitude and probability
+    assert c.cosine >= 0.999 and c.relative_error <= 1e-3, (c.cosine, c.relative_error)
+    assert c.fd_cosine >= 0.999, c.fd_cosine
+
+
 def test_hyper_step_moves_the_augmentation_radii_and_checks_its_arguments():
     from autobalance.augment import SphericalAugment
     criterion, train, val = logistic_problem(seed=5)
