@@ -111,7 +111,25 @@ def test_paired_differences_pair_by_seed_with_a_t_interval():
     assert abs((la["high"] - la["low"]) / 2 - 4.302652729911275 * sd / 3 ** 0.5) < 1e-12  # t(0.975, 2) sd / sqrt(n)
     assert la["beyond_noise"] and la["high"] < 0
     table = report.paired_table(list(pairs.values()))
-    assert "| AutoBalance: x | LA | 3 | -1.67 |" in table and "yes, AutoBalance better" in table
+    assert "| AutoBalance: x | LA | 3 | -1.67 |" in table and "yes, the method better" in table
+
+
+def test_table2_rows_are_paired_with_the_same_search_without_augmentation():
+    """Methods with a learned augmentation (a result with ``pda``) are Table 2's rows:
+    each is paired with "AutoBalance: Delta & l" (method minus it), and they are
+    neither designs nor baselines of Table 1's pairs."""
+    values = {"LA": [0.12, 0.11], "AutoBalance: Delta & l": [0.10, 0.12], "MADA: one shared policy": [0.11, 0.10],
+              "PDA + Delta & l": [0.13, 0.12]}
+    results = [{"method": m, "seed": s, "metrics": {"balanced_error": v}, "pda": {"clusters": [0]} if "PDA" in m
+                or "MADA" in m else None} for m, vs in values.items() for s, v in enumerate(vs)]
+    assert report.method_pairs(results) == [("AutoBalance: Delta & l", "LA"),
+                                            ("MADA: one shared policy", "AutoBalance: Delta & l"),
+                                            ("PDA + Delta & l", "AutoBalance: Delta & l")]
+    pairs = report.paired_differences(results, "classes")
+    torch.testing.assert_close(torch.tensor(pairs[1]["differences"]), torch.tensor([0.01, -0.02]))
+    assert "| MADA: one shared policy | AutoBalance: Delta & l | 2 | -0.50 |" in report.paired_table(pairs)
+    # without the reference row there is nothing to pair them with
+    assert report.method_pairs([r for r in results if r["method"] != "AutoBalance: Delta & l"]) == []
 
 
 def test_paired_differences_with_one_seed_have_no_interval():

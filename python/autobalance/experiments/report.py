@@ -1,8 +1,8 @@
-"""Tables and plots of an ``autobalance run``: the paper's Tables 1 and 3 and
+"""Tables and plots of an ``autobalance run``: the paper's Tables 1, 2 and 3 and
 Figures 3 and 5, from the results of :mod:`autobalance.recipes`."""
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,35 +14,52 @@ GROUP_COLUMNS = [("group_balanced_error", "group-balanced err"), ("worst_cell_er
 HEADLINE = {"classes": "balanced_error", "groups": "deo_error"}  # the metric each experiment is judged by
 
 
-def paired_differences(results: List[dict], experiment: str, confidence: float = 0.95) -> List[Dict[str, object]]:
-    """AutoBalance against each baseline, paired by seed (every method of a seed runs on
-    the same splits, from the same initial weights): the per-seed differences of the
-    headline metric (``HEADLINE``; AutoBalance minus baseline, so negative favours
-    AutoBalance), their mean and a ``confidence`` t-interval over the seeds
-    (``scipy.stats.t``; None with fewer than two seeds). ``beyond_noise`` is True when
-    the interval excludes 0. A seed in which either model predicts a single class on
-    the test set is left out of the pair (``seeds`` lists those kept)."""
+TABLE2_REFERENCE = "AutoBalance: Delta & l"  # what Table 2's augmentation rows are paired against
+
+
+def method_pairs(results: List[dict]) -> List[Tuple[str, str]]:
+    """The ``(method, baseline)`` pairs of the report, in the results' order: every
+    AutoBalance design against every baseline (Table 1 / 3), and every method with a
+    learned augmentation (Table 2's rows: a result with ``pda``) against
+    ``TABLE2_REFERENCE``, the same loss search without augmentation, when it ran."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    augmented = {r["method"] for r in results if r.get("pda")}
+    designs = [m for m in methods if m.startswith("AutoBalance") and m not in augmented]
+    baselines = [m for m in methods if not m.startswith("AutoBalance") and m not in augmented]
+    pairs = [(m, b) for m in designs for b in baselines]
+    if TABLE2_REFERENCE in methods:
+        pairs += [(m, TABLE2_REFERENCE) for m in methods if m in augmented]
+    return pairs
+
+
+def paired_differences(results: List[dict], experiment: str, confidence: float = 0.95,
+                       pairs: Optional[Sequence[Tuple[str, str]]] = None) -> List[Dict[str, object]]:
+    """Each ``(method, baseline)`` pair (default ``method_pairs``), paired by seed (every
+    method of a seed runs on the same splits, from the same initial weights): the
+    per-seed differences of the headline metric (``HEADLINE``; method minus baseline,
+    so negative favours the method), their mean and a ``confidence`` t-interval over
+    the seeds (``scipy.stats.t``; None with fewer than two seeds). ``beyond_noise`` is
+    True when the interval excludes 0. A seed in which either model predicts a single
+    class on the test set is left out of the pair (``seeds`` lists those kept)."""
     from scipy import stats
 
     key = HEADLINE[experiment]
     value = {(r["method"], r["seed"]): r["metrics"][key] for r in results
              if r["metrics"].get("predicted_classes", 2) > 1}  # a single-class predictor's DEO is trivially 0
-    methods = list(dict.fromkeys(r["method"] for r in results))
     out = []
-    for method in (m for m in methods if m.startswith("AutoBalance")):
-        for baseline in (m for m in methods if not m.startswith("AutoBalance")):
-            seeds = sorted(s for m, s in value if m == method and (baseline, s) in value
-                           and not math.isnan(value[method, s]) and not math.isnan(value[baseline, s]))
-            diffs = [value[method, s] - value[baseline, s] for s in seeds]
-            row = {"method": method, "baseline": baseline, "metric": key, "seeds": seeds, "differences": diffs,
-                   "mean": sum(diffs) / len(diffs) if diffs else float("nan"), "low": None, "high": None,
-                   "beyond_noise": False, "confidence": confidence}
-            if len(diffs) >= 2:
-                t = torch.tensor(diffs, dtype=torch.float64)
-                half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * t.std() / math.sqrt(len(diffs)))
-                row.update(low=row["mean"] - half, high=row["mean"] + half)
-                row["beyond_noise"] = row["low"] > 0 or row["high"] < 0
-            out.append(row)
+    for method, baseline in method_pairs(results) if pairs is None else pairs:
+        seeds = sorted(s for m, s in value if m == method and (baseline, s) in value
+                       and not math.isnan(value[method, s]) and not math.isnan(value[baseline, s]))
+        diffs = [value[method, s] - value[baseline, s] for s in seeds]
+        row = {"method": method, "baseline": baseline, "metric": key, "seeds": seeds, "differences": diffs,
+               "mean": sum(diffs) / len(diffs) if diffs else float("nan"), "low": None, "high": None,
+               "beyond_noise": False, "confidence": confidence}
+        if len(diffs) >= 2:
+            t = torch.tensor(diffs, dtype=torch.float64)
+            half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * t.std() / math.sqrt(len(diffs)))
+            row.update(low=row["mean"] - half, high=row["mean"] + half)
+            row["beyond_noise"] = row["low"] > 0 or row["high"] < 0
+        out.append(row)
     return out
 
 
@@ -51,20 +68,21 @@ def paired_table(pairs: List[Dict[str, object]]) -> str:
     if not pairs:
         return ""
     confidence = round(100 * pairs[0]["confidence"])
-    lines = [f"| AutoBalance | baseline | seeds | mean difference (pp) | {confidence}% interval (t, over seeds) |"
+    lines = [f"| method | baseline | seeds | mean difference (pp) | {confidence}% interval (t, over seeds) |"
              " beyond noise |", "|---|---|---|---|---|---|"]
     for p in pairs:
         interval = "n/a (one seed)" if p["low"] is None else f"[{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"
-        verdict = ("yes, AutoBalance better" if p["beyond_noise"] and p["mean"] < 0 else
-                   "yes, AutoBalance worse" if p["beyond_noise"] else "no")
+        verdict = ("yes, the method better" if p["beyond_noise"] and p["mean"] < 0 else
+                   "yes, the method worse" if p["beyond_noise"] else "no")
         if not p["seeds"]:
             interval, verdict = "n/a (no seed without a single-class model)", "n/a"
         lines.append(f"| {p['method']} | {p['baseline']} | {len(p['seeds'])} | {100 * p['mean']:+.2f} | {interval} "
                      f"| {verdict} |")
     metric = pairs[0]["metric"].replace("_", " ")
-    lines.append(f"\nPaired by seed: {metric} of AutoBalance minus that of the baseline, in percentage points "
-                 "(negative: AutoBalance better); the interval is a t-interval over the per-seed differences. Seeds "
-                 "in which either model predicts a single class on the test set are left out.")
+    lines.append(f"\nPaired by seed: {metric} of the method minus that of the baseline, in percentage points "
+                 "(negative: the method better); the interval is a t-interval over the per-seed differences. Seeds "
+                 "in which either model predicts a single class on the test set are left out. Methods with a learned "
+                 f"augmentation (Table 2) are paired with {TABLE2_REFERENCE!r}, the same search without it.")
     return "\n".join(lines)
 
 
