@@ -111,8 +111,7 @@ class _PerCell(nn.Module):
             check_labels(group, "group", self.num_groups if training else None, "groups", like=target)
         if not training:
             return None
-        row = group if self.rows > 1 else torch.zeros_like(target)
-        return row, self.clusters[target]
+        return group if self.rows > 1 else 0, self.clusters[target]
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_clusters={self.num_clusters}, num_groups={self.num_groups}, "

@@ -291,7 +291,8 @@ class BilevelOptimizer(torch.optim.Optimizer):
     hyper-step augments each of its training batches with one draw (a generator seeded
     by ``augment_seed`` from the hyper-step count, the rank and the batch index) used in
     all its products, and the mixed product goes through the batch's graph (no
-    forward-mode shortcut: about 1.7x the hyper-step's time, ``bench/README.md``).
+    forward-mode shortcut). It costs 1.16-1.34x the hyper-step without augmentation
+    (``bench/README.md``).
 
     **Applying it**: the hypergradient of ``ParametricCE.shift_param`` is projected to
     zero mean across clusters in each row (the shift gauge of docs/math.md section 2); it

@@ -59,8 +59,7 @@ QUICK = {"classes": dict(dataset="digits", seeds=1, epochs=4, hyper_steps=10),
 DEFAULTS = {"classes": dict(dataset="mnist", seeds=3, epochs=24, pareto_lams=""),
             "groups": dict(dataset="mnist", seeds=3, epochs=12, pareto_lams="0.1,0.5,0.9")}
 RUN_FILE = "run.json"  # the resolved arguments of the run in an --out folder (read by --resume)
-# attributes of args that are not the run's (first_splits: seed 0's data, loaded once by resolve_run)
-NOT_SAVED = ("command", "func", "parser", "resume", "no_progress", "first_splits")
+NOT_SAVED = ("command", "func", "parser", "resume", "no_progress")  # attributes of args that are not the run's
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell gives
 
 
@@ -137,7 +136,8 @@ def _check_device(device):
 
 def resolve_run(args):
     """Fills the presets into ``args`` and checks every argument before any work or any
-    folder is made; returns the methods to run. Raises ``UsageError``."""
+    folder is made; returns the methods to run and seed 0's data (loaded to check the
+    data arguments). Raises ``UsageError``."""
     from autobalance.experiments import data, recipes
 
     preset = dict(DEFAULTS[args.experiment], **(QUICK[args.experiment] if args.quick else {}))
@@ -192,11 +192,11 @@ def resolve_run(args):
     _check_out(args.out)
     try:  # the data of the first seed, so a bad file fails now and not after a seed of training
         args.seed = 0
-        args.first_splits = _load(args)
+        first_splits = _load(args)
     except (OSError, ValueError) as error:
         raise UsageError(f"--dataset {args.dataset}" + (f" --data-root {args.data_root}" if args.data_root else "")
                          + f": {error}") from None
-    return methods
+    return methods, first_splits
 
 
 def run_folder(out, seed, method):
@@ -242,7 +242,7 @@ def run(args):
     if args.resume is not None:
         args = _resumed(args, args.parser)
         print(f"continuing the run in {args.out}", flush=True)
-    methods = resolve_run(args)
+    methods, first_splits = resolve_run(args)
     if args.resume is None:
         _start_folder(args)
     out = args.out
@@ -267,8 +267,8 @@ def run(args):
     model_name = args.model or ("resnet32" if cifar else "small_cnn")
     for seed in range(args.seeds):
         args.seed = seed
-        splits = vars(args).pop("first_splits", None) if seed == 0 else None  # not held through later seeds
-        splits = _load(args) if splits is None else splits
+        splits = first_splits if seed == 0 else _load(args)
+        first_splits = None  # seed 0's data is not held through later seeds
         if args.device != "cpu":
             splits = splits._replace(**{k: getattr(splits, k).to(args.device)
                                         for k in ("train", "val", "full_train", "test")})

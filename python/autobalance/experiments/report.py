@@ -2,7 +2,7 @@
 Figures 3 and 5, from the results of :mod:`autobalance.recipes`."""
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -32,9 +32,8 @@ def method_pairs(results: List[dict]) -> List[Tuple[str, str]]:
     return pairs
 
 
-def paired_differences(results: List[dict], experiment: str, confidence: float = 0.95,
-                       pairs: Optional[Sequence[Tuple[str, str]]] = None) -> List[Dict[str, object]]:
-    """Each ``(method, baseline)`` pair (default ``method_pairs``), paired by seed (every
+def paired_differences(results: List[dict], experiment: str, confidence: float = 0.95) -> List[Dict[str, object]]:
+    """Each ``(method, baseline)`` pair of ``method_pairs``, paired by seed (every
     method of a seed runs on the same splits, from the same initial weights): the
     per-seed differences of the headline metric (``HEADLINE``; method minus baseline,
     so negative favours the method), their mean and a ``confidence`` t-interval over
@@ -47,7 +46,7 @@ def paired_differences(results: List[dict], experiment: str, confidence: float =
     value = {(r["method"], r["seed"]): r["metrics"][key] for r in results
              if r["metrics"].get("predicted_classes", 2) > 1}  # a single-class predictor's DEO is trivially 0
     out = []
-    for method, baseline in method_pairs(results) if pairs is None else pairs:
+    for method, baseline in method_pairs(results):
         seeds = sorted(s for m, s in value if m == method and (baseline, s) in value
                        and not math.isnan(value[method, s]) and not math.isnan(value[baseline, s]))
         diffs = [value[method, s] - value[baseline, s] for s in seeds]
